@@ -1,0 +1,265 @@
+"""Covariance structures of a random-effects term: one class per structure, one interface.
+
+Each term with q columns has a covariance matrix Σ = σ² Λ Λᵀ (σ² the residual variance).
+The optimiser works with θ, the free entries of the relative factor Λ (lme4's parameterisation);
+some entries of θ are bounded below by 0 (a variance on its boundary is a legal, "singular" fit).
+Reports use Stata's metric η: ln sd for standard deviations and atanh corr for correlations.
+
+Interface (all pure functions of arrays; sizes are static):
+    n_theta             number of θ entries
+    lower               lower bounds of θ (0.0 or -inf)
+    theta0              default starting value
+    lam(theta)          q × q matrix Λ with ΛΛᵀ = Σ/σ²
+    n_eta, eta_names    Stata-metric parameters and the names Stata prints for them
+    eta_kinds           "sd" or "corr" for each η entry
+    eta_from_sigma(S)   η from an (absolute) covariance matrix S
+    theta_from_eta(eta, sigma)  θ for the same Σ; used to differentiate the log likelihood in η
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def _tril_indices(q: int):
+    """Lower-triangular positions in column-major order (lme4's θ order)."""
+    rows, cols = [], []
+    for j in range(q):
+        for i in range(j, q):
+            rows.append(i)
+            cols.append(j)
+    return np.array(rows), np.array(cols)
+
+
+def _pairs(q: int):
+    return [(i, j) for i in range(q) for j in range(i + 1, q)]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Σ = sd² I: one variance shared by all q columns, no covariance."""
+
+    q: int
+    title = "Identity"
+
+    @property
+    def n_theta(self):
+        return 1
+
+    @property
+    def lower(self):
+        return np.zeros(1)
+
+    @property
+    def theta0(self):
+        return np.ones(1)
+
+    def lam(self, theta):
+        return theta[0] * jnp.eye(self.q)
+
+    @property
+    def n_eta(self):
+        return 1
+
+    def eta_names(self, names):
+        return [f"sd({' '.join(names)})"]
+
+    @property
+    def eta_kinds(self):
+        return ["sd"]
+
+    def eta_from_sigma(self, S):
+        return np.array([0.5 * np.log(np.mean(np.diag(S)))])
+
+    def theta_from_eta(self, eta, sigma):
+        return jnp.exp(eta[:1]) / sigma
+
+    def boundary(self, theta, tol):
+        return bool(theta[0] < tol)
+
+
+@dataclass(frozen=True)
+class Independent:
+    """Σ = diag(sd₁², …, sd_q²)."""
+
+    q: int
+    title = "Independent"
+
+    @property
+    def n_theta(self):
+        return self.q
+
+    @property
+    def lower(self):
+        return np.zeros(self.q)
+
+    @property
+    def theta0(self):
+        return np.ones(self.q)
+
+    def lam(self, theta):
+        return jnp.diag(theta)
+
+    @property
+    def n_eta(self):
+        return self.q
+
+    def eta_names(self, names):
+        return [f"sd({n})" for n in names]
+
+    @property
+    def eta_kinds(self):
+        return ["sd"] * self.q
+
+    def eta_from_sigma(self, S):
+        return 0.5 * np.log(np.diag(S))
+
+    def theta_from_eta(self, eta, sigma):
+        return jnp.exp(eta) / sigma
+
+    def boundary(self, theta, tol):
+        return bool(np.any(np.asarray(theta) < tol))
+
+
+@dataclass(frozen=True)
+class Exchangeable:
+    """Σ = sd² [(1-ρ) I + ρ 11ᵀ]: one common variance and one common correlation.
+
+    θ = (s⊥, s₁) are the square roots of Σ/σ²'s two eigenvalues, sd²(1-ρ)/σ² on the space
+    orthogonal to 1 and sd²(1+(q-1)ρ)/σ² along 1, so Λ = s⊥ (I - J/q) + s₁ J/q with J = 11ᵀ.
+    Both are ≥ 0; s⊥ = 0 is ρ = 1, s₁ = 0 is ρ = -1/(q-1).
+    """
+
+    q: int
+    title = "Exchangeable"
+
+    @property
+    def n_theta(self):
+        return 2
+
+    @property
+    def lower(self):
+        return np.zeros(2)
+
+    @property
+    def theta0(self):
+        return np.ones(2)
+
+    def lam(self, theta):
+        J = jnp.ones((self.q, self.q)) / self.q
+        return theta[0] * (jnp.eye(self.q) - J) + theta[1] * J
+
+    @property
+    def n_eta(self):
+        return 2
+
+    def eta_names(self, names):
+        joined = " ".join(names)
+        return [f"sd({joined})", f"corr({joined})"]
+
+    @property
+    def eta_kinds(self):
+        return ["sd", "corr"]
+
+    def eta_from_sigma(self, S):
+        q = self.q
+        var = np.mean(np.diag(S))
+        cov = (np.sum(S) - np.trace(S)) / (q * (q - 1))
+        rho = np.clip(cov / var, -1 + 1e-15, 1 - 1e-15)
+        return np.array([0.5 * np.log(var), np.arctanh(rho)])
+
+    def theta_from_eta(self, eta, sigma):
+        sd = jnp.exp(eta[0])
+        rho = jnp.tanh(eta[1])
+        return jnp.stack([sd * jnp.sqrt(1 - rho), sd * jnp.sqrt(1 + (self.q - 1) * rho)]) / sigma
+
+    def boundary(self, theta, tol):
+        return bool(np.any(np.asarray(theta) < tol))
+
+
+@dataclass(frozen=True)
+class Unstructured:
+    """Σ any positive (semi)definite matrix; θ = lower triangle of Λ, column-major, diag ≥ 0."""
+
+    q: int
+    title = "Unstructured"
+
+    @property
+    def n_theta(self):
+        return self.q * (self.q + 1) // 2
+
+    @property
+    def _diag_mask(self):
+        r, c = _tril_indices(self.q)
+        return r == c
+
+    @property
+    def lower(self):
+        return np.where(self._diag_mask, 0.0, -np.inf)
+
+    @property
+    def theta0(self):
+        return self._diag_mask.astype(float)
+
+    def lam(self, theta):
+        r, c = _tril_indices(self.q)
+        return jnp.zeros((self.q, self.q), dtype=theta.dtype).at[r, c].set(theta)
+
+    @property
+    def n_eta(self):
+        return self.q + len(_pairs(self.q))
+
+    def eta_names(self, names):
+        return [f"sd({n})" for n in names] + [
+            f"corr({names[i]},{names[j]})" for i, j in _pairs(self.q)
+        ]
+
+    @property
+    def eta_kinds(self):
+        return ["sd"] * self.q + ["corr"] * len(_pairs(self.q))
+
+    def eta_from_sigma(self, S):
+        sd = np.sqrt(np.diag(S))
+        R = S / np.outer(sd, sd)
+        rho = np.array([R[i, j] for i, j in _pairs(self.q)])
+        rho = np.clip(rho, -1 + 1e-15, 1 - 1e-15)
+        return np.concatenate([np.log(sd), np.arctanh(rho)])
+
+    def theta_from_eta(self, eta, sigma):
+        q = self.q
+        sd = jnp.exp(eta[:q])
+        R = jnp.eye(q)
+        for k, (i, j) in enumerate(_pairs(q)):
+            rho = jnp.tanh(eta[q + k])
+            R = R.at[i, j].set(rho).at[j, i].set(rho)
+        lam = sd[:, None] * jnp.linalg.cholesky(R) / sigma
+        r, c = _tril_indices(q)
+        return lam[r, c]
+
+    def boundary(self, theta, tol):
+        return bool(np.any(np.asarray(theta)[self._diag_mask] < tol))
+
+
+STRUCTURES = {
+    "identity": Identity,
+    "independent": Independent,
+    "exchangeable": Exchangeable,
+    "unstructured": Unstructured,
+}
+
+
+def make(cov: str, q: int):
+    """The structure object for a term (q == 1 is always Identity)."""
+    if q == 1:
+        return Identity(1)
+    return STRUCTURES[cov](q)
+
+
+def eta_to_report(kind: str, value: float, variance: bool):
+    """Stata's displayed value for one η entry: sd/corr, or var when ``variance``."""
+    if kind == "sd":
+        return float(np.exp(2 * value)) if variance else float(np.exp(value))
+    return float(np.tanh(value))

@@ -1,0 +1,35 @@
+"""jaxmixed's exceptions and warnings: every user-facing failure is one of these."""
+
+from __future__ import annotations
+
+
+class JaxmixedError(Exception):
+    """Base class of every error jaxmixed raises on purpose."""
+
+
+class FormulaError(JaxmixedError, ValueError):
+    """A model formula (lme4 or Stata syntax) that cannot be read.
+
+    The message shows the formula with a caret under the offending position.
+    """
+
+    def __init__(self, message: str, text: str | None = None, pos: int | None = None):
+        self.reason = message
+        self.text = text
+        self.pos = pos
+        if text is not None and pos is not None:
+            pos = max(0, min(pos, len(text)))
+            message = f"{message} (at position {pos})\n    {text}\n    {' ' * pos}^"
+        super().__init__(message)
+
+
+class DataError(JaxmixedError, ValueError):
+    """Data that do not fit the model: unknown or unusable columns, too few groups, ..."""
+
+
+class ModelError(JaxmixedError, ValueError):
+    """A model that cannot be fitted as specified (conflicting options, no random effects, ...)."""
+
+
+class JaxmixedWarning(UserWarning):
+    """A visible warning about a fit (non-convergence, boundary fit, dropped columns)."""

@@ -1,0 +1,140 @@
+"""The fit driver: parse → design → stats → objective → optimise → inference → FitResult.
+
+Each stage is usable alone; ``fit_spec`` only chains them. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from . import inference
+from .design import Design, build_design
+from .errors import ModelError
+from .objective import deviance, solve
+from .optimize import OptResult, minimize_bounded
+from .results import FitResult
+from .stats import Stats, Structure, cross_products, structure_of
+from .terms import ModelSpec
+
+TRACE_COUNT = {"optimize": 0}  # incremented each time the optimiser is traced (tests read it)
+
+
+@partial(jax.jit, static_argnames=("struct", "reml", "max_iter"))
+def optimize_theta(theta0, lower, stats: Stats, struct: Structure, reml: bool,
+                   max_iter: int = 200) -> OptResult:
+    """Minimise the profiled deviance over θ ≥ lower (one compiled program per model shape)."""
+    TRACE_COUNT["optimize"] += 1
+    return minimize_bounded(deviance, theta0, lower, (stats, struct, reml), max_iter=max_iter)
+
+
+def _method(method: str) -> bool:
+    m = str(method).lower()
+    if m in ("reml",):
+        return True
+    if m in ("ml", "mle"):
+        return False
+    raise ModelError(f"method must be 'reml' or 'ml', not {method!r}")
+
+
+def _best_fit(design: Design, stats: Stats, struct: Structure, reml: bool, start=None):
+    """Optimise from the default start; if that fails to converge, try scaled starts."""
+    lower = jnp.asarray(design.theta_lower)
+    theta0 = design.theta0 if start is None else np.asarray(start, dtype=float)
+    if theta0.shape != (design.n_theta,):
+        raise ModelError(f"start must have {design.n_theta} entries (θ), not {theta0.shape}")
+    tried = []
+    best = None
+    for scale in (1.0, 0.1, 10.0, 0.01):
+        opt = optimize_theta(jnp.asarray(theta0 * scale), lower, stats, struct, reml)
+        tried.append(scale)
+        if best is None or (np.isfinite(float(opt.fun)) and float(opt.fun) < float(best.fun) - 1e-9):
+            best = opt
+        if bool(best.converged):
+            break
+    return best, tried
+
+
+def fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str = "reml", *, variance: bool = False,
+             level: float = 95.0, start=None, display: dict | None = None) -> FitResult:
+    """Fit a model description to data."""
+    reml = _method(method)
+    if not (10.0 <= float(level) <= 99.99):
+        raise ModelError(f"level must be between 10 and 99.99, not {level}")
+    design = build_design(spec, data)
+    if reml and design.nobs <= design.p:
+        raise ModelError(f"REML needs more observations ({design.nobs}) than fixed effects ({design.p})")
+    stats = cross_products(design)
+    struct = structure_of(design)
+    opt, tried = _best_fit(design, stats, struct, reml, start)
+    theta = np.asarray(opt.x)
+    sol = solve(opt.x, stats, struct, reml)
+    sigma = float(sol.sigma)
+    vc = inference.variance_components(design, stats, struct, theta, sigma, reml, variance, level)
+    singular = inference.is_singular(theta, struct)
+    converged = bool(opt.converged) and (singular or vc.hessian_ok)
+    loglik = -0.5 * float(opt.fun)
+    fixed = inference.fixed_table(design.xnames, sol.beta, sol.cov_beta, level)
+    k = int(sum(t.structure.n_eta for t in struct.terms))
+    lr = inference.lr_vs_linear(loglik, inference.linear_loglik(stats, design.p, reml), k)
+    history = np.asarray(opt.history)[: int(opt.n_iter) + 1]
+    notes = []
+    if design.n_dropped:
+        notes.append(f"{design.n_dropped} observation(s) dropped because of missing values")
+    for name in design.omitted:
+        notes.append(f"{name} omitted because of collinearity")
+    if singular:
+        notes.append("boundary (singular) fit: a variance is zero or a correlation is ±1; "
+                     "standard errors of the variance components are not reported")
+    if not converged:
+        what = "optimiser did not meet its tolerance" if not bool(opt.converged) else \
+            "Hessian of the log likelihood is not negative definite"
+        notes.append(f"convergence not achieved ({what}; starts tried: θ₀ × {', '.join(map(str, tried))})")
+    random = vc.table[["group", "name", "estimate", "se", "ci_lower", "ci_upper"]].copy()
+    return FitResult(
+        loglik=loglik, method="reml" if reml else "ml", nobs=design.nobs, converged=converged,
+        singular=singular, fixed=fixed, random=random, wald=inference.wald_test(design.xnames, sol.beta, sol.cov_beta),
+        lr_vs_linear=lr, groups=design.group_summary, theta=theta, beta=np.asarray(sol.beta), sigma=sigma,
+        iterations=tuple(-0.5 * history), n_dropped=design.n_dropped, notes=tuple(notes), level=float(level),
+        variance=bool(variance), spec=spec, design=design, stats=stats, structure=struct, solution=sol,
+        cov_eta=vc.cov_eta, display=dict(display or {}),
+    )
+
+
+def fit(formula: str, data: pd.DataFrame, method: str = "reml", *, variance: bool = False,
+        level: float = 95.0, start=None) -> FitResult:
+    """Fit an lme4/glmmTMB-style formula, e.g. ``"y ~ x + (1 + x | g)"``, by REML or ML."""
+    from .formula import parse_formula
+
+    return fit_spec(parse_formula(formula), data, method, variance=variance, level=level, start=start)
+
+
+def _stata(command: str, data: pd.DataFrame, default_method: str, overrides: dict) -> FitResult:
+    from .stata import parse_stata
+
+    spec = parse_stata(command)
+    opts = dict(spec.options)
+    method = overrides.pop("method", None) or opts.get("method") or default_method
+    variance = overrides.pop("variance", None)
+    if variance is None:
+        variance = opts.get("variance", False)
+    level = overrides.pop("level", None) or opts.get("level", 95.0)
+    start = overrides.pop("start", None)
+    if overrides:
+        raise ModelError(f"unknown argument(s): {', '.join(sorted(overrides))}")
+    display = {k: opts[k] for k in ("log", "group", "fetable", "retable", "header", "lrtest") if k in opts}
+    return fit_spec(spec, data, method, variance=variance, level=level, start=start, display=display)
+
+
+def xtmixed(command: str, data: pd.DataFrame, **overrides) -> FitResult:
+    """Fit a model written in Stata's ``xtmixed`` syntax (REML by default, as ``xtmixed`` did)."""
+    return _stata(command, data, "reml", overrides)
+
+
+def mixed(command: str, data: pd.DataFrame, **overrides) -> FitResult:
+    """Fit a model written in Stata's ``mixed`` syntax (ML by default, as ``mixed`` does)."""
+    return _stata(command, data, "ml", overrides)

@@ -1,0 +1,210 @@
+"""Inference in Stata's metric: fixed-effects table, variance components with delta-method
+standard errors, Wald and likelihood-ratio tests.
+
+Variance components are estimated on the scale η = (ln sd, atanh corr, ln σ). Their covariance
+is the inverse of the negative Hessian of the (restricted) log likelihood in η, with β profiled
+out (for ML the inverse of the profiled Hessian equals the η-block of the full inverse). Reported
+quantities g(η) (sd, var, corr, cov) get se = |∇g|ᵀ Cov(η) |∇g|^{1/2}; CIs are built on the ln/atanh
+scale and transformed back, except covariances, whose CIs are symmetric on their own scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from .numerics import LOG_2PI
+from .objective import Solution, deviance_at_sigma, factor_lambdas
+from .stats import Stats, Structure
+
+SINGULAR_TOL = 1e-4  # θ entries with a lower bound closer than this to it: boundary (lme4's rule)
+
+
+def term_lambdas(theta, struct: Structure):
+    return [t.structure.lam(theta[t.theta[0]:t.theta[1]]) for t in struct.terms]
+
+
+def eta_hat(theta, sigma, struct: Structure) -> np.ndarray:
+    """η at the estimate: each term's Stata parameters, then ln σ."""
+    parts = []
+    for t, lam in zip(struct.terms, term_lambdas(theta, struct)):
+        lam = np.asarray(lam)
+        parts.append(t.structure.eta_from_sigma(sigma**2 * lam @ lam.T))
+    parts.append(np.array([np.log(sigma)]))
+    return np.concatenate(parts)
+
+
+def theta_from_eta(eta, struct: Structure):
+    """θ and ln σ for a Stata-metric parameter vector η."""
+    log_sigma = eta[-1]
+    sigma = jnp.exp(log_sigma)
+    pos, parts = 0, []
+    for t in struct.terms:
+        k = t.structure.n_eta
+        parts.append(t.structure.theta_from_eta(eta[pos:pos + k], sigma))
+        pos += k
+    return jnp.concatenate(parts), log_sigma
+
+
+def loglik_eta(eta, stats: Stats, struct: Structure, reml: bool):
+    """(Restricted) log likelihood as a function of η = (ln sd, atanh corr, …, ln σ)."""
+    theta, log_sigma = theta_from_eta(eta, struct)
+    return -0.5 * deviance_at_sigma(theta, log_sigma, stats, struct, reml)
+
+
+@partial(jax.jit, static_argnames=("struct", "reml"))
+def hessian_eta(eta, stats: Stats, struct: Structure, reml: bool):
+    return jax.hessian(loglik_eta)(eta, stats, struct, reml)
+
+
+def is_singular(theta, struct: Structure) -> bool:
+    th = np.asarray(theta)
+    return any(t.structure.boundary(th[t.theta[0]:t.theta[1]], SINGULAR_TOL) for t in struct.terms)
+
+
+@dataclass(frozen=True)
+class VarianceComponents:
+    table: pd.DataFrame  # group, name, estimate, se, ci_lower, ci_upper (+ kind, term)
+    eta: np.ndarray
+    cov_eta: np.ndarray | None  # None where undefined (boundary fit, Hessian not negative definite)
+    hessian_ok: bool
+
+
+def variance_components(design, stats, struct, theta, sigma, reml, variance, level) -> VarianceComponents:
+    """The random-effects table in Stata's order and metric."""
+    z = sps.norm.ppf(0.5 + level / 200.0)
+    eta = eta_hat(theta, sigma, struct)
+    singular = is_singular(theta, struct)
+    cov_eta = None
+    hessian_ok = False
+    if not singular:
+        H = np.asarray(hessian_eta(jnp.asarray(eta), stats, struct, reml))
+        if np.all(np.isfinite(H)):
+            w = np.linalg.eigvalsh(-H)
+            if w[0] > 1e-10 * max(w[-1], 1.0):
+                cov_eta = np.linalg.inv(-H)
+                cov_eta = 0.5 * (cov_eta + cov_eta.T)
+                hessian_ok = True
+    rows = []
+    pos = 0
+
+    def add(group, name, kind, idx, term):
+        e = eta[idx[0]]
+        if kind in ("sd", "var", "corr"):
+            est, lo, hi, dg = _transform(kind, e, cov_eta[idx[0], idx[0]] if cov_eta is not None else np.nan, z)
+            rows.append((group, name, est, dg, lo, hi, kind, term))
+        else:  # cov from (ln sd_i, ln sd_j, atanh rho) or (ln sd, atanh rho) for exchangeable
+            sds = [np.exp(eta[i]) for i in idx[:-1]]
+            rho = np.tanh(eta[idx[-1]])
+            sdi, sdj = (sds[0], sds[0]) if len(sds) == 1 else sds
+            est = rho * sdi * sdj
+            grad = np.zeros(len(eta))
+            for i in idx[:-1]:
+                grad[i] += est
+            grad[idx[-1]] = sdi * sdj * (1 - rho**2)
+            se = float(np.sqrt(grad @ cov_eta @ grad)) if cov_eta is not None else np.nan
+            rows.append((group, name, est, se, est - z * se, est + z * se, kind, term))
+
+    for k, t in enumerate(struct.terms):
+        spec_term = design.terms[k].term
+        s = t.structure
+        names = list(spec_term.display)
+        n_eta = s.n_eta
+        labels = s.eta_names(names)
+        kinds = s.eta_kinds
+        idx_sd = [pos + i for i, kd in enumerate(kinds) if kd == "sd"]
+        for i, (lab, kd) in enumerate(zip(labels, kinds)):
+            if kd == "sd":
+                if variance:
+                    add(spec_term.label, "var" + lab[2:], "var", [pos + i], k)
+                else:
+                    add(spec_term.label, lab, "sd", [pos + i], k)
+            else:
+                if variance:
+                    # which sds: unstructured pair (i, j) or the common sd of an exchangeable term
+                    if len(idx_sd) == 1:
+                        add(spec_term.label, "cov" + lab[4:], "cov", idx_sd + [pos + i], k)
+                    else:
+                        a, b = _pair_of(lab, names)
+                        add(spec_term.label, "cov" + lab[4:], "cov", [idx_sd[a], idx_sd[b], pos + i], k)
+                else:
+                    add(spec_term.label, lab, "corr", [pos + i], k)
+        pos += n_eta
+    name = "var(Residual)" if variance else "sd(Residual)"
+    add("", name, "var" if variance else "sd", [pos], -1)
+    table = pd.DataFrame(rows, columns=["group", "name", "estimate", "se", "ci_lower", "ci_upper", "kind", "term"])
+    return VarianceComponents(table=table, eta=eta, cov_eta=cov_eta, hessian_ok=hessian_ok)
+
+
+def _pair_of(label: str, names):
+    inner = label[label.index("(") + 1:-1]
+    a, b = inner.split(",")
+    return names.index(a), names.index(b)
+
+
+def _transform(kind, e, var_e, z):
+    """Estimate, CI bounds and delta-method se of sd = e^η, var = e^{2η}, corr = tanh η."""
+    se_e = np.sqrt(var_e) if np.isfinite(var_e) else np.nan
+    if kind == "sd":
+        f, df = np.exp, np.exp
+    elif kind == "var":
+        f, df = (lambda x: np.exp(2 * x)), (lambda x: 2 * np.exp(2 * x))
+    else:
+        f, df = np.tanh, (lambda x: 1 - np.tanh(x) ** 2)
+    est = float(f(e))
+    se = float(abs(df(e)) * se_e)
+    lo, hi = float(f(e - z * se_e)), float(f(e + z * se_e))
+    return est, lo, hi, se
+
+
+def fixed_table(names, beta, cov_beta, level) -> pd.DataFrame:
+    z = sps.norm.ppf(0.5 + level / 200.0)
+    beta = np.asarray(beta)
+    se = np.sqrt(np.diag(np.asarray(cov_beta)))
+    zs = beta / se
+    p = 2 * sps.norm.sf(np.abs(zs))
+    return pd.DataFrame({"coef": beta, "se": se, "z": zs, "p": p,
+                         "ci_lower": beta - z * se, "ci_upper": beta + z * se}, index=list(names))
+
+
+def wald_test(names, beta, cov_beta):
+    """χ² test that every fixed effect but ``_cons`` is zero: (chi2, df, p)."""
+    idx = [i for i, n in enumerate(names) if n != "_cons"]
+    if not idx:
+        return (np.nan, 0, np.nan)
+    b = np.asarray(beta)[idx]
+    V = np.asarray(cov_beta)[np.ix_(idx, idx)]
+    chi2 = float(b @ np.linalg.solve(V, b))
+    return (chi2, len(idx), float(sps.chi2.sf(chi2, len(idx))))
+
+
+def linear_loglik(stats: Stats, p: int, reml: bool) -> float:
+    """(Restricted) log likelihood of the linear regression y = Xβ + ε, from WᵀW.
+
+    ML:   -n/2 [1 + log(2π RSS/n)]
+    REML: -1/2 [(n-p) log(2π s²) + (n-p) + log|XᵀX|],  s² = RSS/(n-p)
+    """
+    WW = np.asarray(stats.WW)
+    n = float(stats.n)
+    XtX, Xty, yty = WW[:p, :p], WW[:p, p], WW[p, p]
+    beta = np.linalg.solve(XtX, Xty) if p else np.zeros(0)
+    rss = yty - Xty @ beta
+    if not reml:
+        return -0.5 * n * (1.0 + LOG_2PI + np.log(rss / n))
+    nu = n - p
+    return -0.5 * (nu * (LOG_2PI + np.log(rss / nu)) + nu + np.linalg.slogdet(XtX)[1])
+
+
+def lr_vs_linear(loglik, loglik0, k):
+    """(stat, df, p, kind): χ̄²(01) for one variance parameter, conservative χ²(k) otherwise."""
+    stat = max(0.0, 2.0 * (loglik - loglik0))
+    if k == 1:
+        p = 0.5 * sps.chi2.sf(stat, 1) if stat > 0 else 1.0
+        return (stat, 1, float(p), "chibar2(01)")
+    return (stat, k, float(sps.chi2.sf(stat, k)), "chi2")

@@ -1,0 +1,77 @@
+"""FitResult: the immutable record of a fitted model (built once, never patched)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """A fitted linear mixed model (attributes as in the API contract).
+
+    loglik       maximised log likelihood (restricted for REML)
+    method       "reml" or "ml"
+    nobs         observations used, after dropping incomplete rows
+    converged    optimiser met its tolerance and the Hessian is negative definite
+    singular     some variance parameter is on its boundary (sd 0, corr ±1)
+    fixed        DataFrame: coef, se, z, p, ci_lower, ci_upper; index the term names
+    random       DataFrame: group, name, estimate, se, ci_lower, ci_upper
+    wald         (chi2, df, p) for all fixed effects but _cons
+    lr_vs_linear (stat, df, p, kind)
+    groups       DataFrame per grouping level: n_groups, min, mean, max
+    theta, beta, sigma   internal estimates (θ in lme4's parameterisation)
+    """
+
+    loglik: float
+    method: str
+    nobs: int
+    converged: bool
+    singular: bool
+    fixed: pd.DataFrame
+    random: pd.DataFrame
+    wald: tuple
+    lr_vs_linear: tuple
+    groups: pd.DataFrame
+    theta: np.ndarray
+    beta: np.ndarray
+    sigma: float
+    iterations: tuple  # (restricted) log likelihood at each optimiser iteration
+    n_dropped: int
+    notes: tuple
+    level: float
+    variance: bool
+    spec: Any = field(repr=False)
+    design: Any = field(repr=False)
+    stats: Any = field(repr=False)
+    structure: Any = field(repr=False)
+    solution: Any = field(repr=False)
+    cov_eta: Any = field(repr=False)
+    display: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_params(self) -> int:
+        """Parameters counted by AIC/BIC: fixed effects, variance parameters, residual."""
+        return len(self.beta) + len(self.random)
+
+    @property
+    def aic(self) -> float:
+        return -2.0 * self.loglik + 2.0 * self.n_params
+
+    @property
+    def bic(self) -> float:
+        return -2.0 * self.loglik + np.log(self.nobs) * self.n_params
+
+    def __str__(self) -> str:
+        from .report import format_result
+
+        return format_result(self)
+
+    def summary(self, **display) -> str:
+        """The Stata-style report; display options: log, group, fetable, retable, header, lrtest."""
+        from .report import format_result
+
+        return format_result(self, **display)
