@@ -9,6 +9,7 @@ _jax.config.update("jax_enable_x64", True)
 __version__ = "0.1.0"
 
 from . import datasets  # noqa: E402
+from .compare import LRTest, lrtest  # noqa: E402
 from .errors import DataError, FormulaError, JaxmixedError, JaxmixedWarning, ModelError  # noqa: E402
 from .fitting import fit, fit_spec, mixed, xtmixed  # noqa: E402
 from .formula import parse_formula  # noqa: E402
@@ -16,6 +17,6 @@ from .results import FitResult  # noqa: E402
 from .stata import parse_stata  # noqa: E402
 
 __all__ = [
-    "DataError", "FitResult", "FormulaError", "JaxmixedError", "JaxmixedWarning", "ModelError",
+    "DataError", "FitResult", "LRTest", "lrtest", "FormulaError", "JaxmixedError", "JaxmixedWarning", "ModelError",
     "datasets", "fit", "fit_spec", "mixed", "parse_formula", "parse_stata", "xtmixed",
 ]

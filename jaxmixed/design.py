@@ -62,6 +62,7 @@ class Design:
     omitted: tuple[str, ...]  # fixed-effect columns dropped as collinear
     response: str
     rows: np.ndarray  # positions (in the input frame) of the rows used
+    fixed_levels: dict  # levels of each categorical fixed-effect variable (for new data)
 
     @property
     def nobs(self) -> int:
@@ -106,9 +107,14 @@ def _numeric(s: pd.Series, what: str) -> np.ndarray:
     return x
 
 
-def _fixed_columns(spec: ModelSpec, df: pd.DataFrame):
-    """Columns of X with their names: each term is the product of its factors' columns."""
+def _fixed_columns(spec: ModelSpec, df: pd.DataFrame, known: dict | None = None):
+    """Columns of X with their names: each term is the product of its factors' columns.
+
+    ``known`` maps a categorical variable to the levels seen when the model was fitted, so that
+    new data get the same dummy columns; the levels used are returned for that purpose.
+    """
     stata = spec.syntax == "stata"
+    used_levels: dict = {}
     cols: list[np.ndarray] = []
     names: list[str] = []
     for term in spec.fixed:
@@ -120,11 +126,15 @@ def _fixed_columns(spec: ModelSpec, df: pd.DataFrame):
                 parts.append([(f"c.{f.var}" if stata and len(term.factors) > 1 else f.var,
                                _numeric(s, "variable"))])
                 continue
-            levels = pd.unique(s)
-            try:
-                levels = np.sort(levels)
-            except TypeError:
-                levels = np.array(sorted(levels, key=str), dtype=object)
+            if known is not None and f.var in known:
+                levels = known[f.var]
+            else:
+                levels = pd.unique(s)
+                try:
+                    levels = np.sort(levels)
+                except TypeError:
+                    levels = np.array(sorted(levels, key=str), dtype=object)
+            used_levels[f.var] = levels
             base = levels[0]
             if f.base == "last":
                 base = levels[-1]
@@ -152,7 +162,13 @@ def _fixed_columns(spec: ModelSpec, df: pd.DataFrame):
         names.append(CONS)
         cols.append(np.ones(len(df)))
     X = np.column_stack(cols) if cols else np.zeros((len(df), 0))
-    return X, names
+    return X, names, used_levels
+
+
+def fixed_matrix(spec: ModelSpec, design: "Design", df: pd.DataFrame) -> np.ndarray:
+    """X for new data, with the fitted model's columns (same dummies, collinear ones omitted)."""
+    X, names, _ = _fixed_columns(spec, df, design.fixed_levels)
+    return X[:, [names.index(n) for n in design.xnames]]
 
 
 def _drop_collinear(X: np.ndarray, names: list[str]):
@@ -213,7 +229,8 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
     df = used.iloc[rows].reset_index(drop=True)
 
     y = _numeric(df[spec.response], "response")
-    X, xnames, omitted = _drop_collinear(*_fixed_columns(spec, df))
+    X, xnames, fixed_levels = _fixed_columns(spec, df)
+    X, xnames, omitted = _drop_collinear(X, xnames)
 
     # One factor block per distinct grouping; terms sharing it are concatenated in spec order.
     groups: list[tuple[str, ...]] = []
@@ -257,4 +274,5 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
         raise DataError(f"{len(y)} observations for {X.shape[1]} fixed effects: too few observations")
     return Design(y=y, X=X, xnames=tuple(xnames), factors=tuple(factors), terms=tuple(terms),
                   n_theta=pos, group_summary=_summary(spec, df), n_dropped=n_dropped,
-                  omitted=omitted, response=spec.response, rows=rows)
+                  omitted=omitted, response=spec.response, rows=rows,
+                  fixed_levels=fixed_levels)

@@ -65,6 +65,37 @@ class FitResult:
     def bic(self) -> float:
         return -2.0 * self.loglik + np.log(self.nobs) * self.n_params
 
+    def blups(self, se: bool = False) -> dict:
+        """Predicted random effects: {level: DataFrame indexed by group level, one column per
+        effect}; ``se=True`` gives their conditional standard errors instead."""
+        from .predict import blups
+
+        return blups(self, se=se)
+
+    def predict(self, kind: str = "fitted", data: pd.DataFrame | None = None):
+        """xb, fitted, reffects, reses, residuals or rstandard (see ``jaxmixed.predict``)."""
+        from .predict import predict
+
+        return predict(self, kind, data)
+
+    def icc(self) -> pd.DataFrame:
+        """Intraclass correlation per level (``estat icc``)."""
+        from .estat import icc
+
+        return icc(self)
+
+    def recovariance(self) -> dict:
+        """Fitted covariance matrix of each term's random effects (``estat recovariance``)."""
+        from .estat import recovariance
+
+        return recovariance(self)
+
+    def wcorrelation(self, level: int = 0) -> pd.DataFrame:
+        """Marginal within-group correlation of y (``estat wcorrelation``)."""
+        from .estat import wcorrelation
+
+        return wcorrelation(self, level)
+
     def __str__(self) -> str:
         from .report import format_result
 

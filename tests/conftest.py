@@ -1,0 +1,45 @@
+"""Shared fixtures: reference values, data, and fits cached per test session."""
+
+import json
+from pathlib import Path
+
+import jax
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+
+import jaxmixed as jm  # noqa: E402
+
+REF = Path(__file__).parent / "reference"
+
+
+@pytest.fixture(scope="session")
+def seed_ref():
+    return json.loads((REF / "seed_stata.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def jsp_ref():
+    return json.loads((REF / "jsp_public.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def jsp():
+    d = jm.datasets.load("jsp")
+    d["math3c"] = d.math3 - d.math3.mean()
+    return d
+
+
+_CACHE = {}
+
+
+def cached_fit(kind, text, data_name, **kw):
+    """Fit once per session (fits compile; tests share them)."""
+    key = (kind, text, data_name, tuple(sorted(kw.items())))
+    if key not in _CACHE:
+        data = jm.datasets.load(data_name)
+        if data_name == "jsp":
+            data["math3c"] = data.math3 - data.math3.mean()
+        fn = {"fit": jm.fit, "xtmixed": jm.xtmixed}[kind]
+        _CACHE[key] = fn(text, data, **kw)
+    return _CACHE[key]
