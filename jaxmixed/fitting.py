@@ -24,8 +24,8 @@ from .terms import ModelSpec
 TRACE_COUNT = {"optimize": 0}  # incremented each time the optimiser is traced (tests read it)
 
 
-@partial(jax.jit, static_argnames=("struct", "reml", "max_iter"))
-def optimize_theta(theta0, lower, stats: Stats, struct: Structure, reml: bool,
+@partial(jax.jit, static_argnames=("struct", "max_iter"))
+def optimize_theta(theta0, lower, stats: Stats, struct: Structure, reml,
                    max_iter: int = 200) -> OptResult:
     """Minimise the profiled deviance over θ ≥ lower (one compiled program per model shape)."""
     TRACE_COUNT["optimize"] += 1

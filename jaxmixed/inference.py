@@ -58,8 +58,8 @@ def loglik_eta(eta, stats: Stats, struct: Structure, reml: bool):
     return -0.5 * deviance_at_sigma(theta, log_sigma, stats, struct, reml)
 
 
-@partial(jax.jit, static_argnames=("struct", "reml"))
-def hessian_eta(eta, stats: Stats, struct: Structure, reml: bool):
+@partial(jax.jit, static_argnames=("struct",))
+def hessian_eta(eta, stats: Stats, struct: Structure, reml):
     return jax.hessian(loglik_eta)(eta, stats, struct, reml)
 
 

@@ -1,6 +1,7 @@
 """The profiled (restricted) deviance from cross-products, and the solve for β, u, σ at θ.
 
-Pure functions of (θ, Stats) with a static Structure; ``jit``, ``grad``, ``hessian`` and ``vmap``
+Pure functions of (θ, Stats, reml) with a static Structure (``reml`` is a traced flag, so ML
+and REML fits share one compiled program); ``jit``, ``grad``, ``hessian`` and ``vmap``
 all use the same code. Notation as in Bates et al. (2015, JSS, section 3):
 
     [ΛᵀZᵀZΛ + I   ΛᵀZᵀX]   [L      0  ] [Lᵀ  R_ZX]
@@ -98,8 +99,9 @@ def factorize(theta, stats: Stats, struct: Structure) -> Factorization:
     return Factorization(L1, W, L22, r1, r2, LM, logdet_L, logdet_RX, pwrss)
 
 
-def _dof(stats: Stats, struct: Structure, reml: bool):
-    return stats.n - struct.p if reml else stats.n
+def _dof(stats: Stats, struct: Structure, reml):
+    """Residual degrees of freedom: n - p for REML, n for ML (``reml`` may be traced)."""
+    return jnp.where(reml, stats.n - struct.p, stats.n)
 
 
 def deviance_parts(theta, stats: Stats, struct: Structure):
@@ -108,16 +110,16 @@ def deviance_parts(theta, stats: Stats, struct: Structure):
     return f.logdet_L, f.logdet_RX, f.pwrss
 
 
-@partial(jax.jit, static_argnames=("struct", "reml"))
-def deviance(theta, stats: Stats, struct: Structure, reml: bool):
+@partial(jax.jit, static_argnames=("struct",))
+def deviance(theta, stats: Stats, struct: Structure, reml):
     """Profiled deviance: -2 × (restricted) log likelihood with β and σ² profiled out."""
     ld_L, ld_RX, pwrss = deviance_parts(theta, stats, struct)
     nu = _dof(stats, struct, reml)
     dev = ld_L + nu * (1.0 + LOG_2PI + safe_log(pwrss / nu))
-    return dev + ld_RX if reml else dev
+    return dev + jnp.where(reml, ld_RX, 0.0)
 
 
-def deviance_at_sigma(theta, log_sigma, stats: Stats, struct: Structure, reml: bool):
+def deviance_at_sigma(theta, log_sigma, stats: Stats, struct: Structure, reml):
     """-2ℓ at θ and a given σ (β still profiled: exact for ML, and REML has no β):
 
         ML:   log|L|² + n log(2πσ²) + r²/σ²
@@ -126,7 +128,7 @@ def deviance_at_sigma(theta, log_sigma, stats: Stats, struct: Structure, reml: b
     ld_L, ld_RX, pwrss = deviance_parts(theta, stats, struct)
     nu = _dof(stats, struct, reml)
     dev = ld_L + nu * (LOG_2PI + 2.0 * log_sigma) + pwrss * jnp.exp(-2.0 * log_sigma)
-    return dev + ld_RX if reml else dev
+    return dev + jnp.where(reml, ld_RX, 0.0)
 
 
 class Solution(NamedTuple):
@@ -138,8 +140,8 @@ class Solution(NamedTuple):
     b: tuple  # per factor (L_f, q_f): b = Λu, the BLUPs in the data's units
 
 
-@partial(jax.jit, static_argnames=("struct", "reml"))
-def solve(theta, stats: Stats, struct: Structure, reml: bool) -> Solution:
+@partial(jax.jit, static_argnames=("struct",))
+def solve(theta, stats: Stats, struct: Structure, reml) -> Solution:
     """β̂, σ̂, Var(β̂) and the conditional modes u, b at θ (back-substitution through L)."""
     f = factorize(theta, stats, struct)
     p = struct.p

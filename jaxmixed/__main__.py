@@ -1,0 +1,8 @@
+"""``python -m jaxmixed ...``: the command line (see :mod:`jaxmixed.cli`)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
