@@ -1,0 +1,111 @@
+"""The command line: jaxmixed fit / tour, JSON output, errors (exit 2, no traceback)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+import jaxmixed as jm
+from jaxmixed.cli import main
+
+LOGLIK = -1015.4214
+CROSSED = "weight ~ week + (1|id) + (1|week)"
+
+
+@pytest.fixture(scope="module")
+def pig_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "pig.csv"
+    jm.datasets.load("pig").to_csv(path, index=False)
+    return str(path)
+
+
+def test_fit_report(pig_csv, capsys):
+    assert main(["fit", pig_csv, CROSSED]) == 0
+    out = capsys.readouterr().out
+    assert "Log restricted-likelihood = -1015.4214" in out
+    assert "Iteration 0:" in out
+    assert main(["fit", pig_csv, CROSSED, "--nolog"]) == 0
+    out = capsys.readouterr().out
+    assert "Log restricted-likelihood = -1015.4214" in out and "Iteration" not in out
+
+
+def test_fit_json(pig_csv, capsys):
+    assert main(["fit", pig_csv, CROSSED, "--json"]) == 0
+    out = capsys.readouterr().out
+    d = json.loads(out)  # valid JSON: NaN would not parse with a strict loader either
+    json.loads(out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert d["loglik"] == pytest.approx(LOGLIK, abs=2e-4)
+    assert d["method"] == "reml" and d["nobs"] == 432 and d["converged"] is True and d["singular"] is False
+    assert set(d["fixed"]) == {"week", "_cons"}
+    assert set(d["fixed"]["week"]) == {"coef", "se", "z", "p", "ci_lower", "ci_upper"}
+    assert d["fixed"]["week"]["coef"] == pytest.approx(6.209896, abs=1e-5)
+    assert [r["name"] for r in d["random"]][-1] == "sd(Residual)"
+    assert len(d["random"]) == 3
+    assert d["wald"]["df"] == 1 and d["lr_vs_linear"]["df"] == 2
+    assert d["groups"]["id"]["n_groups"] == 48 and d["groups"]["week"]["n_groups"] == 9
+    assert d["notes"] == []
+
+
+def test_json_nan_is_null(capsys):
+    # singular ML fit: variance-component SEs are NaN -> null
+    from jaxmixed.cli import to_json
+    from conftest import cached_fit
+
+    r = cached_fit("xtmixed", "math5 math3c || school: math3c, cov(unstructured) variance mle", "jsp")  # shared with test_reference
+    d = json.loads(to_json(r), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert d["singular"] is True
+    assert all(row["se"] is None for row in d["random"])
+
+
+def test_fit_stata(pig_csv, capsys):
+    assert main(["fit", pig_csv, "--stata", "weight week || _all: R.id || _all: R.week"]) == 0
+    out = capsys.readouterr().out
+    assert "Log restricted-likelihood = -1015.4214" in out and "sd(R.id)" in out
+    assert main(["fit", pig_csv, "--stata", "--json", "--ml", "weight week || _all: R.id || _all: R.week"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["method"] == "ml"
+    assert main(["fit", pig_csv, "--stata", "--json", "weight week || _all: R.id || _all: R.week, mle"]) == 0
+    assert json.loads(capsys.readouterr().out)["loglik"] == pytest.approx(d["loglik"], abs=1e-6)
+
+
+def test_bad_formula(pig_csv, capsys):
+    assert main(["fit", pig_csv, "weight ~ week + (1|id"]) == 2
+    cap = capsys.readouterr()
+    assert cap.err.startswith("jaxmixed: error:") and "Traceback" not in cap.err
+    assert cap.out == ""
+    assert main(["fit", pig_csv, "weight ~ wk + (1|id)"]) == 2  # unknown column: DataError
+    assert "jaxmixed: error:" in capsys.readouterr().err
+
+
+def test_missing_file(tmp_path, capsys):
+    assert main(["fit", str(tmp_path / "nope.csv"), CROSSED]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxmixed: error:") and "nope.csv" in err
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert main(["fit", str(empty), CROSSED]) == 2
+    assert "jaxmixed: error:" in capsys.readouterr().err
+
+
+def test_usage_errors(capsys):
+    assert main([]) == 2
+    assert main(["fit"]) == 2
+    assert main(["--help"]) == 0
+    assert "tour" in capsys.readouterr().out
+
+
+def test_tour(tmp_path, capsys, monkeypatch):
+    tour = pytest.importorskip("jaxmixed.tour")
+    monkeypatch.setattr(tour, "run", lambda out_dir: f"TOUR TEXT {out_dir}")  # the real tour takes ~1 min
+    assert main(["tour", "--out", str(tmp_path / "t")]) == 0
+    assert capsys.readouterr().out.strip() == f"TOUR TEXT {tmp_path / 't'}"
+    assert main(["tour"]) == 0
+    assert "jaxmixed_tour" in capsys.readouterr().out
+
+
+def test_python_m_help():
+    p = subprocess.run([sys.executable, "-m", "jaxmixed", "--help"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "fit" in p.stdout and "tour" in p.stdout
