@@ -1,6 +1,10 @@
 """From a ModelSpec and a DataFrame to arrays: y, X, and one block per grouping factor.
 
-Rows with a missing value in any variable the model reads are dropped and counted (Stata's rule).
+Rows with a missing value in any variable the model reads are dropped and counted (Stata's rule);
+collinear fixed-effect columns are omitted with a JaxmixedWarning. Anything the engine cannot use
+(±inf, non-scalar cells, complex numbers, a constant or exactly fitted response, magnitudes beyond
+double precision, too few observations for the fixed or the random effects, collinear
+random-effects columns) raises a DataError that names the variable.
 Random-effects terms that share a grouping factor are merged into one *factor block* whose Λ is
 block-diagonal over its terms (Stata's repeated equations at one level, lme4's ``(x||g)``).
 """
@@ -14,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from . import covariance
-from .errors import DataError, ModelError
+from .errors import DataError, ModelError, warn
 from .terms import CONS, ModelSpec, RandomTerm
 
 
@@ -89,6 +93,12 @@ def _check_columns(spec: ModelSpec, data: pd.DataFrame):
             close = difflib.get_close_matches(v, [str(c) for c in data.columns], n=3)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise DataError(f"variable {v!r} is not a column of the data{hint}")
+    dup = [v for v in spec.variables if int((data.columns == v).sum()) > 1]
+    if dup:
+        raise DataError(f"column {dup[0]!r} appears {int((data.columns == dup[0]).sum())} times in the data; "
+                        "column names must be unique")
+    if len(data) == 0:
+        raise DataError("the data have no rows")
 
 
 def _is_numeric(s: pd.Series) -> bool:
@@ -100,11 +110,89 @@ def _numeric(s: pd.Series, what: str) -> np.ndarray:
         return s.to_numpy(dtype=float)
     if not pd.api.types.is_numeric_dtype(s):
         raise DataError(f"{what} {s.name!r} is not numeric (dtype {s.dtype})")
+    if pd.api.types.is_complex_dtype(s):
+        raise DataError(f"{what} {s.name!r} has complex values; use its real part or modulus as a column")
     x = s.to_numpy(dtype=float)
     if not np.all(np.isfinite(x)):
         bad = int(np.sum(~np.isfinite(x)))
         raise DataError(f"{what} {s.name!r} has {bad} infinite value(s)")
     return x
+
+
+#: the largest magnitude a numeric column may hold: its squares and cross-products must stay
+#: finite (and accurate) in double precision
+MAX_ABS = 1e150
+#: the smallest root mean square of a non-constant response the engine resolves
+MIN_RESPONSE_RMS = 1e-60
+#: root-mean-square range of random-effects covariates beyond which the fit is unreliable
+#: (the optimiser's tolerances and the singular-fit test act on θ in absolute terms)
+RE_SCALE = (1e-5, 1e3)
+
+
+def _role(spec: ModelSpec, v: str) -> str:
+    if v == spec.response:
+        return "response"
+    if any(v in t.group for t in spec.random):
+        return "grouping variable"
+    if any(v in t.columns for t in spec.random):
+        return "random-effects covariate"
+    return "variable"
+
+
+def _term(t: RandomTerm) -> str:
+    return f"({', '.join(t.display)} | {t.label or '_all'})"
+
+
+def _short(names, k: int = 6) -> str:
+    names = list(names)
+    return ", ".join(names) if len(names) <= k else ", ".join(names[:k]) + f", … ({len(names)} in all)"
+
+
+def _check_values(spec: ModelSpec, df: pd.DataFrame) -> None:
+    """Cells the model cannot use (in the rows it keeps): non-scalar objects, ±inf anywhere."""
+    for v in spec.variables:
+        s = df[v]
+        what = _role(spec, v)
+        if s.dtype == object:
+            try:
+                pd.unique(s.to_numpy())  # a C-speed pass that fails on unhashable cells
+            except TypeError:
+                bad = next(x for x in s if not pd.api.types.is_hashable(x))
+                raise DataError(f"{what} {v!r} holds values that are not scalars "
+                                f"(a {type(bad).__name__}); each cell must be a number or a label") from None
+        if _is_numeric(s) and not pd.api.types.is_complex_dtype(s):
+            x = s.to_numpy(dtype=float)
+            bad = int(np.sum(np.isinf(x)))
+            if bad:
+                raise DataError(f"{what} {v!r} has {bad} infinite value(s)")
+
+
+def _check_magnitude(A: np.ndarray, names, what: str) -> None:
+    if not A.size:
+        return
+    big = np.max(np.abs(A), axis=0)
+    for j in np.flatnonzero(~(big <= MAX_ABS)):  # also catches overflow to inf in products
+        raise DataError(f"{what} {names[j]!r} has values as large as {big[j]:.3g}, beyond what "
+                        f"double-precision cross-products can hold (|x| ≤ {MAX_ABS:.0e}); rescale it")
+
+
+def _check_response(y: np.ndarray, X: np.ndarray, xnames, response: str) -> None:
+    """A response the likelihood cannot handle: constant, fitted exactly, or of extreme magnitude."""
+    n = len(y)
+    _check_magnitude(y[:, None], [response], "response")
+    if np.ptp(y) == 0:
+        raise DataError(f"response {response!r} is constant ({y[0]:g} in all {n} observations): "
+                        "there is no variation to model")
+    rms = float(np.sqrt(np.mean(y ** 2)))
+    if rms < MIN_RESPONSE_RMS:
+        raise DataError(f"response {response!r} is on the scale {rms:.3g} (root mean square), too small "
+                        "for double precision; rescale it")
+    if 0 < X.shape[1] < n:
+        beta = np.linalg.lstsq(X, y, rcond=None)[0]
+        resid = float(np.sqrt(np.mean((y - X @ beta) ** 2)))
+        if resid <= 1e-10 * float(np.std(y)) + 1e-13 * float(np.max(np.abs(y))):
+            raise DataError(f"response {response!r} is fitted exactly by the fixed effects "
+                            f"({_short(xnames)}): the residual variance would be zero")
 
 
 def _fixed_columns(spec: ModelSpec, df: pd.DataFrame, known: dict | None = None):
@@ -117,11 +205,16 @@ def _fixed_columns(spec: ModelSpec, df: pd.DataFrame, known: dict | None = None)
     used_levels: dict = {}
     cols: list[np.ndarray] = []
     names: list[str] = []
-    for term in spec.fixed:
+
+    def is_cat(f) -> bool:
+        return f.categorical if f.categorical is not None else not _is_numeric(df[f.var])
+
+    full = set() if stata else _full_dummies(spec, is_cat)
+    for k, term in enumerate(spec.fixed):
         parts: list[list[tuple[str, np.ndarray]]] = []
         for f in term.factors:
             s = df[f.var]
-            categorical = f.categorical if f.categorical is not None else not _is_numeric(s)
+            categorical = is_cat(f)
             if not categorical:
                 parts.append([(f"c.{f.var}" if stata and len(term.factors) > 1 else f.var,
                                _numeric(s, "variable"))])
@@ -144,10 +237,11 @@ def _fixed_columns(spec: ModelSpec, df: pd.DataFrame, known: dict | None = None)
                     raise DataError(f"base level {f.base!r} of {f.var!r} does not occur in the data")
                 base = match[0]
             dummies = []
+            every = (k, f.var) in full
             for lv in levels:
-                if lv == base:
+                if lv == base and not every:
                     continue
-                name = f"{lv}.{f.var}" if stata else f"{f.var}[T.{lv}]"
+                name = f"{lv}.{f.var}" if stata else (f"{f.var}[{lv}]" if every else f"{f.var}[T.{lv}]")
                 dummies.append((name, (s == lv).to_numpy(dtype=float)))
             parts.append(dummies)
         combos: list[tuple[str, np.ndarray]] = [("", np.ones(len(df)))]
@@ -163,6 +257,33 @@ def _fixed_columns(spec: ModelSpec, df: pd.DataFrame, known: dict | None = None)
         cols.append(np.ones(len(df)))
     X = np.column_stack(cols) if cols else np.zeros((len(df), 0))
     return X, names, used_levels
+
+
+def _full_dummies(spec: ModelSpec, is_cat) -> set[tuple[int, str]]:
+    """R's coding rule for lme4-style formulas: the (term index, variable) pairs whose
+    categorical variable gets a column for every level instead of treatment contrasts.
+
+    Terms are taken in R's order (by degree). A categorical variable in a term is coded by
+    contrasts when the term without it is contained in an earlier term, the empty term being the
+    intercept; otherwise every level gets a column (``y ~ x + x:f``, a slope per level of f).
+    Without an intercept, the first categorical variable of the first term that has one gets
+    every level (``y ~ 0 + f``: one mean per level, as in R).
+    """
+    sets = [frozenset(f.var for f in t.factors) for t in spec.fixed]
+    order = sorted(range(len(sets)), key=lambda k: (len(sets[k]), k))
+    full: set[tuple[int, str]] = set()
+    if not spec.intercept:
+        for k in order:
+            cats = [f.var for f in spec.fixed[k].factors if is_cat(f)]
+            if cats:
+                full.add((k, cats[0]))
+                break
+    for pos, k in enumerate(order):
+        for f in spec.fixed[k].factors:
+            rest = sets[k] - {f.var}
+            if rest and is_cat(f) and not any(rest <= sets[j] for j in order[:pos]):
+                full.add((k, f.var))
+    return full
 
 
 def fixed_matrix(spec: ModelSpec, design: "Design", df: pd.DataFrame) -> np.ndarray:
@@ -222,15 +343,28 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
     n_dropped = int((~complete).sum())
     for v in spec.variables:
         if data[v].isna().all():
-            raise DataError(f"variable {v!r} is missing in every row")
+            raise DataError(f"{_role(spec, v)} {v!r} is missing in every row")
     if not complete.any():
         raise DataError("no observations left after dropping rows with missing values")
     rows = np.flatnonzero(complete)
     df = used.iloc[rows].reset_index(drop=True)
+    _check_values(spec, df)
 
     y = _numeric(df[spec.response], "response")
     X, xnames, fixed_levels = _fixed_columns(spec, df)
+    _check_magnitude(X, xnames, "fixed-effect column")
     X, xnames, omitted = _drop_collinear(X, xnames)
+    if spec.syntax and len(y) <= X.shape[1]:
+        after = f" (after dropping {n_dropped} with missing values)" if n_dropped else ""
+        many = [f"{v} has {len(lv)} levels" for v, lv in fixed_levels.items() if len(lv) > 2]
+        if omitted:
+            many.append(f"{_short(omitted)} omitted because of collinearity")
+        raise DataError(f"too few observations: {len(y)}{after} for {X.shape[1]} fixed effects "
+                        f"({_short(xnames)})" + (f"; {'; '.join(many)}" if many else "")
+                        + "; the model needs more observations than fixed effects")
+    if omitted:
+        warn(f"{', '.join(omitted)} omitted because of collinearity")
+    _check_response(y, X, xnames, spec.response)
 
     # One factor block per distinct grouping; terms sharing it are concatenated in spec order.
     groups: list[tuple[str, ...]] = []
@@ -241,9 +375,11 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
     for g in groups:
         codes, levels = _group_codes(df, g)
         if len(levels) < 2:
-            what = "_all (one group)" if not g else ":".join(g)
+            if not g:
+                raise DataError("level '_all' is a single group: a variance needs at least two groups "
+                                "(write _all: R.varname for random effects over the levels of a variable)")
             raise DataError(
-                f"grouping {what!r} has {len(levels)} level(s): a variance needs at least two groups")
+                f"grouping {':'.join(g)!r} has {len(levels)} level(s): a variance needs at least two groups")
         blocks[g] = dict(codes=codes, levels=levels, cols=[], names=[])
     placed = []
     for t in spec.random:
@@ -253,6 +389,32 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
             b["cols"].append(np.ones(len(df)) if c == CONS else _numeric(df[c], "random-effects covariate"))
             b["names"].append(c)
         placed.append((t, start, len(b["names"])))
+
+    for t, start, stop in placed:
+        n_re = len(blocks[t.group]["levels"]) * t.q
+        if n_re >= len(y):
+            raise DataError(
+                f"{len(y)} observations for {n_re} random effects in the term {_term(t)} "
+                f"({len(blocks[t.group]['levels'])} groups × {t.q}): "
+                "its variance cannot be told apart from the residual variance; the model needs more "
+                "observations than random effects in each term")
+        Zt = np.column_stack(blocks[t.group]["cols"][start:stop])
+        _, kept, dependent = _drop_collinear(Zt, list(t.columns))
+        if dependent:
+            raise DataError(
+                f"the random-effects columns of the term {_term(t)} are collinear: {', '.join(dependent)} "
+                f"{'is' if len(dependent) == 1 else 'are'} zero, constant or a linear combination of "
+                f"{', '.join(kept) if kept else 'nothing'} in every row; remove "
+                f"{'it' if len(dependent) == 1 else 'them'} from the term")
+        for c, z in zip(t.columns, blocks[t.group]["cols"][start:stop]):
+            if c == CONS:
+                continue
+            _check_magnitude(z[:, None], [c], "random-effects covariate")
+            rms = float(np.sqrt(np.mean(z ** 2)))
+            if 0 < rms and not RE_SCALE[0] <= rms <= RE_SCALE[1]:
+                warn(f"random-effects covariate {c!r} is on the scale {rms:.3g} (root mean square); "
+                     f"variance estimates for covariates far from unit scale may be inaccurate or be "
+                     f"reported as boundary fits: rescale {c!r} (e.g. to units of about 1)")
 
     # Engine order: the factor with most levels first (its block of ZᵀZ stays block-diagonal).
     order = sorted(range(len(groups)), key=lambda k: (-len(blocks[groups[k]]["levels"]), k))
@@ -270,8 +432,6 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
         terms.append(TermBlock(term=t, structure=s, factor=index[t.group], cols=(start, stop),
                                theta=(pos, pos + s.n_theta)))
         pos += s.n_theta
-    if spec.syntax and len(y) <= X.shape[1]:
-        raise DataError(f"{len(y)} observations for {X.shape[1]} fixed effects: too few observations")
     return Design(y=y, X=X, xnames=tuple(xnames), factors=tuple(factors), terms=tuple(terms),
                   n_theta=pos, group_summary=_summary(spec, df), n_dropped=n_dropped,
                   omitted=omitted, response=spec.response, rows=rows,

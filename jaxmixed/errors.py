@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
 
 class JaxmixedError(Exception):
     """Base class of every error jaxmixed raises on purpose."""
@@ -33,3 +39,12 @@ class ModelError(JaxmixedError, ValueError):
 
 class JaxmixedWarning(UserWarning):
     """A visible warning about a fit (non-convergence, boundary fit, dropped columns)."""
+
+
+def warn(message: str) -> None:
+    """Issue a :class:`JaxmixedWarning` attributed to the first caller outside jaxmixed."""
+    level, frame = 2, sys._getframe(1)  # stacklevel 2 is warn's caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep):
+        level += 1
+        frame = frame.f_back
+    warnings.warn(message, JaxmixedWarning, stacklevel=level)

@@ -13,10 +13,12 @@ from .terms import CONS
 def recovariance(result) -> dict:
     """{"level: Structure" or label: DataFrame Σ_k} — the fitted covariance of each term's effects."""
     out = {}
-    lams = term_lambdas(np.asarray(result.theta), result.structure)
-    for tb, lam in zip(result.design.terms, lams):
-        lam = np.asarray(lam)
-        S = result.sigma**2 * lam @ lam.T
+    if result.panel is not None:
+        covs = result.panel["term_S"]
+    else:
+        lams = term_lambdas(np.asarray(result.theta), result.structure)
+        covs = [result.sigma**2 * np.asarray(lam) @ np.asarray(lam).T for lam in lams]
+    for tb, S in zip(result.design.terms, covs):
         names = list(tb.term.display)
         key = tb.term.label
         while key in out:  # repeated equations at one level
@@ -58,6 +60,10 @@ def wcorrelation(result, level: int = 0) -> pd.DataFrame:
     V = Σ_k Z_k G_k Z_kᵀ + σ²I over the rows of that group; the correlation is D^{-1/2} V D^{-1/2}.
     ``level`` picks the group by its position in the outermost factor's levels (0: the first).
     """
+    if result.panel is not None:
+        from .panel import wcorrelation as panel_wcorrelation
+
+        return panel_wcorrelation(result, level)
     des = result.design
     outer = min(range(len(des.factors)), key=lambda k: (len(des.factors[k].group), des.factors[k].n_levels))
     fac = des.factors[outer]

@@ -5,6 +5,7 @@ Each stage is usable alone; ``fit_spec`` only chains them. Nothing here prints.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import jax
@@ -14,11 +15,11 @@ import pandas as pd
 
 from . import inference
 from .design import Design, build_design
-from .errors import ModelError
+from .errors import ModelError, warn
 from .objective import deviance, solve
-from .optimize import OptResult, minimize_bounded
+from .optimize import OptResult, minimize_bounded, minimize_quasi_newton
 from .results import FitResult
-from .stats import Stats, Structure, cross_products, structure_of
+from .stats import Stats, Structure, cross_products, moment_start, structure_of
 from .terms import ModelSpec
 
 TRACE_COUNT = {"optimize": 0}  # incremented each time the optimiser is traced (tests read it)
@@ -27,9 +28,14 @@ TRACE_COUNT = {"optimize": 0}  # incremented each time the optimiser is traced (
 @partial(jax.jit, static_argnames=("struct", "max_iter"))
 def optimize_theta(theta0, lower, stats: Stats, struct: Structure, reml,
                    max_iter: int = 200) -> OptResult:
-    """Minimise the profiled deviance over θ ≥ lower (one compiled program per model shape)."""
+    """Minimise the profiled deviance over θ ≥ lower (one compiled program per model shape).
+
+    Projected Newton with the exact Hessian; where Hessians are costly (the blocked engine with
+    large dense panels, ``struct.quasi_newton``) projected BFGS on exact gradients instead."""
     TRACE_COUNT["optimize"] += 1
-    return minimize_bounded(deviance, theta0, lower, (stats, struct, reml), max_iter=max_iter)
+    if struct.quasi_newton:
+        return minimize_quasi_newton(deviance, theta0, lower, (stats, struct, reml), max_iter=max_iter)
+    return minimize_bounded(deviance, theta0, lower, (stats, struct, reml), max_iter=max_iter, forward=True)
 
 
 def _method(method: str) -> bool:
@@ -41,10 +47,49 @@ def _method(method: str) -> bool:
     raise ModelError(f"method must be 'reml' or 'ml', not {method!r}")
 
 
+def _better(opt: OptResult, best: OptResult | None) -> bool:
+    """A lower deviance wins; at a tie (the same optimum) a run that met the tolerance wins."""
+    if best is None or not np.isfinite(float(best.fun)):
+        return True
+    fun, best_fun = float(opt.fun), float(best.fun)
+    if not np.isfinite(fun):
+        return False
+    tie = abs(fun - best_fun) <= 1e-9 * (1.0 + abs(fun))
+    return fun < best_fun - 1e-9 or (tie and bool(opt.converged) and not bool(best.converged))
+
+
+def _mirrored(theta: np.ndarray, struct: Structure):
+    """θ with the entries below each zero diagonal entry of an unstructured Λ negated, or None.
+
+    A column of Λ whose diagonal entry is 0 may take either sign (same Σ), but the bound θ_jj ≥ 0
+    lets the optimiser see only one side: a boundary point where the gradient pushes θ_jj
+    outward can be a trap whose mirror image has a descent direction into the interior.
+    """
+    from .covariance import Unstructured, _tril_indices
+
+    th = np.array(theta, dtype=float)
+    changed = False
+    for t in struct.terms:
+        if not isinstance(t.structure, Unstructured):
+            continue
+        rows, cols = _tril_indices(t.structure.q)
+        block = th[t.theta[0]:t.theta[1]]  # a view: edits land in th
+        for j in range(t.structure.q):
+            below = (cols == j) & (rows > j)
+            if block[(cols == j) & (rows == j)][0] < inference.SINGULAR_TOL and np.any(block[below] != 0):
+                block[below] = -block[below]
+                changed = True
+    return th if changed else None
+
+
 def _best_fit(design: Design, stats: Stats, struct: Structure, reml: bool, start=None):
-    """Optimise from the default start; if that fails to converge, try scaled starts."""
+    """Optimise from the default start; if that fails to converge, or stops on the boundary
+    (which can be a local optimum: a slope covariate far from unit scale), try scaled starts,
+    then the mirror images of a boundary optimum (see ``_mirrored``)."""
     lower = jnp.asarray(design.theta_lower)
     theta0 = design.theta0 if start is None else np.asarray(start, dtype=float)
+    if start is None and struct.quasi_newton:  # large models: every evaluation counts
+        theta0 = moment_start(design, stats, struct)
     if theta0.shape != (design.n_theta,):
         raise ModelError(f"start must have {design.n_theta} entries (θ), not {theta0.shape}")
     tried = []
@@ -52,17 +97,35 @@ def _best_fit(design: Design, stats: Stats, struct: Structure, reml: bool, start
     for scale in (1.0, 0.1, 10.0, 0.01):
         opt = optimize_theta(jnp.asarray(theta0 * scale), lower, stats, struct, reml)
         tried.append(scale)
-        if best is None or (np.isfinite(float(opt.fun)) and float(opt.fun) < float(best.fun) - 1e-9):
+        if _better(opt, best):
             best = opt
-        if bool(best.converged):
+        if bool(best.converged) and not inference.is_singular(np.asarray(best.x), struct):
             break
+    for _ in range(3):
+        mirror = _mirrored(np.asarray(best.x), struct)
+        if mirror is None:
+            break
+        opt = optimize_theta(jnp.asarray(mirror), lower, stats, struct, reml)
+        if not _better(opt, best):
+            break
+        best = opt
     return best, tried
 
 
 def fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str = "reml", *, variance: bool = False,
-             level: float = 95.0, start=None, display: dict | None = None) -> FitResult:
-    """Fit a model description to data."""
+             level: float = 95.0, start=None, display: dict | None = None,
+             residuals=None) -> FitResult:
+    """Fit a model description to data.
+
+    ``residuals``: a :mod:`jaxmixed.residuals` structure (``jm.ar(1, time="week")``, ...); Stata's
+    ``residuals()`` option arrives in ``spec.options``. Anything but independent homoskedastic
+    errors is fitted by the per-panel engine (:mod:`jaxmixed.panel`), started from the
+    independent-errors fit.
+    """
     reml = _method(method)
+    if residuals is not None:
+        spec = replace(spec, options={**spec.options, "residuals": residuals})
+    residuals = spec.options.get("residuals")
     if not (10.0 <= float(level) <= 99.99):
         raise ModelError(f"level must be between 10 and 99.99, not {level}")
     design = build_design(spec, data)
@@ -94,23 +157,52 @@ def fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str = "reml", *, varia
         what = "optimiser did not meet its tolerance" if not bool(opt.converged) else \
             "Hessian of the log likelihood is not negative definite"
         notes.append(f"convergence not achieved ({what}; starts tried: θ₀ × {', '.join(map(str, tried))})")
-    random = vc.table[["group", "name", "estimate", "se", "ci_lower", "ci_upper"]].copy()
+    table = vc.table
+    panel = None
+    if residuals is not None and not residuals.is_default:
+        from .panel import fit_panel
+
+        pf = fit_panel(spec, data, design, residuals, reml, variance, level, theta, sigma, display)
+        loglik, converged, singular, table = pf["loglik"], pf["converged"], pf["singular"], pf["table"]
+        sol, history, panel = pf["sol"], pf["history"], pf["panel"]
+        vc = replace(vc, cov_eta=pf["cov_eta"])
+        sigma = float(sol.sigma)
+        fixed = inference.fixed_table(design.xnames, sol.beta, sol.cov_beta, level)
+        lr = inference.lr_vs_linear(loglik, inference.linear_loglik(stats, design.p, reml), pf["n_params"] - 1)
+        notes = [n for n in notes if not n.startswith(("boundary", "convergence"))]
+        if singular:
+            notes.append("boundary (singular) fit: a variance is zero or a correlation is ±1; "
+                         "standard errors of the variance components are not reported")
+        if not converged:
+            notes.append("convergence not achieved (per-panel engine)")
+    random = table[["group", "name", "estimate", "se", "ci_lower", "ci_upper"]].copy()
+    if not (np.isfinite(loglik) and np.isfinite(sigma) and np.all(np.isfinite(np.asarray(sol.beta)))):
+        raise ModelError(f"the fit broke down numerically (log likelihood {loglik:g}, residual sd {sigma:g}); "
+                         "check the data for extreme values or a response that the model fits exactly")
+    for note in notes:  # boundary fits and non-convergence are also visible warnings
+        if note.startswith(("boundary", "convergence")):
+            warn(note)
     return FitResult(
         loglik=loglik, method="reml" if reml else "ml", nobs=design.nobs, converged=converged,
         singular=singular, fixed=fixed, random=random, wald=inference.wald_test(design.xnames, sol.beta, sol.cov_beta),
         lr_vs_linear=lr, groups=design.group_summary, theta=theta, beta=np.asarray(sol.beta), sigma=sigma,
         iterations=tuple(-0.5 * history), n_dropped=design.n_dropped, notes=tuple(notes), level=float(level),
         variance=bool(variance), spec=spec, design=design, stats=stats, structure=struct, solution=sol,
-        cov_eta=vc.cov_eta, display=dict(display or {}),
+        cov_eta=vc.cov_eta, display=dict(display or {}), panel=panel,
     )
 
 
 def fit(formula: str, data: pd.DataFrame, method: str = "reml", *, variance: bool = False,
-        level: float = 95.0, start=None) -> FitResult:
-    """Fit an lme4/glmmTMB-style formula, e.g. ``"y ~ x + (1 + x | g)"``, by REML or ML."""
+        level: float = 95.0, start=None, residuals=None) -> FitResult:
+    """Fit an lme4/glmmTMB-style formula, e.g. ``"y ~ x + (1 + x | g)"``, by REML or ML.
+
+    ``residuals=jm.ar(1, time="week")`` (or exchangeable, ma, toeplitz, exponential, unstructured,
+    banded, independent(by=...)) models correlated or heteroskedastic errors within panels.
+    """
     from .formula import parse_formula
 
-    return fit_spec(parse_formula(formula), data, method, variance=variance, level=level, start=start)
+    return fit_spec(parse_formula(formula), data, method, variance=variance, level=level, start=start,
+                    residuals=residuals)
 
 
 def _stata(command: str, data: pd.DataFrame, default_method: str, overrides: dict) -> FitResult:

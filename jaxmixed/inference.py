@@ -77,26 +77,42 @@ class VarianceComponents:
 
 
 def variance_components(design, stats, struct, theta, sigma, reml, variance, level) -> VarianceComponents:
-    """The random-effects table in Stata's order and metric."""
-    z = sps.norm.ppf(0.5 + level / 200.0)
+    """The random-effects table in Stata's order and metric (cross-product engine)."""
     eta = eta_hat(theta, sigma, struct)
-    singular = is_singular(theta, struct)
-    cov_eta = None
-    hessian_ok = False
-    if not singular:
+    cov_eta, hessian_ok = None, False
+    if not is_singular(theta, struct):
         H = np.asarray(hessian_eta(jnp.asarray(eta), stats, struct, reml))
-        if np.all(np.isfinite(H)):
-            w = np.linalg.eigvalsh(-H)
-            if w[0] > 1e-10 * max(w[-1], 1.0):
-                cov_eta = np.linalg.inv(-H)
-                cov_eta = 0.5 * (cov_eta + cov_eta.T)
-                hessian_ok = True
+        cov_eta, hessian_ok = covariance_from_hessian(H)
+    residual = [("var(Residual)" if variance else "sd(Residual)", "sd")]
+    table = component_table(design.terms, eta, cov_eta, variance, level, residual)
+    return VarianceComponents(table=table, eta=eta, cov_eta=cov_eta, hessian_ok=hessian_ok)
+
+
+def covariance_from_hessian(H):
+    """(inverse of −H, True) where −H is finite and positive definite, else (None, False)."""
+    if not np.all(np.isfinite(H)):
+        return None, False
+    w = np.linalg.eigvalsh(-H)
+    if w[0] <= 1e-10 * max(w[-1], 1.0):
+        return None, False
+    cov = np.linalg.inv(-H)
+    return 0.5 * (cov + cov.T), True
+
+
+def component_table(terms, eta, cov_eta, variance, level, residual) -> pd.DataFrame:
+    """Rows for each term's η entries, then the residual parameters.
+
+    ``terms``: the design's TermBlocks (their η entries come first, in order); ``residual``:
+    (name, kind) for the remaining η entries, kind "sd" (ln sd), "corr" (atanh), "free"
+    (reported as is) or "logit" (reported as 1/(1+e^-η)). With ``variance`` sds are reported
+    as variances and correlations of random effects as covariances.
+    """
+    z = sps.norm.ppf(0.5 + level / 200.0)
     rows = []
-    pos = 0
 
     def add(group, name, kind, idx, term):
         e = eta[idx[0]]
-        if kind in ("sd", "var", "corr"):
+        if kind != "cov":
             est, lo, hi, dg = _transform(kind, e, cov_eta[idx[0], idx[0]] if cov_eta is not None else np.nan, z)
             rows.append((group, name, est, dg, lo, hi, kind, term))
         else:  # cov from (ln sd_i, ln sd_j, atanh rho) or (ln sd, atanh rho) for exchangeable
@@ -111,35 +127,31 @@ def variance_components(design, stats, struct, theta, sigma, reml, variance, lev
             se = float(np.sqrt(grad @ cov_eta @ grad)) if cov_eta is not None else np.nan
             rows.append((group, name, est, se, est - z * se, est + z * se, kind, term))
 
-    for k, t in enumerate(struct.terms):
-        spec_term = design.terms[k].term
-        s = t.structure
+    pos = 0
+    for k, tb in enumerate(terms):
+        spec_term, s = tb.term, tb.structure
         names = list(spec_term.display)
-        n_eta = s.n_eta
-        labels = s.eta_names(names)
-        kinds = s.eta_kinds
+        labels, kinds = s.eta_names(names), s.eta_kinds
         idx_sd = [pos + i for i, kd in enumerate(kinds) if kd == "sd"]
         for i, (lab, kd) in enumerate(zip(labels, kinds)):
             if kd == "sd":
-                if variance:
-                    add(spec_term.label, "var" + lab[2:], "var", [pos + i], k)
+                add(spec_term.label, ("var" + lab[2:]) if variance else lab, "var" if variance else "sd", [pos + i], k)
+            elif variance:
+                # which sds: unstructured pair (i, j) or the common sd of an exchangeable term
+                if len(idx_sd) == 1:
+                    add(spec_term.label, "cov" + lab[4:], "cov", idx_sd + [pos + i], k)
                 else:
-                    add(spec_term.label, lab, "sd", [pos + i], k)
+                    a, b = _pair_of(lab, names)
+                    add(spec_term.label, "cov" + lab[4:], "cov", [idx_sd[a], idx_sd[b], pos + i], k)
             else:
-                if variance:
-                    # which sds: unstructured pair (i, j) or the common sd of an exchangeable term
-                    if len(idx_sd) == 1:
-                        add(spec_term.label, "cov" + lab[4:], "cov", idx_sd + [pos + i], k)
-                    else:
-                        a, b = _pair_of(lab, names)
-                        add(spec_term.label, "cov" + lab[4:], "cov", [idx_sd[a], idx_sd[b], pos + i], k)
-                else:
-                    add(spec_term.label, lab, "corr", [pos + i], k)
-        pos += n_eta
-    name = "var(Residual)" if variance else "sd(Residual)"
-    add("", name, "var" if variance else "sd", [pos], -1)
-    table = pd.DataFrame(rows, columns=["group", "name", "estimate", "se", "ci_lower", "ci_upper", "kind", "term"])
-    return VarianceComponents(table=table, eta=eta, cov_eta=cov_eta, hessian_ok=hessian_ok)
+                add(spec_term.label, lab, "corr", [pos + i], k)
+        pos += s.n_eta
+    for name, kind in residual:
+        if kind == "sd" and variance:
+            name, kind = name.replace("sd(", "var(", 1), "var"
+        add("", name, kind, [pos], -1)
+        pos += 1
+    return pd.DataFrame(rows, columns=["group", "name", "estimate", "se", "ci_lower", "ci_upper", "kind", "term"])
 
 
 def _pair_of(label: str, names):
@@ -149,12 +161,18 @@ def _pair_of(label: str, names):
 
 
 def _transform(kind, e, var_e, z):
-    """Estimate, CI bounds and delta-method se of sd = e^η, var = e^{2η}, corr = tanh η."""
+    """Estimate, CI bounds and delta-method se of sd = e^η, var = e^{2η}, corr = tanh η,
+    logit = 1/(1+e^-η), free = η."""
     se_e = np.sqrt(var_e) if np.isfinite(var_e) else np.nan
     if kind == "sd":
         f, df = np.exp, np.exp
     elif kind == "var":
         f, df = (lambda x: np.exp(2 * x)), (lambda x: 2 * np.exp(2 * x))
+    elif kind == "logit":
+        f = (lambda x: 1 / (1 + np.exp(-x)))
+        df = (lambda x: f(x) * (1 - f(x)))
+    elif kind == "free":
+        f, df = (lambda x: x), (lambda x: 1.0)
     else:
         f, df = np.tanh, (lambda x: 1 - np.tanh(x) ** 2)
     est = float(f(e))

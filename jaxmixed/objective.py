@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import block_diag, solve_triangular
 
+from . import blocked
 from .numerics import LOG_2PI, logdet_from_chol_diag, safe_log
 from .stats import Stats, Structure
 
@@ -68,7 +69,12 @@ class Factorization(NamedTuple):
 
 
 def factorize(theta, stats: Stats, struct: Structure) -> Factorization:
-    """Blocked Cholesky of the penalised system at θ (see the module docstring)."""
+    """Blocked Cholesky of the penalised system at θ (see the module docstring).
+
+    Dense engine only (``struct.engine is None``); the blocked engine's pieces are in
+    :mod:`jaxmixed.blocked`."""
+    if struct.engine is not None:
+        raise ValueError("factorize() is the dense engine's; this Structure uses the blocked engine")
     lams = factor_lambdas(theta, struct)
     lam1 = lams[0]
     q1 = struct.q[0]
@@ -106,6 +112,8 @@ def _dof(stats: Stats, struct: Structure, reml):
 
 def deviance_parts(theta, stats: Stats, struct: Structure):
     """(log|L|², log|R_X|², r²) at θ."""
+    if struct.engine is not None:
+        return blocked.deviance_parts(theta, stats, struct, factor_lambdas(theta, struct))
     f = factorize(theta, stats, struct)
     return f.logdet_L, f.logdet_RX, f.pwrss
 
@@ -143,25 +151,33 @@ class Solution(NamedTuple):
 @partial(jax.jit, static_argnames=("struct",))
 def solve(theta, stats: Stats, struct: Structure, reml) -> Solution:
     """β̂, σ̂, Var(β̂) and the conditional modes u, b at θ (back-substitution through L)."""
-    f = factorize(theta, stats, struct)
     p = struct.p
-    RXt = f.LM[:p, :p]  # R_Xᵀ
-    ry = f.LM[p, :p]
-    beta = solve_triangular(RXt.T, ry, lower=False)
     nu = _dof(stats, struct, reml)
-    sigma = jnp.sqrt(f.pwrss / nu)
+    lams = factor_lambdas(theta, struct)
+
+    def beta_of(LM):
+        return solve_triangular(LM[:p, :p].T, LM[p, :p], lower=False)  # R_X β = r_Xy
+
+    if struct.engine is not None:
+        LM, beta, u1, u2 = blocked.solve_parts(theta, stats, struct, lams, beta_of)
+        pwrss = LM[p, p] ** 2
+    else:
+        f = factorize(theta, stats, struct)
+        LM, pwrss = f.LM, f.pwrss
+        beta = beta_of(LM)
+        # Lᵀ u = c_y - R_ZX β, with c = [r1; r2] holding R_ZX in its first p columns and c_y last.
+        rhs1 = f.r1[..., p] - f.r1[..., :p] @ beta
+        if struct.m2:
+            rhs2 = f.r2[:, p] - f.r2[:, :p] @ beta
+            u2 = solve_triangular(f.L22.T, rhs2, lower=False)
+            rhs1 = rhs1 - jnp.einsum("lim,m->li", f.W, u2)
+        else:
+            u2 = jnp.zeros((0,))
+        u1 = solve_triangular(jnp.swapaxes(f.L1, 1, 2), rhs1[..., None], lower=False)[..., 0]
+    RXt = LM[:p, :p]  # R_Xᵀ
+    sigma = jnp.sqrt(pwrss / nu)
     RXt_inv = solve_triangular(RXt, jnp.eye(p), lower=True)
     cov_beta = sigma**2 * RXt_inv.T @ RXt_inv
-    # Lᵀ u = c_y - R_ZX β, with c = [r1; r2] holding R_ZX in its first p columns and c_y last.
-    rhs1 = f.r1[..., p] - f.r1[..., :p] @ beta
-    lams = factor_lambdas(theta, struct)
-    if struct.m2:
-        rhs2 = f.r2[:, p] - f.r2[:, :p] @ beta
-        u2 = solve_triangular(f.L22.T, rhs2, lower=False)
-        rhs1 = rhs1 - jnp.einsum("lim,m->li", f.W, u2)
-    else:
-        u2 = jnp.zeros((0,))
-    u1 = solve_triangular(jnp.swapaxes(f.L1, 1, 2), rhs1[..., None], lower=False)[..., 0]
     b = [u1 @ lams[0].T]
     for lam, off, L, q in zip(lams[1:], struct.offsets, struct.L[1:], struct.q[1:]):
         b.append(u2[off:off + L * q].reshape(L, q) @ lam.T)

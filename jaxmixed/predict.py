@@ -22,6 +22,7 @@ from jax.scipy.linalg import solve_triangular
 
 from .design import _group_codes, _numeric, fixed_matrix
 from .errors import DataError, JaxmixedWarning
+from . import blocked
 from .objective import factor_lambdas, factorize
 from .stats import Stats, Structure
 from .terms import CONS
@@ -32,8 +33,11 @@ KINDS = ("xb", "fitted", "reffects", "reses", "residuals", "rstandard")
 @partial(jax.jit, static_argnames=("struct",))
 def conditional_variances(theta, sigma, stats: Stats, struct: Structure):
     """Per factor, (L_f, q_f, q_f) blocks of Var(b | y) (see the module docstring)."""
-    f = factorize(theta, stats, struct)
     lams = factor_lambdas(theta, struct)
+    if struct.engine is not None:  # blocked engine: same blocks, from its panels
+        out = blocked.conditional_blocks(theta, stats, struct, lams)
+        return [sigma**2 * jnp.einsum("ij,ljk,hk->lih", lam, V, lam) for lam, V in zip(lams, out)]
+    f = factorize(theta, stats, struct)
     L1n, q1 = struct.L[0], struct.q[0]
     A = solve_triangular(f.L1, jnp.broadcast_to(jnp.eye(q1), (L1n, q1, q1)), lower=True)
     V1 = jnp.einsum("lki,lkj->lij", A, A)
@@ -64,7 +68,13 @@ def blups(result, se: bool = False) -> dict:
     """{level: DataFrame indexed by group level, one column per random effect}."""
     des = result.design
     b = result.solution.b
-    V = conditional_variances(jnp.asarray(result.theta), result.sigma, result.stats, result.structure) if se else None
+    V = None
+    if se and result.panel is not None:
+        from .panel import conditional_variances as panel_variances
+
+        V = panel_variances(result)
+    elif se:
+        V = conditional_variances(jnp.asarray(result.theta), result.sigma, result.stats, result.structure)
     out = {}
     for k, fac in enumerate(des.factors):
         terms = [t for t in des.terms if t.factor == k]

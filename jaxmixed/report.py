@@ -89,7 +89,10 @@ def _random(r) -> list[str]:
         out += [_re_line(row) for row in rows[pos:pos + tb.structure.n_eta]]
         pos += tb.structure.n_eta
         out.append(sep)
-    out.append(_re_line(rows[-1]))
+    if r.panel is not None:
+        title = "Residual: " + r.panel["structure"].title
+        out.append(f"{title:<28} |" if len(title) <= 28 else title)
+    out += [_re_line(row) for row in rows[pos:]]
     out.append(RULE)
     return out
 

@@ -51,6 +51,7 @@ class FitResult:
     solution: Any = field(repr=False)
     cov_eta: Any = field(repr=False)
     display: dict = field(default_factory=dict, repr=False)
+    panel: Any = field(default=None, repr=False)  # per-panel engine state when residuals() is used
 
     @property
     def n_params(self) -> int:

@@ -363,8 +363,6 @@ class _Parser:
             name = _abbrev(tok.value, _OPTIONS)
             if name is None:
                 self.error(f"unknown option {tok.value!r}", tok.pos)
-            if name == "residuals":
-                self.error("option residuals() is not supported yet", tok.pos)
             if _OPTIONS[name][1] and not args:
                 self.error(f"option {name}() needs an argument", tok.pos)
             if not _OPTIONS[name][1] and args is not None:
@@ -374,6 +372,15 @@ class _Parser:
 
     # -- options -------------------------------------------------------------------------------
     def apply_global(self, opt: _Opt) -> None:
+        if opt.name == "residuals":
+            from .residuals import from_stata
+
+            words = [(t.kind, t.value, t.pos) for t in opt.args]
+            if "residuals" in self.options:
+                self.error("residuals() given twice", opt.pos)
+            self.options["residuals"] = from_stata(words, self.text)
+            self.written["residuals"] = opt.word
+            return
         if opt.name == "level":
             arg = opt.args[0]
             if len(opt.args) != 1 or arg.kind != "num" or not 10 <= float(arg.value) <= 99.99:

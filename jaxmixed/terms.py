@@ -101,6 +101,9 @@ class ModelSpec:
             out += [f.var for f in t.factors]
         for r in self.random:
             out += list(r.group) + [c for c in r.columns if c != CONS]
+        res = self.options.get("residuals")
+        if res is not None:
+            out += res.variables
         seen: dict[str, None] = {}
         for v in out:
             seen.setdefault(v, None)

@@ -1,0 +1,437 @@
+"""A functional, differentiable core for JAX users: arrays in, estimates (a PyTree) out.
+
+Everything here is a pure function of arrays, usable under ``jax.jit``, ``jax.grad`` and
+``jax.vmap``:
+
+``stats_from_arrays(y, X, groups, Z=None, weights=None, *, n_groups=None, cov="unstructured")``
+    sufficient statistics (a :class:`ModelStats` PyTree) of the model
+    y = Xβ + Σ_f Z_f b_f + ε, b_f ~ N(0, σ²ΛΛᵀ) per level, ε_i ~ N(0, σ²/w_i)
+    for one grouping factor (``groups`` an integer code array) or several (a tuple of them).
+``deviance(theta, stats, reml=True)``
+    the profiled deviance −2ℓ(θ) (restricted for REML), β and σ profiled out.
+``solve(theta, stats, reml=True)``
+    β̂(θ), σ̂(θ), Var(β̂), conditional modes u and b (a ``Solution``).
+``fit_stats(stats, reml=True)`` / ``fit_arrays(y, X, groups, ...)``
+    the fit: :class:`Estimates` (θ̂, β̂, σ̂, Var(β̂), b, deviance, converged, iterations).
+    θ̂ is differentiable with respect to the statistics, hence to y, X and the weights, by
+    implicit differentiation (a ``jax.custom_vjp`` on the map stats ↦ θ̂: at the optimum
+    ∇_θD(θ̂, s) = 0, so dθ̂/ds = −H⁻¹ ∂²D/∂θ∂s with H the Hessian of the deviance; θ entries held
+    at their bound get zero derivative). β̂, σ̂ and the deviance follow by ordinary autodiff.
+``without_lapack(fun)``
+    ``fun`` with its Cholesky factorisations and triangular solves done in plain XLA
+    operations instead of LAPACK calls (fast for the many tiny blocks of a mixed model, and
+    free of the LAPACK thread-pool deadlock jaxlib 0.10 can hit with large vmapped batches on
+    machines with few cores). ``deviance``, ``solve`` and the fits here all use it.
+
+Prior weights: row i has residual variance σ²/w_i (w_i > 0). The statistics are the weighted
+cross-products and the deviance includes −Σ log w_i, as lme4's ``weights=`` does.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core as jcore
+
+from . import covariance
+from . import objective as _objective
+from .errors import DataError, ModelError
+from .optimize import minimize_bounded
+from .stats import Stats, Structure, TermStruct
+
+__all__ = ["ModelStats", "Estimates", "stats_from_arrays", "deviance", "solve", "fit_stats", "fit_arrays",
+           "without_lapack", "structure"]
+
+UNROLL_MAX = 8  # matrices up to this order are factorised / solved fully unrolled
+
+
+# --------------------------------------------------------------------------------------------
+# LAPACK-free Cholesky and triangular solves
+
+
+def _stack_matrix(rows):
+    return jnp.stack([jnp.stack(r, axis=-1) for r in rows], axis=-2)
+
+
+def cholesky_xla(a):
+    """Lower Cholesky factor of (..., n, n) ``a`` (NaN where not positive definite), in plain
+    XLA ops: unrolled for n ≤ UNROLL_MAX, a column loop otherwise."""
+    n = a.shape[-1]
+    if n == 0:
+        return a
+    if n <= UNROLL_MAX:
+        L = [[None] * n for _ in range(n)]
+        zero = jnp.zeros_like(a[..., 0, 0])
+        for j in range(n):
+            s = a[..., j, j]
+            for k in range(j):
+                s = s - L[j][k] ** 2
+            d = jnp.sqrt(s)
+            L[j][j] = d
+            for i in range(j + 1, n):
+                s = a[..., i, j]
+                for k in range(j):
+                    s = s - L[i][k] * L[j][k]
+                L[i][j] = s / d
+            for i in range(j):
+                L[i][j] = zero
+        return _stack_matrix(L)
+    idx = jnp.arange(n)
+
+    def body(j, L):
+        # left-looking: column j from A[:, j] minus the contributions of columns < j
+        Lj = lax.dynamic_index_in_dim(L, j, axis=-2, keepdims=False)  # row j of L (..., n)
+        Lj = jnp.where(idx < j, Lj, 0.0)
+        col = lax.dynamic_index_in_dim(a, j, axis=-1, keepdims=False) - jnp.einsum("...ik,...k->...i", L, Lj)
+        d = jnp.sqrt(lax.dynamic_index_in_dim(col, j, axis=-1, keepdims=False))
+        newcol = jnp.where(idx > j, col / d[..., None], jnp.where(idx == j, d[..., None], 0.0))
+        return jnp.where(idx == j, newcol[..., :, None], L)
+
+    return lax.fori_loop(0, n, body, jnp.zeros_like(a))
+
+
+def _solve_lower(T, B, unit):
+    """T X = B with T (..., n, n) lower triangular, B (..., n, k)."""
+    n = T.shape[-1]
+    if n <= UNROLL_MAX:
+        xs = []
+        for i in range(n):
+            s = B[..., i, :]
+            for k in range(i):
+                s = s - T[..., i, k, None] * xs[k]
+            xs.append(s if unit else s / T[..., i, i, None])
+        return jnp.stack(xs, axis=-2) if xs else B
+    idx = jnp.arange(n)
+
+    def body(i, X):
+        Ti = lax.dynamic_index_in_dim(T, i, axis=-2, keepdims=False)  # (..., n)
+        Ti = jnp.where(idx < i, Ti, 0.0)
+        s = lax.dynamic_index_in_dim(B, i, axis=-2, keepdims=False) - jnp.einsum("...k,...kj->...j", Ti, X)
+        if not unit:
+            s = s / lax.dynamic_index_in_dim(lax.dynamic_index_in_dim(T, i, axis=-2, keepdims=False), i,
+                                             axis=-1, keepdims=True)
+        return jnp.where((idx == i)[:, None], s[..., None, :], X)
+
+    return lax.fori_loop(0, n, body, jnp.zeros_like(B))
+
+
+def triangular_solve_xla(a, b, *, left_side=False, lower=False, transpose_a=False, conjugate_a=False,
+                         unit_diagonal=False):
+    """``lax.linalg.triangular_solve`` in plain XLA ops (real matrices)."""
+    if not left_side:  # X op(A) = B  ⇔  op(A)ᵀ Xᵀ = Bᵀ
+        x = triangular_solve_xla(a, jnp.swapaxes(b, -1, -2), left_side=True, lower=lower,
+                                 transpose_a=not transpose_a, unit_diagonal=unit_diagonal)
+        return jnp.swapaxes(x, -1, -2)
+    T = jnp.swapaxes(a, -1, -2) if transpose_a else a
+    low = lower != bool(transpose_a)
+    if low:
+        return _solve_lower(T, b, unit_diagonal)
+    # upper: reverse the order of rows and columns to make it lower
+    Tr = T[..., ::-1, ::-1]
+    return _solve_lower(Tr, b[..., ::-1, :], unit_diagonal)[..., ::-1, :]
+
+
+def spd_solve_xla(A, b):
+    """A⁻¹b for symmetric positive definite A (..., n, n), b (..., n): Cholesky, two solves."""
+    L = cholesky_xla(0.5 * (A + jnp.swapaxes(A, -1, -2)))
+    z = _solve_lower(L, b[..., None], False)
+    return triangular_solve_xla(L, z, left_side=True, lower=True, transpose_a=True)[..., 0]
+
+
+def _read(env, v):
+    return v.val if isinstance(v, jcore.Literal) else env[v]
+
+
+def _eval(jaxpr, consts, *args):
+    """Evaluate a jaxpr with cholesky and triangular_solve replaced (recursing into nested
+    jit, cond and custom_jvp/vjp calls)."""
+    env = {}
+    for v, c in zip(jaxpr.constvars, consts):
+        env[v] = c
+    for v, a in zip(jaxpr.invars, args):
+        env[v] = a
+    for eqn in jaxpr.eqns:
+        invals = [_read(env, v) for v in eqn.invars]
+        name = eqn.primitive.name
+        if name == "cholesky":
+            outs = [cholesky_xla(invals[0])]
+        elif name == "triangular_solve":
+            outs = [triangular_solve_xla(*invals, **eqn.params)]
+        elif name in ("jit", "pjit", "closed_call", "core_call"):
+            cj = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+            outs = _eval_closed(cj, *invals)
+        elif name == "custom_jvp_call":
+            outs = _eval_closed(eqn.params["call_jaxpr"], *invals)
+        elif name == "custom_vjp_call":
+            outs = _eval_closed(eqn.params["call_jaxpr"], *invals)
+        elif name == "cond":
+            branches = [partial(_eval_closed, b) for b in eqn.params["branches"]]
+            outs = lax.switch(invals[0], branches, *invals[1:])
+        else:
+            outs = eqn.primitive.bind(*invals, **eqn.params)
+            if not eqn.primitive.multiple_results:
+                outs = [outs]
+        for v, o in zip(eqn.outvars, outs):
+            env[v] = o
+    return [_read(env, v) for v in jaxpr.outvars]
+
+
+def _eval_closed(cj, *args):
+    if isinstance(cj, jcore.ClosedJaxpr):
+        return _eval(cj.jaxpr, cj.consts, *args)
+    return _eval(cj, (), *args)
+
+
+def without_lapack(fun):
+    """``fun`` evaluated with Cholesky factorisations and triangular solves in plain XLA ops.
+
+    The result is an ordinary JAX-traceable function (jit, grad, vmap all apply). Arguments
+    that are not arrays (static configuration) must be closed over, not passed.
+    """
+
+    def wrapped(*args):
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        closed, out_shape = jax.make_jaxpr(lambda *lv: fun(*jax.tree_util.tree_unflatten(tree, lv)),
+                                           return_shape=True)(*leaves)
+        outs = _eval(closed.jaxpr, closed.consts, *leaves)
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+    return wrapped
+
+
+def deviance_free(theta, stats: Stats, struct: Structure, reml):
+    """``objective.deviance`` without LAPACK (same signature)."""
+    return without_lapack(lambda t, s, r: _objective.deviance(t, s, struct, r))(theta, stats, reml)
+
+
+def solve_free(theta, stats: Stats, struct: Structure, reml):
+    """``objective.solve`` without LAPACK (same signature)."""
+    return without_lapack(lambda t, s, r: _objective.solve(t, s, struct, r))(theta, stats, reml)
+
+
+# --------------------------------------------------------------------------------------------
+# statistics from arrays
+
+
+@jax.tree_util.register_pytree_node_class
+class ModelStats:
+    """Sufficient statistics of a model (a PyTree: ``stats`` and ``log_det_w`` are its
+    leaves, the static :class:`~jaxmixed.stats.Structure` ``struct`` its auxiliary data)."""
+
+    def __init__(self, stats: Stats, log_det_w, struct: Structure):
+        self.stats = stats
+        self.log_det_w = log_det_w
+        self.struct = struct
+
+    def tree_flatten(self):
+        return (self.stats, self.log_det_w), self.struct
+
+    @classmethod
+    def tree_unflatten(cls, struct, children):
+        return cls(children[0], children[1], struct)
+
+    @property
+    def lower(self) -> np.ndarray:
+        """Lower bounds of θ (0 for sds and Cholesky diagonals, -inf otherwise)."""
+        return np.concatenate([np.asarray(t.structure.lower, dtype=float) for t in self.struct.terms])
+
+    @property
+    def theta0(self) -> np.ndarray:
+        """Default start for θ (jm.fit's)."""
+        return np.concatenate([np.asarray(t.structure.theta0, dtype=float) for t in self.struct.terms])
+
+    def __repr__(self):
+        return f"ModelStats(L={self.struct.L}, q={self.struct.q}, p={self.struct.p}, n={self.stats.n})"
+
+
+def structure(n_groups, q, p: int, cov="unstructured") -> Structure:
+    """The static Structure of a model with factors of ``n_groups`` levels and ``q`` columns
+    each (ints or tuples, one entry per factor) and ``p`` fixed effects; ``cov`` one of
+    unstructured, independent, exchangeable, identity (or a tuple, one per factor)."""
+    n_groups = (n_groups,) if np.ndim(n_groups) == 0 else tuple(n_groups)
+    q = (q,) * len(n_groups) if np.ndim(q) == 0 else tuple(q)
+    cov = (cov,) * len(n_groups) if isinstance(cov, str) else tuple(cov)
+    if not (len(n_groups) == len(q) == len(cov)):
+        raise ModelError("n_groups, q and cov must have one entry per grouping factor")
+    terms, pos = [], 0
+    for f, (qf, c) in enumerate(zip(q, cov)):
+        if c not in covariance.STRUCTURES:
+            raise ModelError(f"cov must be one of {', '.join(covariance.STRUCTURES)}, not {c!r}")
+        s = covariance.make(c, int(qf))
+        terms.append(TermStruct(s, f, (0, int(qf)), (pos, pos + s.n_theta)))
+        pos += s.n_theta
+    return Structure(L=tuple(int(x) for x in n_groups), q=tuple(int(x) for x in q), terms=tuple(terms),
+                     p=int(p), n_theta=pos)
+
+
+def _as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def stats_from_arrays(y, X, groups, Z=None, weights=None, *, n_groups=None, cov="unstructured") -> ModelStats:
+    """Sufficient statistics from arrays (jit-, grad- and vmap-compatible).
+
+    y        (n,) response
+    X        (n, p) fixed-effects design (include a column of ones for an intercept)
+    groups   (n,) integer level codes 0..L-1 of the grouping factor, or a tuple of such arrays
+             for several factors (put the one with most levels first: its block of ZᵀZ is kept
+             block-diagonal; the others form a dense part)
+    Z        (n, q) random-effects covariates of the factor (default: a column of ones, a
+             random intercept), or a tuple matching ``groups`` (entries None for intercepts)
+    weights  (n,) prior weights w_i > 0 (residual variance σ²/w_i); default all 1
+    n_groups number of levels per factor (int or tuple); required under jit/vmap where the
+             codes are traced, else taken as max(code) + 1
+    cov      covariance structure of each factor's random effects: "unstructured",
+             "independent", "exchangeable" or "identity" (or a tuple)
+    """
+    y = jnp.asarray(y)
+    X = jnp.asarray(X)
+    if y.ndim != 1:
+        raise DataError(f"y must be 1-d, not of shape {y.shape}")
+    n = y.shape[0]
+    if X.ndim != 2 or X.shape[0] != n:
+        raise DataError(f"X must be (n, p) = ({n}, p), not of shape {X.shape}")
+    groups = _as_tuple(groups)
+    Zs = _as_tuple(Z) if Z is not None else (None,) * len(groups)
+    if len(Zs) != len(groups):
+        raise DataError("Z must have one entry per grouping factor")
+    Zs = tuple(jnp.ones((n, 1), dtype=y.dtype) if z is None else jnp.asarray(z, dtype=y.dtype) for z in Zs)
+    Zs = tuple(z[:, None] if z.ndim == 1 else z for z in Zs)
+    for z in Zs:
+        if z.shape[0] != n:
+            raise DataError(f"Z has {z.shape[0]} rows but y has {n}")
+    if n_groups is None:
+        try:
+            n_groups = tuple(int(np.max(np.asarray(g))) + 1 for g in groups)
+        except jax.errors.TracerArrayConversionError:
+            raise ModelError("stats_from_arrays under jit/vmap needs n_groups= (the codes are traced)") from None
+    n_groups = _as_tuple(n_groups)
+    if len(n_groups) != len(groups):
+        raise DataError("n_groups must have one entry per grouping factor")
+    codes = tuple(jnp.asarray(g).astype(jnp.int32) for g in groups)
+    struct = structure(n_groups, tuple(z.shape[1] for z in Zs), X.shape[1], cov)
+
+    if weights is None:
+        sw = None
+        log_det_w = jnp.zeros((), dtype=y.dtype)
+    else:
+        w = jnp.asarray(weights, dtype=y.dtype)
+        if w.shape != (n,):
+            raise DataError(f"weights must have shape ({n},), not {w.shape}")
+        sw = jnp.sqrt(w)
+        log_det_w = jnp.sum(jnp.log(w))
+    W = jnp.concatenate([X, y[:, None]], axis=1)
+    if sw is not None:
+        W = W * sw[:, None]
+        Zs = tuple(z * sw[:, None] for z in Zs)
+    c1, Z1 = codes[0], Zs[0]
+    L1 = struct.L[0]
+    D11 = jax.ops.segment_sum(Z1[:, :, None] * Z1[:, None, :], c1, num_segments=L1)
+    Z1W = jax.ops.segment_sum(Z1[:, :, None] * W[:, None, :], c1, num_segments=L1)
+    if len(codes) > 1:
+        parts = []
+        for c, z, L in zip(codes[1:], Zs[1:], struct.L[1:]):
+            onehot = jax.nn.one_hot(c, L, dtype=y.dtype)  # (n, L)
+            parts.append((onehot[:, :, None] * z[:, None, :]).reshape(n, -1))  # level-major
+        Z2 = jnp.concatenate(parts, axis=1)
+        A21 = jax.ops.segment_sum(Z1[:, :, None] * Z2[:, None, :], c1, num_segments=L1)
+        A22 = Z2.T @ Z2
+        Z2W = Z2.T @ W
+    else:
+        A21 = jnp.zeros((L1, struct.q[0], 0), dtype=y.dtype)
+        A22 = jnp.zeros((0, 0), dtype=y.dtype)
+        Z2W = jnp.zeros((0, W.shape[1]), dtype=y.dtype)
+    stats = Stats(D11=D11, A21=A21, A22=A22, Z1W=Z1W, Z2W=Z2W, WW=W.T @ W,
+                  n=jnp.asarray(float(n), dtype=y.dtype))
+    return ModelStats(stats, log_det_w, struct)
+
+
+# --------------------------------------------------------------------------------------------
+# deviance, solve, fit
+
+
+def deviance(theta, stats: ModelStats, reml=True):
+    """Profiled deviance −2ℓ(θ) (restricted when ``reml``), β and σ profiled out; includes
+    −Σ log w_i for prior weights. Differentiable in θ and in the statistics."""
+    return deviance_free(jnp.asarray(theta), stats.stats, stats.struct, reml) - stats.log_det_w
+
+
+def solve(theta, stats: ModelStats, reml=True) -> _objective.Solution:
+    """β̂, σ̂ (σ at unit weight), Var(β̂) and the conditional modes u and b = Λu at θ."""
+    return solve_free(jnp.asarray(theta), stats.stats, stats.struct, reml)
+
+
+class Estimates(NamedTuple):
+    """A fit (a PyTree of arrays)."""
+
+    theta: jnp.ndarray  # θ̂ (relative Cholesky factors, lme4's parameterisation)
+    beta: jnp.ndarray  # (p,)
+    sigma: jnp.ndarray  # residual sd (at unit weight)
+    cov_beta: jnp.ndarray  # (p, p)
+    b: tuple  # per factor (L_f, q_f): predicted random effects
+    deviance: jnp.ndarray  # −2ℓ at the optimum (restricted for REML)
+    converged: jnp.ndarray  # the optimiser's first- and second-order conditions held
+    iterations: jnp.ndarray
+
+
+def _dev_grad_theta(theta, stats: ModelStats, reml):
+    return jax.grad(deviance)(theta, stats, reml)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _argmin(theta0, stats: ModelStats, reml, max_iter):
+    """(θ̂, converged, iterations): the optimiser from θ₀ (``reml`` a float flag)."""
+    lower = jnp.asarray(stats.lower)
+    opt = minimize_bounded(deviance, theta0, lower, (stats, reml > 0.5), max_iter=max_iter)
+    return opt.x, opt.converged, opt.n_iter
+
+
+def _argmin_fwd(theta0, stats, reml, max_iter):
+    out = _argmin(theta0, stats, reml, max_iter)
+    return out, (out[0], stats, reml, theta0)
+
+
+def _argmin_bwd(max_iter, res, cts):
+    """Implicit function theorem: θ̂(s) solves g(θ, s) = ∇_θD = 0 on the free coordinates, so
+    s̄ = −(∂g/∂s)ᵀ H⁻¹ θ̄ with H = ∂g/∂θ restricted to them (active bounds: zero derivative)."""
+    x, stats, reml, theta0 = res
+    ct = cts[0]
+    r = reml > 0.5
+    lower = jnp.asarray(stats.lower)
+    free = ~(jnp.isfinite(lower) & (x <= lower + 1e-10))
+    H = jax.jacfwd(_dev_grad_theta)(x, stats, r)
+    Hm = jnp.where(free[:, None] & free[None, :], H, 0.0) + jnp.diag(jnp.where(free, 0.0, 1.0))
+    w = spd_solve_xla(Hm, jnp.where(free, ct, 0.0))
+    _, vjp = jax.vjp(lambda s: _dev_grad_theta(x, s, r), stats)
+    (s_bar,) = vjp(-w)
+    return jnp.zeros_like(theta0), s_bar, jnp.zeros_like(reml)
+
+
+_argmin.defvjp(_argmin_fwd, _argmin_bwd)
+
+
+def fit_stats(stats: ModelStats, reml=True, theta0=None, max_iter: int = 200) -> Estimates:
+    """Fit the model given its statistics: the projected Newton of ``jm.fit`` from ``theta0``
+    (default jm.fit's start; no restarts from other starts). Differentiable with respect to
+    ``stats`` (implicit differentiation through θ̂). ``reml`` may be a traced bool."""
+    dtype = stats.stats.WW.dtype
+    theta0 = jnp.asarray(stats.theta0 if theta0 is None else theta0, dtype=dtype)
+    reml_f = jnp.asarray(reml, dtype=dtype)
+    theta, converged, n_iter = _argmin(theta0, stats, reml_f, max_iter)
+    r = reml_f > 0.5
+    sol = solve(theta, stats, r)
+    return Estimates(theta=theta, beta=sol.beta, sigma=sol.sigma, cov_beta=sol.cov_beta, b=sol.b,
+                     deviance=deviance(theta, stats, r), converged=converged, iterations=n_iter)
+
+
+def fit_arrays(y, X, groups, Z=None, weights=None, *, n_groups=None, cov="unstructured", reml=True,
+               theta0=None, max_iter: int = 200) -> Estimates:
+    """``fit_stats(stats_from_arrays(y, X, groups, Z, weights, ...), reml)``: the fit of
+    y = Xβ + Zb + ε from arrays, differentiable with respect to y, X and weights."""
+    st = stats_from_arrays(y, X, groups, Z, weights, n_groups=n_groups, cov=cov)
+    return fit_stats(st, reml, theta0, max_iter)

@@ -1,0 +1,130 @@
+"""Process-level settings that make fits fast: JAX's persistent compilation cache, BLAS threads.
+
+**Compilation cache.** A small model's first fit in a fresh process is dominated by compiling
+its programs. jaxmixed turns on JAX's persistent compilation cache when it is imported, in
+``$JAXMIXED_CACHE_DIR`` or else ``$XDG_CACHE_HOME/jaxmixed/jax`` (``~/.cache/jaxmixed/jax``),
+with a minimum compile time of 0 s so that every program is kept; the next process loads the
+compiled programs instead of compiling them again. It is left alone when
+
+- the environment variable ``JAXMIXED_NO_CACHE=1`` is set (before importing jaxmixed), or
+- JAX's cache was already configured by the user (``jax_compilation_cache_dir`` set).
+
+At run time: ``jaxmixed.runtime.disable_compilation_cache()`` / ``enable_compilation_cache(path)``
+and ``compilation_cache_dir()``. The cache is trusted code: do not point it at a directory that
+others can write to.
+
+**BLAS threads.** JAX's CPU Cholesky and triangular solves call the OpenBLAS that SciPy ships.
+With more than one thread, OpenBLAS spins waiting for its workers; on a machine with few cores
+that other processes also use, that made a 1142² Cholesky 7–20× slower here. jaxmixed sets that
+library to one thread on import (``JAXMIXED_BLAS_THREADS=n`` picks another count, ``0`` leaves it
+alone); ``set_blas_threads(n)`` changes it at run time. XLA's own matrix products keep their
+thread pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+
+import jax
+
+_DEFAULT_SUBDIR = os.path.join("jaxmixed", "jax")
+
+
+def default_cache_dir() -> str:
+    """``$JAXMIXED_CACHE_DIR``, else ``$XDG_CACHE_HOME/jaxmixed/jax`` (``~/.cache/jaxmixed/jax``)."""
+    env = os.environ.get("JAXMIXED_CACHE_DIR")
+    if env:
+        return os.path.expanduser(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, _DEFAULT_SUBDIR)
+
+
+def _reset():
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    cc.reset_cache()
+
+
+def enable_compilation_cache(path: str | None = None) -> str:
+    """Turn JAX's persistent compilation cache on, in ``path`` (default: :func:`default_cache_dir`).
+
+    Every program is cached (minimum compile time 0 s). Returns the directory used."""
+    path = os.path.expanduser(path) if path else default_cache_dir()
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _reset()
+    return path
+
+
+def disable_compilation_cache() -> None:
+    """Turn JAX's persistent compilation cache off for this process."""
+    jax.config.update("jax_enable_compilation_cache", False)
+    _reset()
+
+
+def compilation_cache_dir() -> str | None:
+    """The persistent cache directory in use, or None when the cache is off."""
+    if not jax.config.jax_enable_compilation_cache:
+        return None
+    return jax.config.jax_compilation_cache_dir
+
+
+def _openblas_libs():
+    """The OpenBLAS libraries SciPy (hence JAX's CPU LAPACK calls) and NumPy load."""
+    libs = []
+    try:
+        import scipy
+
+        pattern = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs", "*openblas*.so*")
+        for path in sorted(glob.glob(pattern)):
+            try:
+                libs.append(ctypes.CDLL(path))
+            except OSError:
+                pass
+    except ImportError:
+        pass
+    return libs
+
+
+_SETTERS = ("scipy_openblas_set_num_threads", "scipy_openblas_set_num_threads64_", "openblas_set_num_threads")
+
+
+def set_blas_threads(n: int) -> bool:
+    """Set SciPy's OpenBLAS (used by JAX's CPU linear algebra) to ``n`` threads.
+
+    Returns True when a library was found and set."""
+    done = False
+    for lib in _openblas_libs():
+        for name in _SETTERS:
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn(ctypes.c_int(int(n)))
+                done = True
+                break
+    return done
+
+
+def configure_from_environment() -> None:
+    """What ``import jaxmixed`` does: the cache and the BLAS threads (see the module docstring)."""
+    if os.environ.get("JAXMIXED_NO_CACHE", "").strip() not in ("", "0", "false", "False"):
+        pass
+    elif not jax.config.jax_compilation_cache_dir:
+        try:
+            enable_compilation_cache()
+        except OSError:  # an unwritable home directory: run without the cache
+            pass
+    threads = os.environ.get("JAXMIXED_BLAS_THREADS", "1").strip()
+    try:
+        k = int(threads)
+    except ValueError:
+        k = 1
+    if k > 0:
+        try:
+            set_blas_threads(k)
+        except Exception:  # noqa: BLE001 - a missing symbol must never break the import
+            pass

@@ -1,0 +1,196 @@
+"""The blocked (sparse) engine against the dense one, streamed cross-products, the optimisers, and
+the compilation-cache switch."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+
+import jaxmixed as jm
+from jaxmixed import blocked, design, objective, optimize, predict, runtime, stats
+
+MODELS = [
+    ("weight ~ week + (1|id) + (1|week)", "pig"),  # crossed: one dense panel
+    ("gsp ~ private + emp + hwy + water + other + unemp + (1 + hwy + unemp | region) + (1|region:state)",
+     "productivity"),  # nested: one 3×3 panel per region
+    ("gsp ~ private + emp + (1 + emp|year) + (1 |region:state) + (1|region)", "productivity"),  # both
+]
+
+
+def _design(text, data):
+    if isinstance(data, str):
+        data = jm.datasets.load(data)
+    return design.build_design(jm.parse_formula(text), data)
+
+
+def _both(des):
+    return {eng: (stats.cross_products(des, engine=eng), stats.structure_of(des, engine=eng))
+            for eng in ("dense", "sparse")}
+
+
+def _theta(des, seed=0):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(des.theta0 * rng.uniform(0.3, 1.5, des.n_theta) + np.where(des.theta_lower == 0, 0, 0.2))
+
+
+@pytest.mark.parametrize("text,data", MODELS)
+def test_sparse_engine_matches_dense(text, data):
+    des = _design(text, data)
+    both = _both(des)
+    assert both["sparse"][1].engine is not None and both["dense"][1].engine is None
+    th = _theta(des)
+    out = {}
+    for eng, (st, struct) in both.items():
+        dev = objective.deviance(th, st, struct, True)
+        g = jax.grad(objective.deviance)(th, st, struct, False)
+        H = jax.hessian(objective.deviance)(th, st, struct, True)
+        sol = objective.solve(th, st, struct, True)
+        cv = predict.conditional_variances(th, 1.7, st, struct)
+        out[eng] = (dev, g, H, sol, cv)
+    (d0, g0, H0, s0, c0), (d1, g1, H1, s1, c1) = out["dense"], out["sparse"]
+    np.testing.assert_allclose(d1, d0, rtol=1e-11)
+    np.testing.assert_allclose(g1, g0, rtol=1e-7, atol=1e-8 * (1 + np.abs(g0).max()))
+    np.testing.assert_allclose(H1, H0, rtol=1e-7, atol=1e-8 * (1 + np.abs(H0).max()))
+    for a, b in zip(s0, s1):
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+            np.testing.assert_allclose(y, x, rtol=1e-8, atol=1e-10)
+    for x, y in zip(c0, c1):
+        np.testing.assert_allclose(y, x, rtol=1e-8, atol=1e-12)
+
+
+def test_sparse_gradient_matches_finite_differences():
+    des = _design(MODELS[2][0], MODELS[2][1])
+    st, struct = _both(des)["sparse"]
+    th = np.asarray(_theta(des, 3))
+    g = np.asarray(jax.grad(objective.deviance)(jnp.asarray(th), st, struct, True))
+    f = lambda t: float(objective.deviance(jnp.asarray(t), st, struct, True))  # noqa: E731
+    h = 1e-4
+    fd = np.array([(f(th + h * e) - f(th - h * e)) / (2 * h) for e in np.eye(len(th))])
+    np.testing.assert_allclose(g, fd, rtol=1e-5, atol=1e-5 * (1 + np.abs(fd).max()))
+
+
+@pytest.mark.parametrize("text,data", [
+    MODELS[0], ("gsp ~ private + emp + hwy + water + other + unemp + (1|region) + (1|region:state)", "productivity")])
+def test_fit_with_sparse_engine_forced(text, data, monkeypatch):
+    d = jm.datasets.load(data)
+    dense = jm.fit(text, d)
+    monkeypatch.setattr(stats, "DEFAULT_ENGINE", "sparse")
+    sparse = jm.fit(text, d)
+    assert sparse.structure.engine is not None
+    assert abs(sparse.loglik - dense.loglik) <= 1e-9 * abs(dense.loglik)
+    np.testing.assert_allclose(sparse.beta, dense.beta, rtol=1e-6)
+    np.testing.assert_allclose(sparse.random.estimate, dense.random.estimate, rtol=1e-5)
+    np.testing.assert_allclose(sparse.fixed.se, dense.fixed.se, rtol=1e-6)
+    se = sparse.predict("reses")
+    np.testing.assert_allclose(se.to_numpy(), dense.predict("reses").to_numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["dense", "sparse"])
+def test_streamed_cross_products_equal_one_shot(engine):
+    des = _design(MODELS[2][0], MODELS[2][1])
+    a = stats.cross_products(des, engine=engine, batch_rows=10**9)
+    b = stats.cross_products(des, engine=engine, batch_rows=37)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-12, atol=1e-9)
+
+
+def _crossed(n=3000, seed=0):
+    """A small InstEval-like design: students × lecturers crossed, lecturers in departments."""
+    rng = np.random.default_rng(seed)
+    s = rng.integers(0, 400, n)
+    dd = rng.integers(0, 120, n)
+    dept = dd % 7
+    y = rng.normal(size=n) + 0.5 * rng.normal(size=400)[s] + 0.3 * rng.normal(size=120)[dd] + 0.2 * rng.normal(size=7)[dept]
+    return pd.DataFrame({"y": y, "x": rng.normal(size=n), "s": s, "d": dd, "dept": dept})
+
+
+def test_auto_engine_picks_sparse_for_large_crossed_and_matches_dense():
+    data = _crossed()
+    des = _design("y ~ x + (1|s) + (1|d) + (1|dept)", data)
+    assert blocked.choose_engine(des) == "sparse"
+    lay = stats.structure_of(des).engine
+    assert lay.max_panel == 127  # lecturers and departments: one dense panel
+    both = _both(des)
+    th = _theta(des, 1)
+    d0 = objective.deviance(th, *both["dense"], False)
+    d1 = objective.deviance(th, *both["sparse"], False)
+    np.testing.assert_allclose(d1, d0, rtol=1e-11)
+
+
+def test_nested_panels_are_block_diagonal():
+    rng = np.random.default_rng(2)
+    school = np.repeat(np.arange(60), 40)
+    klass = school * 4 + rng.integers(0, 4, len(school))
+    y = rng.normal(size=len(school)) + rng.normal(size=60)[school] + rng.normal(size=240)[klass]
+    data = pd.DataFrame({"y": y, "school": school, "klass": klass})
+    des = _design("y ~ 1 + (1|school) + (1|school:klass)", data)
+    struct = stats.structure_of(des, engine="sparse")
+    assert struct.engine.buckets == (blocked.Bucket(n=60, P=1, slot0=0, flat0=0),)
+    both = _both(des)
+    th = _theta(des)
+    np.testing.assert_allclose(objective.deviance(th, *both["sparse"], True),
+                               objective.deviance(th, *both["dense"], True), rtol=1e-11)
+
+
+def test_quasi_newton_reaches_the_newton_optimum():
+    des = _design(MODELS[0][0], MODELS[0][1])
+    st, struct = _both(des)["sparse"]
+    lower = jnp.asarray(des.theta_lower)
+    f = jax.jit(lambda x0: optimize.minimize_quasi_newton(objective.deviance, x0, lower, (st, struct, True)))
+    newton = jax.jit(lambda x0: optimize.minimize_bounded(objective.deviance, x0, lower, (st, struct, True)))
+    a, b = f(jnp.asarray(des.theta0)), newton(jnp.asarray(des.theta0))
+    assert bool(a.converged)
+    np.testing.assert_allclose(a.fun, b.fun, rtol=1e-12)
+    np.testing.assert_allclose(a.x, b.x, rtol=1e-5)
+    # a variance whose optimum is 0 is driven there, not left short of it
+    rng = np.random.default_rng(0)
+    data = pd.DataFrame({"y": rng.normal(size=400), "g": np.repeat(np.arange(40), 10), "h": np.tile(np.arange(10), 40)})
+    des = _design("y ~ 1 + (1|g) + (1|h)", data)
+    st, struct = _both(des)["sparse"]
+    lower = jnp.asarray(des.theta_lower)
+    a = optimize.minimize_quasi_newton(objective.deviance, jnp.asarray(des.theta0), lower, (st, struct, True))
+    b = optimize.minimize_bounded(objective.deviance, jnp.asarray(des.theta0), lower, (st, struct, True))
+    assert bool(a.converged)
+    np.testing.assert_allclose(a.fun, b.fun, rtol=1e-10)
+
+
+def test_moment_start_is_near_the_optimum_for_random_intercepts():
+    data = _crossed(seed=3)
+    des = _design("y ~ x + (1|s) + (1|d) + (1|dept)", data)
+    st, struct = stats.cross_products(des), stats.structure_of(des)
+    th0 = stats.moment_start(des, st, struct)
+    r = jm.fit("y ~ x + (1|s) + (1|d) + (1|dept)", data)
+    assert np.all(np.abs(th0[:2] - r.theta[:2]) < 0.5 * r.theta[:2] + 0.05)
+
+
+def test_compilation_cache_switch(tmp_path):
+    before = runtime.compilation_cache_dir()
+    try:
+        path = runtime.enable_compilation_cache(str(tmp_path / "jax"))
+        assert runtime.compilation_cache_dir() == path
+        f = jax.jit(lambda x: jnp.sin(x) * 3.0 + jnp.cos(x) ** 2)
+        f(jnp.arange(7.0)).block_until_ready()
+        assert any(os.scandir(path)), "no program written to the cache"
+        runtime.disable_compilation_cache()
+        assert runtime.compilation_cache_dir() is None
+    finally:
+        if before:
+            runtime.enable_compilation_cache(before)
+        else:
+            runtime.disable_compilation_cache()
+
+
+def test_cache_is_on_by_default_and_off_with_the_environment_variable():
+    import subprocess
+    import sys
+
+    code = "import jaxmixed.runtime as r, jaxmixed; print(r.compilation_cache_dir())"
+    env = {k: v for k, v in os.environ.items() if k != "JAXMIXED_NO_CACHE"}
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert on.stdout.strip().endswith(os.path.join("jaxmixed", "jax")) or "JAXMIXED_CACHE_DIR" in env
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "JAXMIXED_NO_CACHE": "1"},
+                         capture_output=True, text=True, check=True)
+    assert off.stdout.strip() == "None"

@@ -1,0 +1,123 @@
+"""Correlated and heteroskedastic residuals (per-panel engine) against nlme, and the engines
+against each other."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxmixed as jm
+from conftest import REF
+from jaxmixed import design, panel, stats
+from jaxmixed.residuals import ResidualStructure
+from test_reference import agree
+
+NLME = json.loads((REF / "lme4_reference.json").read_text())["nlme"]
+PIG_SLOPES = "weight ~ week + (1 + week | id)"
+_FITS = {}
+
+
+def fit(method, residuals, formula=PIG_SLOPES):
+    key = (formula, method, residuals)
+    if key not in _FITS:
+        _FITS[key] = jm.fit(formula, jm.datasets.load("pig"), method, residuals=residuals)
+    return _FITS[key]
+
+
+@pytest.mark.parametrize("method", ["reml", "ml"])
+def test_heteroskedastic_by_week_matches_nlme_varident(method):
+    ref = NLME[f"pig_hetero_{method}"]
+    r = fit(method, jm.independent(by="week"))
+    assert r.converged and not r.singular
+    assert agree(r.loglik, ref["logLik"], 6)
+    for name, key in (("week", "week"), ("_cons", "(Intercept)")):
+        assert agree(r.fixed.loc[name, "coef"], ref["fixef"][key], 4)
+        assert agree(r.fixed.loc[name, "se"], ref["fixef_se"][key], 4)
+    est = r.random.set_index("name").estimate
+    assert agree(est["sd(week)"], ref["random_sd"]["week"], 4)
+    assert agree(est["sd(_cons)"], ref["random_sd"]["(Intercept)"], 4)
+    assert agree(est["corr(week,_cons)"], ref["random_corr"], 3)
+    sigma = ref["sigma"]
+    for week, ratio in ref["varIdent_ratios"].items():
+        assert agree(est[f"week={week}: sd(e)"], sigma * ratio, 4), week
+    assert r.random.se.notna().all()
+
+
+def test_ar1_stata_syntax_same_fit():
+    r1 = fit("ml", jm.ar(1, time="week"))
+    r2 = jm.xtmixed("weight week || id: week, cov(unstructured) residuals(ar 1, t(week)) mle", jm.datasets.load("pig"))
+    assert r2.loglik == pytest.approx(r1.loglik, abs=1e-6)
+    assert "Residual: AR(1)" in str(r2) and "rho" in str(r2)
+
+
+@pytest.mark.parametrize("method", ["reml", "ml"])
+def test_ar1_at_least_as_good_as_nlme(method):
+    """nlme stops short on this boundary fit (corr → 1); jaxmixed reaches at least its best."""
+    ref = NLME[f"pig_ar1_{method}"]
+    r = fit(method, jm.ar(1, time="week"))
+    best = max(ref["logLik"], ref["diagnostic_tighter_fit"]["logLik"])
+    assert r.loglik >= best - 1e-6
+    assert r.loglik - best < 0.01
+    assert r.singular  # corr(week,_cons) = 1
+    assert r.random.se.isna().all()
+
+
+def test_exponential_equals_ar1_on_integer_times():
+    a = fit("reml", jm.ar(1, time="week"), "weight ~ week + (1 | id)")
+    b = fit("reml", jm.exponential(time="week"), "weight ~ week + (1 | id)")
+    assert b.loglik == pytest.approx(a.loglik, abs=1e-6)
+    rho_a = a.random.set_index("name").estimate["rho"]
+    rho_b = b.random.set_index("name").estimate["rho"]
+    assert rho_b == pytest.approx(rho_a, rel=1e-4)
+
+
+def test_banded_full_width_equals_unstructured():
+    d = jm.datasets.load("pig")
+    d = d[d.week <= 4]
+    a = jm.fit("weight ~ week + (1 | id)", d, residuals=jm.unstructured(time="week"))
+    b = jm.fit("weight ~ week + (1 | id)", d, residuals=jm.banded(3, time="week"))
+    assert b.loglik == pytest.approx(a.loglik, abs=1e-5)
+
+
+def test_panel_engine_equals_cross_product_engine_for_iid_errors():
+    d = jm.datasets.load("productivity")
+    spec = jm.parse_formula("gsp ~ private + emp + unemp + (1 + unemp | region) + (1 | region:state)")
+    des = design.build_design(spec, d)
+    st, struct = stats.cross_products(des), stats.structure_of(des)
+    buckets, ps, _ = panel.build_panels(des, d, ResidualStructure("independent"))
+    theta = np.array([1.3, -0.2, 0.4, 2.1])
+    sigma = 0.04
+    x = np.concatenate([theta * sigma, [np.log(sigma)]])
+    from jaxmixed.objective import deviance_at_sigma
+    for reml in (True, False):
+        a = float(deviance_at_sigma(jnp.asarray(theta), np.log(sigma), st, struct, reml))
+        b = float(panel.deviance(jnp.asarray(x), buckets, float(des.nobs), ps, reml))
+        assert b == pytest.approx(a, rel=1e-9, abs=1e-7)
+
+
+def test_blups_and_wcorrelation_with_ar1():
+    r = fit("ml", jm.ar(1, time="week"), "weight ~ week + (1 | id)")
+    w = r.wcorrelation()
+    est = r.random.set_index("name").estimate
+    s2u, s2e, rho = est["sd(_cons)"] ** 2, est["sd(e)"] ** 2, est["rho"]
+    # lag-1 and lag-2 marginal correlations of a random intercept plus AR(1) errors
+    assert w.iloc[0, 1] == pytest.approx((s2u + s2e * rho) / (s2u + s2e), rel=1e-6)
+    assert w.iloc[0, 2] == pytest.approx((s2u + s2e * rho**2) / (s2u + s2e), rel=1e-6)
+    se = r.blups(se=True)["id"]["_cons"]
+    assert (se > 0).all() and (se < est["sd(_cons)"]).all()
+    fitted = r.predict("fitted")
+    assert np.isfinite(fitted).all()
+
+
+def test_residual_errors():
+    pig = jm.datasets.load("pig")
+    with pytest.raises(jm.FormulaError, match="needs t"):
+        jm.xtmixed("weight week || id:, residuals(ar 1)", pig)
+    with pytest.raises(jm.FormulaError, match="unknown residual structure"):
+        jm.xtmixed("weight week || id:, residuals(foo)", pig)
+    with pytest.raises(jm.JaxmixedError, match="crossed"):
+        jm.fit("weight ~ week + (1|id) + (1|week)", pig, residuals=jm.ar(1, time="week"))
+    dup = pig.assign(week=1)
+    with pytest.raises(jm.DataError, match="repeats a value"):
+        jm.fit("weight ~ 1 + (1|id)", dup, residuals=jm.ar(1, time="week"))
