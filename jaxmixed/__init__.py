@@ -16,8 +16,7 @@ import jax as _jax  # noqa: E402
 # determinants and variance ratios spanning many orders of magnitude.
 _jax.config.update("jax_enable_x64", True)
 
-# Persistent compilation cache on (JAXMIXED_NO_CACHE=1 to leave it off), OpenBLAS at one thread
-# (JAXMIXED_BLAS_THREADS): see jaxmixed.runtime.
+# Persistent compilation cache on (JAXMIXED_NO_CACHE=1 to leave it off): see jaxmixed.runtime.
 from . import runtime  # noqa: E402
 
 runtime.configure_from_environment()
@@ -29,6 +28,9 @@ from .compare import LRTest, lrtest  # noqa: E402
 from .errors import DataError, FormulaError, JaxmixedError, JaxmixedWarning, ModelError  # noqa: E402
 from .fitting import fit, fit_spec, mixed, xtmixed  # noqa: E402
 from .formula import parse_formula  # noqa: E402
+from . import functional  # noqa: E402
+from .bootstrap import BootstrapLRTest, BootstrapResult, bootstrap_lrtest  # noqa: E402
+from .many import ManyResult, fit_many  # noqa: E402
 from .residuals import ar, banded, exchangeable, exponential, independent, ma, toeplitz, unstructured  # noqa: E402
 from .results import FitResult  # noqa: E402
 from .stata import parse_stata  # noqa: E402
@@ -37,4 +39,5 @@ __all__ = [
     "DataError", "FitResult", "LRTest", "lrtest", "FormulaError", "JaxmixedError", "JaxmixedWarning", "ModelError",
     "ar", "banded", "exchangeable", "exponential", "independent", "ma", "toeplitz", "unstructured",
     "datasets", "fit", "fit_spec", "mixed", "parse_formula", "parse_stata", "xtmixed",
+    "BootstrapLRTest", "BootstrapResult", "ManyResult", "bootstrap_lrtest", "fit_many", "functional",
 ]

@@ -31,7 +31,6 @@ second ``custom_jvp``, so Hessians (Newton, inference) stay exact. The rest is p
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -43,6 +42,7 @@ import scipy.sparse as sp
 from jax import lax
 from scipy.sparse.csgraph import connected_components
 
+from . import xla_linalg as xla
 from .errors import ModelError
 
 # ---------------------------------------------------------------------------------------------
@@ -377,14 +377,32 @@ def sparse_arrays(design, pat: Pattern, blockvals: list, xvals: dict, diagvals: 
 # differentiable primitives with hand-written derivatives
 
 
+def _lapack(L) -> bool:
+    """LAPACK (fast for one large matrix) only for a single panel larger than the unrolled size;
+    batches of small blocks use plain XLA ops (jaxlib's batched CPU LAPACK calls can wedge
+    their thread pool: see :mod:`jaxmixed.xla_linalg`)."""
+    from .functional import UNROLL_MAX
+
+    return L.ndim == 3 and L.shape[0] == 1 and L.shape[-1] > UNROLL_MAX
+
+
 def _chol(S):
-    return lax.linalg.cholesky(S, symmetrize_input=False)
+    if _lapack(S):
+        return lax.linalg.cholesky(S, symmetrize_input=False)
+    return xla.cholesky(S)
+
+
+def _solve(L, B, transpose=False):
+    """L⁻¹B (or L⁻ᵀB) for lower-triangular L, batched."""
+    if _lapack(L):
+        return lax.linalg.triangular_solve(L, B, left_side=True, lower=True, transpose_a=transpose)
+    return xla.solve_lower_t(L, B) if transpose else xla.solve_lower(L, B)
 
 
 def _inv_from_chol(L):
     n = L.shape[-1]
     eye = jnp.broadcast_to(jnp.eye(n, dtype=L.dtype), L.shape)
-    Li = lax.linalg.triangular_solve(L, eye, left_side=True, lower=True)
+    Li = _solve(L, eye)
     return jnp.einsum("...ki,...kj->...ij", Li, Li)
 
 
@@ -421,7 +439,7 @@ def _logdet_spd_jvp(primals, tangents):
 def logdet_quad(S, C):
     """(Σ_b log|S_b|, Σ_b C_bᵀ S_b⁻¹ C_b) over a batch of SPD panels S (n, P, P), C (n, P, r)."""
     L = _chol(S)
-    z = lax.linalg.triangular_solve(L, C, left_side=True, lower=True)
+    z = _solve(L, C)
     ld = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)))
     return ld, jnp.einsum("bpi,bpj->ij", z, z)
 
@@ -499,8 +517,8 @@ def prepare(theta, stats, struct, lams) -> Prepared:
     lam1 = lams[0]
     q1 = struct.q[0]
     C1 = jnp.einsum("ji,ljk,kh->lih", lam1, stats.D11, lam1) + jnp.eye(q1)
-    L1 = jnp.linalg.cholesky(C1)
-    K = lax.linalg.triangular_solve(L1, jnp.broadcast_to(lam1.T, C1.shape), left_side=True, lower=True)
+    L1 = xla.cholesky(C1)
+    K = xla.solve_lower(L1, jnp.broadcast_to(lam1.T, C1.shape))
     G = jnp.einsum("lki,lkj->lij", K, K)  # Λ₁ C₁⁻¹ Λ₁ᵀ
     H = G @ stats.Z1W  # (L₁, q₁, p+1)
     ld1 = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L1, axis1=1, axis2=2)))
@@ -534,7 +552,7 @@ def deviance_parts(theta, stats, struct, lams):
         l2, Q = logdet_quad(S, C)
         ld = ld + l2
         M = M - Q
-    LM = jnp.linalg.cholesky(M)
+    LM = xla.cholesky(M)
     p = struct.p
     d = jnp.diagonal(LM)
     logdet_RX = 2.0 * jnp.sum(jnp.log(jnp.maximum(d[:p], 1e-300)))
@@ -547,17 +565,17 @@ def solve_parts(theta, stats, struct, lams, beta_of):
     sx: Sparse21 = stats.A21
     pr = prepare(theta, stats, struct, lams)
     Ls = [_chol(S) for S in pr.S]
-    zs = [lax.linalg.triangular_solve(L, C, left_side=True, lower=True) for L, C in zip(Ls, pr.C)]
+    zs = [_solve(L, C) for L, C in zip(Ls, pr.C)]
     M = pr.M1
     for z in zs:
         M = M - jnp.einsum("bpi,bpj->ij", z, z)
-    LM = jnp.linalg.cholesky(M)
+    LM = xla.cholesky(M)
     beta = beta_of(LM)
     p = struct.p
     u_slots = []
     for L, z in zip(Ls, zs):
         rhs = z[..., p] - z[..., :p] @ beta
-        u = lax.linalg.triangular_solve(L, rhs[..., None], left_side=True, lower=True, transpose_a=True)
+        u = _solve(L, rhs[..., None], transpose=True)
         u_slots.append(u[..., 0].reshape(-1))
     u2 = jnp.concatenate(u_slots)[sx.nat_slot]
     # b₂ = Λ₂u₂ (natural order), then Wᵀu₂ per first-factor level
@@ -569,11 +587,10 @@ def solve_parts(theta, stats, struct, lams, beta_of):
     Bu = jax.ops.segment_sum(sx.V * b2[sx.nat][:, None], sx.lev, struct.L[0], indices_are_sorted=True)
     lam1 = lams[0]
     c1 = jnp.einsum("ji,ljr->lir", lam1, stats.Z1W)
-    r1 = lax.linalg.triangular_solve(pr.L1, c1, left_side=True, lower=True)
+    r1 = xla.solve_lower(pr.L1, c1)
     rhs1 = r1[..., p] - r1[..., :p] @ beta
-    Wu = lax.linalg.triangular_solve(pr.L1, (Bu @ lam1)[..., None], left_side=True, lower=True)[..., 0]
-    u1 = lax.linalg.triangular_solve(pr.L1, (rhs1 - Wu)[..., None], left_side=True, lower=True,
-                                     transpose_a=True)[..., 0]
+    Wu = xla.solve_lower(pr.L1, (Bu @ lam1)[..., None])[..., 0]
+    u1 = xla.solve_lower_t(pr.L1, (rhs1 - Wu)[..., None])[..., 0]
     return LM, beta, u1, u2
 
 
@@ -599,8 +616,7 @@ def conditional_blocks(theta, stats, struct, lams):
     sym = sx.pair_coef + jnp.swapaxes(sx.pair_coef, 1, 2)
     contrib = Rp[:, None, None] * jnp.where(sx.pair_diag[:, None, None], 0.5 * sym, sym)
     BSB = jax.ops.segment_sum(contrib, sx.pair_lev, struct.L[0])  # A₂₁ℓ R A₂₁ℓᵀ
-    C1inv = jnp.einsum("lki,lkj->lij", *(2 * [lax.linalg.triangular_solve(
-        pr.L1, jnp.broadcast_to(jnp.eye(q1), pr.L1.shape), left_side=True, lower=True)]))
+    C1inv = jnp.einsum("lki,lkj->lij", *(2 * [xla.solve_lower(pr.L1, jnp.broadcast_to(jnp.eye(q1), pr.L1.shape))]))
     lam1 = lams[0]
     T = C1inv @ (lam1.T @ BSB @ lam1) @ C1inv
     out = [C1inv + T]

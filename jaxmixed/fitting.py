@@ -35,7 +35,7 @@ def optimize_theta(theta0, lower, stats: Stats, struct: Structure, reml,
     TRACE_COUNT["optimize"] += 1
     if struct.quasi_newton:
         return minimize_quasi_newton(deviance, theta0, lower, (stats, struct, reml), max_iter=max_iter)
-    return minimize_bounded(deviance, theta0, lower, (stats, struct, reml), max_iter=max_iter, forward=True)
+    return minimize_bounded(deviance, theta0, lower, (stats, struct, reml), max_iter=max_iter)
 
 
 def _method(method: str) -> bool:

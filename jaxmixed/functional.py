@@ -147,7 +147,11 @@ def _read(env, v):
     return v.val if isinstance(v, jcore.Literal) else env[v]
 
 
-def _eval(jaxpr, consts, *args):
+def _small(eqn, large) -> bool:
+    return large or eqn.invars[0].aval.shape[-1] <= UNROLL_MAX
+
+
+def _eval(large, jaxpr, consts, *args):
     """Evaluate a jaxpr with cholesky and triangular_solve replaced (recursing into nested
     jit, cond and custom_jvp/vjp calls)."""
     env = {}
@@ -158,19 +162,19 @@ def _eval(jaxpr, consts, *args):
     for eqn in jaxpr.eqns:
         invals = [_read(env, v) for v in eqn.invars]
         name = eqn.primitive.name
-        if name == "cholesky":
+        if name == "cholesky" and _small(eqn, large):
             outs = [cholesky_xla(invals[0])]
-        elif name == "triangular_solve":
+        elif name == "triangular_solve" and _small(eqn, large):
             outs = [triangular_solve_xla(*invals, **eqn.params)]
         elif name in ("jit", "pjit", "closed_call", "core_call"):
             cj = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-            outs = _eval_closed(cj, *invals)
+            outs = _eval_closed(large, cj, *invals)
         elif name == "custom_jvp_call":
-            outs = _eval_closed(eqn.params["call_jaxpr"], *invals)
+            outs = _eval_closed(large, eqn.params["call_jaxpr"], *invals)
         elif name == "custom_vjp_call":
-            outs = _eval_closed(eqn.params["call_jaxpr"], *invals)
+            outs = _eval_closed(large, eqn.params["call_jaxpr"], *invals)
         elif name == "cond":
-            branches = [partial(_eval_closed, b) for b in eqn.params["branches"]]
+            branches = [partial(_eval_closed, large, b) for b in eqn.params["branches"]]
             outs = lax.switch(invals[0], branches, *invals[1:])
         else:
             outs = eqn.primitive.bind(*invals, **eqn.params)
@@ -181,37 +185,40 @@ def _eval(jaxpr, consts, *args):
     return [_read(env, v) for v in jaxpr.outvars]
 
 
-def _eval_closed(cj, *args):
+def _eval_closed(large, cj, *args):
     if isinstance(cj, jcore.ClosedJaxpr):
-        return _eval(cj.jaxpr, cj.consts, *args)
-    return _eval(cj, (), *args)
+        return _eval(large, cj.jaxpr, cj.consts, *args)
+    return _eval(large, cj, (), *args)
 
 
-def without_lapack(fun):
+def without_lapack(fun, large: bool = True):
     """``fun`` evaluated with Cholesky factorisations and triangular solves in plain XLA ops.
 
     The result is an ordinary JAX-traceable function (jit, grad, vmap all apply). Arguments
-    that are not arrays (static configuration) must be closed over, not passed.
+    that are not arrays (static configuration) must be closed over, not passed. With
+    ``large=False`` only matrices of order ≤ UNROLL_MAX are replaced (unrolled, fused by XLA;
+    far faster than LAPACK calls on many tiny blocks) and larger ones stay with LAPACK (faster
+    to compile, and faster for large orders).
     """
 
     def wrapped(*args):
         leaves, tree = jax.tree_util.tree_flatten(args)
         closed, out_shape = jax.make_jaxpr(lambda *lv: fun(*jax.tree_util.tree_unflatten(tree, lv)),
                                            return_shape=True)(*leaves)
-        outs = _eval(closed.jaxpr, closed.consts, *leaves)
+        outs = _eval(large, closed.jaxpr, closed.consts, *leaves)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
     return wrapped
 
 
-def deviance_free(theta, stats: Stats, struct: Structure, reml):
-    """``objective.deviance`` without LAPACK (same signature)."""
-    return without_lapack(lambda t, s, r: _objective.deviance(t, s, struct, r))(theta, stats, reml)
+def deviance_free(theta, stats: Stats, struct: Structure, reml, large: bool = True):
+    """``objective.deviance`` without LAPACK (same signature; ``large`` as in without_lapack)."""
+    return without_lapack(lambda t, s, r: _objective.deviance(t, s, struct, r), large)(theta, stats, reml)
 
 
-def solve_free(theta, stats: Stats, struct: Structure, reml):
-    """``objective.solve`` without LAPACK (same signature)."""
-    return without_lapack(lambda t, s, r: _objective.solve(t, s, struct, r))(theta, stats, reml)
+def solve_free(theta, stats: Stats, struct: Structure, reml, large: bool = True):
+    """``objective.solve`` without LAPACK (same signature; ``large`` as in without_lapack)."""
+    return without_lapack(lambda t, s, r: _objective.solve(t, s, struct, r), large)(theta, stats, reml)
 
 
 # --------------------------------------------------------------------------------------------

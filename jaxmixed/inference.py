@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from .numerics import LOG_2PI
+from .numerics import LOG_2PI, hessian
 from .objective import Solution, deviance_at_sigma, factor_lambdas
 from .stats import Stats, Structure
 
@@ -60,7 +60,7 @@ def loglik_eta(eta, stats: Stats, struct: Structure, reml: bool):
 
 @partial(jax.jit, static_argnames=("struct",))
 def hessian_eta(eta, stats: Stats, struct: Structure, reml):
-    return jax.hessian(loglik_eta)(eta, stats, struct, reml)
+    return hessian(loglik_eta)(eta, stats, struct, reml)
 
 
 def is_singular(theta, struct: Structure) -> bool:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.scipy.linalg import block_diag, solve_triangular
 
 from . import blocked
+from . import xla_linalg as xla
 from .numerics import LOG_2PI, logdet_from_chol_diag, safe_log
 from .stats import Stats, Structure
 
@@ -79,14 +80,14 @@ def factorize(theta, stats: Stats, struct: Structure) -> Factorization:
     lam1 = lams[0]
     q1 = struct.q[0]
     C1 = jnp.einsum("ji,ljk,kh->lih", lam1, stats.D11, lam1) + jnp.eye(q1)
-    L1 = jnp.linalg.cholesky(C1)
+    L1 = xla.cholesky(C1)
     c1 = jnp.einsum("ji,ljr->lir", lam1, stats.Z1W)
-    r1 = solve_triangular(L1, c1, lower=True)
+    r1 = xla.solve_lower(L1, c1)
     M = stats.WW - jnp.einsum("lir,lis->rs", r1, r1)
     logdet_L = logdet_from_chol_diag(jnp.diagonal(L1, axis1=1, axis2=2))
     if struct.m2:
         B = _rest_cols(jnp.einsum("ji,ljm->lim", lam1, stats.A21), lams, struct)
-        W = solve_triangular(L1, B, lower=True)
+        W = xla.solve_lower(L1, B)
         C22 = _rest_cols(_rest_rows(stats.A22, lams, struct), lams, struct)
         C22 = C22 + jnp.eye(struct.m2) - jnp.einsum("lim,lin->mn", W, W)
         L22 = jnp.linalg.cholesky(C22)
@@ -173,7 +174,7 @@ def solve(theta, stats: Stats, struct: Structure, reml) -> Solution:
             rhs1 = rhs1 - jnp.einsum("lim,m->li", f.W, u2)
         else:
             u2 = jnp.zeros((0,))
-        u1 = solve_triangular(jnp.swapaxes(f.L1, 1, 2), rhs1[..., None], lower=False)[..., 0]
+        u1 = xla.solve_lower_t(f.L1, rhs1[..., None])[..., 0]
     RXt = LM[:p, :p]  # R_Xᵀ
     sigma = jnp.sqrt(pwrss / nu)
     RXt_inv = solve_triangular(RXt, jnp.eye(p), lower=True)

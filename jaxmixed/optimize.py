@@ -39,9 +39,10 @@ def minimize_bounded(fun, x0, lower, args=(), max_iter: int = 200, gtol: float =
     the Hessian computation, and the returned gradient and convergence flag belong to x.
     """
     # forward=True: forward over forward. θ has a handful of entries, and the forward-only
-    # program compiles about twice as fast as forward over reverse for the cross-product
-    # objective (a small model's first fit is mostly compile time). Not the default: the
-    # per-panel engine's objective hung XLA's CPU runtime under forward over forward.
+    # program compiles about twice as fast as forward over reverse (a small model's first fit
+    # is mostly compile time). Not used: with jax 0.10.2 on CPU, some forward-over-forward
+    # Newton programs (the per-panel engine's; a 20,000-group random-slope model) deadlock in
+    # XLA's CPU runtime (all threads idle, the result never ready).
     def value_aux(x):
         f = fun(x, *args)
         return f, f
@@ -53,7 +54,16 @@ def minimize_bounded(fun, x0, lower, args=(), max_iter: int = 200, gtol: float =
             f, g = jax.value_and_grad(fun)(x, *args)
         return g, (f, g)
 
-    evaluate = jax.jacfwd(grad_aux, has_aux=True)  # x -> (H, (f, g))
+    def evaluate(x):
+        """x -> (H, (f, g)); the Hessian's columns in sequence (lax.map), not vmapped: vmapped
+        tangents turn each LAPACK call into a batched one, and jaxlib 0.10's batched CPU kernels
+        can wedge their thread pool (jaxmixed.xla_linalg)."""
+        g, (f, _) = grad_aux(x)
+
+        def column(v):
+            return jax.jvp(lambda z: grad_aux(z)[0], (x,), (v,))[1]
+
+        return jax.lax.map(column, jnp.eye(x.shape[0], dtype=x.dtype)), (f, g)
     bounded = jnp.isfinite(lower)
 
     def proj(x):

@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from . import xla_linalg as xla
 from .design import Design, _numeric
 from .errors import DataError, ModelError
-from .numerics import LOG_2PI, logdet_from_chol_diag
+from .numerics import LOG_2PI, hessian, logdet_from_chol_diag
 from .optimize import minimize_bounded
 from .residuals import ResidualStructure
 
@@ -188,11 +189,11 @@ def _gls_parts(x, buckets, ps: PanelStruct):
     A = 0.0
     logdet = 0.0
     for bk in buckets:
-        L = jnp.linalg.cholesky(marginal_V(x, bk, ps))
-        Y = jax.scipy.linalg.solve_triangular(L, bk.W, lower=True)
+        L = xla.cholesky(marginal_V(x, bk, ps))
+        Y = xla.solve_lower(L, bk.W)
         A = A + jnp.einsum("pjr,pjs->rs", Y, Y)
         logdet = logdet + logdet_from_chol_diag(jnp.diagonal(L, axis1=1, axis2=2))
-    LA = jnp.linalg.cholesky(A)
+    LA = xla.cholesky(A)
     return LA, logdet
 
 
@@ -218,12 +219,14 @@ def gls_solution(x, buckets, ps: PanelStruct):
     LA, _ = _gls_parts(x, buckets, ps)
     p = ps.p
     RXt = LA[:p, :p]
-    beta = jax.scipy.linalg.solve_triangular(RXt.T, LA[p, :p], lower=False)
-    RXt_inv = jax.scipy.linalg.solve_triangular(RXt, jnp.eye(p), lower=True)
+    beta = xla.solve_lower_t(RXt, LA[p, :p][:, None])[:, 0]
+    RXt_inv = xla.solve_lower(RXt, jnp.eye(p))
     cov_beta = RXt_inv.T @ RXt_inv
     ws, Vinvs = [], []
     for bk in buckets:
-        Vinv = jnp.linalg.inv(marginal_V(x, bk, ps))
+        L = xla.cholesky(marginal_V(x, bk, ps))
+        Linv = xla.solve_lower(L, jnp.broadcast_to(jnp.eye(L.shape[-1]), L.shape))
+        Vinv = jnp.einsum("pkj,pkl->pjl", Linv, Linv)
         r = (bk.W[..., p] - bk.W[..., :p] @ beta) * bk.valid
         ws.append(jnp.einsum("pjl,pl->pj", Vinv, r))
         Vinvs.append(Vinv)
@@ -378,7 +381,7 @@ def eta_to_x(eta, ps: PanelStruct):
 
 @partial(jax.jit, static_argnames=("ps",))
 def hessian_eta(eta, buckets, n, ps: PanelStruct, reml):
-    return jax.hessian(lambda e: -0.5 * deviance(eta_to_x(e, ps), buckets, n, ps, reml))(eta)
+    return hessian(lambda e: -0.5 * deviance(eta_to_x(e, ps), buckets, n, ps, reml))(eta)
 
 
 def fit_panel(spec, data, design: Design, res: ResidualStructure, reml: bool, variance: bool,

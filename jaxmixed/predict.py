@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-from jax.scipy.linalg import solve_triangular
 
+from . import xla_linalg as xla
 from .design import _group_codes, _numeric, fixed_matrix
 from .errors import DataError, JaxmixedWarning
 from . import blocked
@@ -39,15 +39,15 @@ def conditional_variances(theta, sigma, stats: Stats, struct: Structure):
         return [sigma**2 * jnp.einsum("ij,ljk,hk->lih", lam, V, lam) for lam, V in zip(lams, out)]
     f = factorize(theta, stats, struct)
     L1n, q1 = struct.L[0], struct.q[0]
-    A = solve_triangular(f.L1, jnp.broadcast_to(jnp.eye(q1), (L1n, q1, q1)), lower=True)
+    A = xla.solve_lower(f.L1, jnp.broadcast_to(jnp.eye(q1), (L1n, q1, q1)))
     V1 = jnp.einsum("lki,lkj->lij", A, A)
     out = []
     if struct.m2:
         m2 = struct.m2
         WtA = jnp.einsum("lim,lij->mlj", f.W, A).reshape(m2, L1n * q1)
-        K = solve_triangular(f.L22, WtA, lower=True).reshape(m2, L1n, q1)
+        K = xla.solve_lower(f.L22, WtA).reshape(m2, L1n, q1)
         V1 = V1 + jnp.einsum("mli,mlj->lij", K, K)
-        Linv = solve_triangular(f.L22, jnp.eye(m2), lower=True)
+        Linv = xla.solve_lower(f.L22, jnp.eye(m2))
         V2 = Linv.T @ Linv
     out.append(V1)
     for off, L, q in zip(struct.offsets, struct.L[1:], struct.q[1:]):

@@ -97,6 +97,16 @@ class FitResult:
 
         return wcorrelation(self, level)
 
+    def bootstrap(self, n: int = 1000, seed: int = 0, level: float | None = None, **kwargs):
+        """Parametric bootstrap: simulate ``n`` responses from the fitted model, refit them all
+        in one batched program and return percentile intervals for every fixed effect and
+        variance component (``jaxmixed.bootstrap.BootstrapResult``; ``level`` defaults to the
+        fit's). Reproducible: the same ``seed`` and ``n`` give the same draws. Keyword
+        arguments: chunk_size, progress, device (as for ``jm.fit_many``)."""
+        from .bootstrap import bootstrap
+
+        return bootstrap(self, n=n, seed=seed, level=level, **kwargs)
+
     def __str__(self) -> str:
         from .report import format_result
 

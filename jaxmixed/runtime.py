@@ -15,10 +15,11 @@ others can write to.
 
 **BLAS threads.** JAX's CPU Cholesky and triangular solves call the OpenBLAS that SciPy ships.
 With more than one thread, OpenBLAS spins waiting for its workers; on a machine with few cores
-that other processes also use, that made a 1142² Cholesky 7–20× slower here. jaxmixed sets that
-library to one thread on import (``JAXMIXED_BLAS_THREADS=n`` picks another count, ``0`` leaves it
-alone); ``set_blas_threads(n)`` changes it at run time. XLA's own matrix products keep their
-thread pool.
+that other processes also use, that made one 1142² Cholesky 7–20× slower here. But limiting it
+with ``openblas_set_num_threads`` made XLA's batched small factorisations (20,000 2×2 Cholesky
+blocks) stall, so jaxmixed leaves OpenBLAS alone by default; ``JAXMIXED_BLAS_THREADS=n`` (at
+import) or ``set_blas_threads(n)`` set it for those who want it. XLA's own matrix products keep
+their thread pool.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def set_blas_threads(n: int) -> bool:
 
 
 def configure_from_environment() -> None:
-    """What ``import jaxmixed`` does: the cache and the BLAS threads (see the module docstring)."""
+    """What ``import jaxmixed`` does: the cache, and BLAS threads if asked (see the module docstring)."""
     if os.environ.get("JAXMIXED_NO_CACHE", "").strip() not in ("", "0", "false", "False"):
         pass
     elif not jax.config.jax_compilation_cache_dir:
@@ -118,11 +119,11 @@ def configure_from_environment() -> None:
             enable_compilation_cache()
         except OSError:  # an unwritable home directory: run without the cache
             pass
-    threads = os.environ.get("JAXMIXED_BLAS_THREADS", "1").strip()
+    threads = os.environ.get("JAXMIXED_BLAS_THREADS", "0").strip()
     try:
         k = int(threads)
     except ValueError:
-        k = 1
+        k = 0
     if k > 0:
         try:
             set_blas_threads(k)

@@ -183,7 +183,7 @@ def run_child(cmd: list[str], timeout: float | None, env=None) -> dict:
         for line in err.splitlines():
             if "Maximum resident set size" in line:
                 rss_kb = int(line.split(":")[-1])
-    if rss_kb is None:
+    if rss_kb is None and not timed_out:
         after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         rss_kb = after if after > before else None  # max over all children: only if it grew
     res = None
@@ -295,7 +295,7 @@ def report(rec: dict, limit: float, jax_limit: float) -> None:
     warm = fits[1] if len(fits) > 1 else None
     if jx["timed_out"]:
         print(f"  jaxmixed: TIMED OUT after {jax_limit:.0f} s (killed; see --fake-ncpu at the top "
-              f"for the known XLA:CPU deadlock); peak RSS {fmt(jx['peak_rss_mb'], '.0f')} MB")
+              f"for the known XLA:CPU deadlock)")
     else:
         print(f"  jaxmixed: fit {fmt(cold)} s (cold, incl. JIT)"
               + (f", {fmt(warm)} s (warm)" if warm is not None else "")
@@ -309,8 +309,7 @@ def report(rec: dict, limit: float, jax_limit: float) -> None:
         print("  nlme: not run")
         return
     if nl["timed_out"]:
-        print(f"  nlme: TIMED OUT after {limit:.0f} s (killed); peak RSS before kill "
-              f"{fmt(nl['peak_rss_mb'], '.0f')} MB")
+        print(f"  nlme: TIMED OUT after {limit:.0f} s (killed)")
         return
     nr = nl["result"] or {}
     if "error" in nr or not nr:

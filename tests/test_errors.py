@@ -477,6 +477,10 @@ def test_near_collinear_fixed_effects(slope_fits, eps):
     assert r1.sigma == pytest.approx(r2.sigma, rel=1e-6)
 
 
+def _pipes(text: str) -> str:
+    return text.replace("|", "\\|")  # GitHub tables split on | even inside code spans
+
+
 def _cell(msg: str) -> str:
     """A message as one markdown table cell; lines after the first (formula, caret) keep their spaces."""
     first, *rest = msg.replace("|", "\\|").split("\n")
@@ -491,7 +495,7 @@ def markdown_table() -> str:
             warnings.simplefilter("ignore", JaxmixedWarning)
             err, msg = run_case(case)
         call = f"jm.{front}({text!r}, data" + "".join(f", {k}={v!r}" for k, v in kw.items()) + ")"
-        lines.append(f"| {label} | `{call}` | {type(err).__name__ if err else '(none)'} | <code>{_cell(msg)}</code> |")
+        lines.append(f"| {label} | `{_pipes(call)}` | {type(err).__name__ if err else '(none)'} | <code>{_cell(msg)}</code> |")
     lines += ["", "| Questionable input | Call | Outcome | Note in the report / JaxmixedWarning |", "|---|---|---|---|"]
     for case in NOTED_INPUTS:
         label, front, text, _, kw, fragment = case
@@ -501,7 +505,7 @@ def markdown_table() -> str:
         said = "<br>".join([f"note: {n}" for n in notes] + [f"warning: {w}" for w in warned
                                                                if not any(w == n for n in notes)])
         said += "<br>(the same text is also a JaxmixedWarning)" if any(w in notes for w in warned) else ""
-        lines.append(f"| {label} | `{call}` | {outcome} | {_cell(said)} |")
+        lines.append(f"| {label} | `{_pipes(call)}` | {outcome} | {_cell(said)} |")
     return "\n".join(lines)
 
 

@@ -96,18 +96,44 @@ def test_panel_engine_equals_cross_product_engine_for_iid_errors():
         assert b == pytest.approx(a, rel=1e-9, abs=1e-7)
 
 
+NLME_AR1 = json.loads((REF / "nlme_ar1.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["reml", "ml"])
+def test_ar1_interior_model_matches_nlme(method):
+    """(1 + week || id) with AR(1) errors: an interior optimum, where nlme converges
+    (scripts/reference/nlme_ar1_check.R)."""
+    ref = NLME_AR1[f"pig_ar1_diag_{method}"]["nlme_default"]
+    r = fit(method, jm.ar(1, time="week"), "weight ~ week + (1 + week || id)")
+    assert r.converged and not r.singular
+    assert agree(r.loglik, ref["logLik"], 6)
+    for name, key in (("week", "week"), ("_cons", "(Intercept)")):
+        assert agree(r.fixed.loc[name, "coef"], ref["fixef"][key], 4)
+        assert agree(r.fixed.loc[name, "se"], ref["fixef_se"][key], 4)
+    est = r.random.set_index("name")
+    assert agree(est.estimate["sd(week)"], ref["random_sd"]["week"], 4)
+    assert agree(est.estimate["sd(_cons)"], ref["random_sd"]["(Intercept)"], 4)
+    assert agree(est.estimate["sd(e)"], ref["sigma"], 4)
+    assert agree(est.estimate["rho"], ref["phi"], 4)
+    assert est.se.notna().all()
+
+
 def test_blups_and_wcorrelation_with_ar1():
-    r = fit("ml", jm.ar(1, time="week"), "weight ~ week + (1 | id)")
-    w = r.wcorrelation()
+    r = fit("ml", jm.ar(1, time="week"), "weight ~ week + (1 + week || id)")
     est = r.random.set_index("name").estimate
-    s2u, s2e, rho = est["sd(_cons)"] ** 2, est["sd(e)"] ** 2, est["rho"]
-    # lag-1 and lag-2 marginal correlations of a random intercept plus AR(1) errors
-    assert w.iloc[0, 1] == pytest.approx((s2u + s2e * rho) / (s2u + s2e), rel=1e-6)
-    assert w.iloc[0, 2] == pytest.approx((s2u + s2e * rho**2) / (s2u + s2e), rel=1e-6)
-    se = r.blups(se=True)["id"]["_cons"]
-    assert (se > 0).all() and (se < est["sd(_cons)"]).all()
-    fitted = r.predict("fitted")
-    assert np.isfinite(fitted).all()
+    s2u, s2w, s2e, rho = est["sd(_cons)"] ** 2, est["sd(week)"] ** 2, est["sd(e)"] ** 2, est["rho"]
+
+    def cov(t1, t2):  # marginal covariance of weeks t1, t2 of one pig
+        return s2u + t1 * t2 * s2w + s2e * rho ** abs(t1 - t2) if t1 != t2 else s2u + t1 * t1 * s2w + s2e
+
+    w = r.wcorrelation()
+    for t2 in (2, 3, 9):
+        expected = cov(1, t2) / np.sqrt(cov(1, 1) * cov(t2, t2))
+        assert w.iloc[0, t2 - 1] == pytest.approx(expected, rel=1e-6)
+    se = r.blups(se=True)["id"]
+    assert (se["_cons"] > 0).all() and (se["_cons"] < est["sd(_cons)"]).all()
+    assert (se["week"] > 0).all() and (se["week"] < est["sd(week)"]).all()
+    assert np.isfinite(r.predict("fitted")).all()
 
 
 def test_residual_errors():
