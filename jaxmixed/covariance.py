@@ -72,7 +72,8 @@ class Identity:
         return ["sd"]
 
     def eta_from_sigma(self, S):
-        return np.array([0.5 * np.log(np.mean(np.diag(S)))])
+        with np.errstate(divide="ignore"):  # a zero variance is a legal boundary: ln sd = -inf
+            return np.array([0.5 * np.log(np.mean(np.diag(S)))])
 
     def theta_from_eta(self, eta, sigma):
         return jnp.exp(eta[:1]) / sigma
@@ -115,7 +116,8 @@ class Independent:
         return ["sd"] * self.q
 
     def eta_from_sigma(self, S):
-        return 0.5 * np.log(np.diag(S))
+        with np.errstate(divide="ignore"):
+            return 0.5 * np.log(np.diag(S))
 
     def theta_from_eta(self, eta, sigma):
         return jnp.exp(eta) / sigma
@@ -226,7 +228,8 @@ class Unstructured:
         R = S / np.outer(sd, sd)
         rho = np.array([R[i, j] for i, j in _pairs(self.q)])
         rho = np.clip(rho, -1 + 1e-15, 1 - 1e-15)
-        return np.concatenate([np.log(sd), np.arctanh(rho)])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.concatenate([np.log(sd), np.arctanh(rho)])
 
     def theta_from_eta(self, eta, sigma):
         q = self.q

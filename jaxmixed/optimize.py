@@ -112,6 +112,9 @@ def minimize_bounded(fun, x0, lower, args=(), max_iter: int = 200, gtol: float =
         last = k + 1 >= max_iter
         move = improved & ~converged & ~last
         x_next = jnp.where(move, x_new, x)
+        # At the optimum the Newton step may not lower f by a representable amount: the line
+        # search then fails although the first- and second-order conditions hold.
+        converged = converged | (~improved & first_order & ~neg)
         return k + 1, x_next, f, g, converged, ~move, history
 
     n = x0.shape[0]
