@@ -114,8 +114,13 @@ def _best_fit(design: Design, stats: Stats, struct: Structure, reml: bool, start
 
 def fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str = "reml", *, variance: bool = False,
              level: float = 95.0, start=None, display: dict | None = None,
-             residuals=None) -> FitResult:
+             residuals=None, device=None) -> FitResult:
     """Fit a model description to data.
+
+    ``device``: where the likelihood programs run, a ``jax.Device`` or a string such as
+    ``"cpu"``, ``"gpu"`` or ``"cuda:1"`` (the sufficient statistics are placed there with
+    ``jax.device_put``); default JAX's default device. An unknown or unavailable device is a
+    ModelError.
 
     ``residuals``: a :mod:`jaxmixed.residuals` structure (``jm.ar(1, time="week")``, ...); Stata's
     ``residuals()`` option arrives in ``spec.options``. Anything but independent homoskedastic
@@ -123,6 +128,9 @@ def fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str = "reml", *, varia
     independent-errors fit.
     """
     reml = _method(method)
+    from .many import put, resolve_device
+
+    dev = resolve_device(device)
     if residuals is not None:
         spec = replace(spec, options={**spec.options, "residuals": residuals})
     residuals = spec.options.get("residuals")
@@ -131,7 +139,7 @@ def fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str = "reml", *, varia
     design = build_design(spec, data)
     if reml and design.nobs <= design.p:
         raise ModelError(f"REML needs more observations ({design.nobs}) than fixed effects ({design.p})")
-    stats = cross_products(design)
+    stats = put(cross_products(design), dev)
     struct = structure_of(design)
     opt, tried = _best_fit(design, stats, struct, reml, start)
     theta = np.asarray(opt.x)
@@ -193,8 +201,11 @@ def fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str = "reml", *, varia
 
 
 def fit(formula: str, data: pd.DataFrame, method: str = "reml", *, variance: bool = False,
-        level: float = 95.0, start=None, residuals=None) -> FitResult:
+        level: float = 95.0, start=None, residuals=None, device=None) -> FitResult:
     """Fit an lme4/glmmTMB-style formula, e.g. ``"y ~ x + (1 + x | g)"``, by REML or ML.
+
+    ``device``: a ``jax.Device`` or a string ("cpu", "gpu", "cuda:1", …) to run on; default
+    JAX's default device (see ``fit_spec``).
 
     ``residuals=jm.ar(1, time="week")`` (or exchangeable, ma, toeplitz, exponential, unstructured,
     banded, independent(by=...)) models correlated or heteroskedastic errors within panels.
@@ -202,7 +213,7 @@ def fit(formula: str, data: pd.DataFrame, method: str = "reml", *, variance: boo
     from .formula import parse_formula
 
     return fit_spec(parse_formula(formula), data, method, variance=variance, level=level, start=start,
-                    residuals=residuals)
+                    residuals=residuals, device=device)
 
 
 def _stata(command: str, data: pd.DataFrame, default_method: str, overrides: dict) -> FitResult:
@@ -216,17 +227,23 @@ def _stata(command: str, data: pd.DataFrame, default_method: str, overrides: dic
         variance = opts.get("variance", False)
     level = overrides.pop("level", None) or opts.get("level", 95.0)
     start = overrides.pop("start", None)
+    device = overrides.pop("device", None)
     if overrides:
         raise ModelError(f"unknown argument(s): {', '.join(sorted(overrides))}")
     display = {k: opts[k] for k in ("log", "group", "fetable", "retable", "header", "lrtest") if k in opts}
-    return fit_spec(spec, data, method, variance=variance, level=level, start=start, display=display)
+    return fit_spec(spec, data, method, variance=variance, level=level, start=start, display=display,
+                    device=device)
 
 
 def xtmixed(command: str, data: pd.DataFrame, **overrides) -> FitResult:
-    """Fit a model written in Stata's ``xtmixed`` syntax (REML by default, as ``xtmixed`` did)."""
+    """Fit a model written in Stata's ``xtmixed`` syntax (REML by default, as ``xtmixed`` did).
+
+    Keyword overrides: method, variance, level, start, device (see ``fit_spec``)."""
     return _stata(command, data, "reml", overrides)
 
 
 def mixed(command: str, data: pd.DataFrame, **overrides) -> FitResult:
-    """Fit a model written in Stata's ``mixed`` syntax (ML by default, as ``mixed`` does)."""
+    """Fit a model written in Stata's ``mixed`` syntax (ML by default, as ``mixed`` does).
+
+    Keyword overrides: method, variance, level, start, device (see ``fit_spec``)."""
     return _stata(command, data, "ml", overrides)
