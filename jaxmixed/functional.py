@@ -54,10 +54,6 @@ UNROLL_MAX = 8  # matrices up to this order are factorised / solved fully unroll
 # LAPACK-free Cholesky and triangular solves
 
 
-def _stack_matrix(rows):
-    return jnp.stack([jnp.stack(r, axis=-1) for r in rows], axis=-2)
-
-
 def cholesky_xla(a):
     """Lower Cholesky factor of (..., n, n) ``a`` (NaN where not positive definite), in plain
     XLA ops: unrolled for n ≤ UNROLL_MAX, a column loop otherwise."""
@@ -65,22 +61,23 @@ def cholesky_xla(a):
     if n == 0:
         return a
     if n <= UNROLL_MAX:
-        L = [[None] * n for _ in range(n)]
-        zero = jnp.zeros_like(a[..., 0, 0])
+        # entries as contiguous leading slices: (n, n, ...) layout, one stack for the result
+        at = jnp.moveaxis(a, (-2, -1), (0, 1))
+        L = {}
         for j in range(n):
-            s = a[..., j, j]
+            s = at[j, j]
             for k in range(j):
-                s = s - L[j][k] ** 2
+                s = s - L[j, k] * L[j, k]
             d = jnp.sqrt(s)
-            L[j][j] = d
+            L[j, j] = d
             for i in range(j + 1, n):
-                s = a[..., i, j]
+                s = at[i, j]
                 for k in range(j):
-                    s = s - L[i][k] * L[j][k]
-                L[i][j] = s / d
-            for i in range(j):
-                L[i][j] = zero
-        return _stack_matrix(L)
+                    s = s - L[i, k] * L[j, k]
+                L[i, j] = s / d
+        zero = jnp.zeros_like(at[0, 0])
+        out = jnp.stack([L.get((i, j), zero) for i in range(n) for j in range(n)])
+        return jnp.moveaxis(out.reshape((n, n) + at.shape[2:]), (0, 1), (-2, -1))
     idx = jnp.arange(n)
 
     def body(j, L):
@@ -99,13 +96,17 @@ def _solve_lower(T, B, unit):
     """T X = B with T (..., n, n) lower triangular, B (..., n, k)."""
     n = T.shape[-1]
     if n <= UNROLL_MAX:
+        if n == 0:
+            return B
+        Tt = jnp.moveaxis(T, (-2, -1), (0, 1))  # (n, n, ...)
+        Bt = jnp.moveaxis(B, -2, 0)  # (n, ..., k)
         xs = []
         for i in range(n):
-            s = B[..., i, :]
+            s = Bt[i]
             for k in range(i):
-                s = s - T[..., i, k, None] * xs[k]
-            xs.append(s if unit else s / T[..., i, i, None])
-        return jnp.stack(xs, axis=-2) if xs else B
+                s = s - Tt[i, k][..., None] * xs[k]
+            xs.append(s if unit else s / Tt[i, i][..., None])
+        return jnp.moveaxis(jnp.stack(xs), 0, -2)
     idx = jnp.arange(n)
 
     def body(i, X):

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -55,7 +55,7 @@ __all__ = ["ManyResult", "fit_many", "resolve_device"]
 START_SCALES = (1.0, 0.1, 10.0, 0.01)  # as jm.fit: θ₀ × scale until the optimiser converges
 MEMORY_BUDGET = 256 * 2**20  # bytes per chunk used to choose a default chunk size
 MAX_CHUNK = 4096
-CPU_CHUNK = 128
+CPU_CHUNK = 32
 # Blocks of order > functional.UNROLL_MAX: LAPACK (False; safe from jaxlib 0.10's LAPACK
 # thread-pool deadlock because jaxmixed runs XLA with --xla_cpu_multi_thread_eigen=false, and
 # far quicker to compile) or a plain-XLA column loop (True).
@@ -238,8 +238,8 @@ def newton_lane(fun, x0, lower, args=(), max_iter: int = 200, gtol: float = 1e-7
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_experimental_xnn_fusion_type": ""}
 
 
-def _fit_lanes(theta0, lower, base: Stats, z1y, z2y, xy, yy, struct: Structure, reml,
-              max_iter: int = 200, hessian: bool = True):
+def _fit_lanes(theta0, lower, base: Stats, z1y, z2y, xy, yy, reml, *, struct: Structure,
+               max_iter: int = 200, hessian: bool = True):
     """Fit a batch of responses (leading axis of theta0, z1y, z2y, xy, yy) in one program:
     the optimiser of ``fitting.optimize_theta`` (projected Newton, or projected BFGS where the
     Structure asks for it), the solve at θ̂ and, with ``hessian``, the Hessian of the log
@@ -268,20 +268,24 @@ def _fit_lanes(theta0, lower, base: Stats, z1y, z2y, xy, yy, struct: Structure, 
     return jax.vmap(one)(theta0, z1y, z2y, xy, yy)
 
 
-_STATIC = ("struct", "max_iter", "hessian")
-_fit_lanes_default = jax.jit(_fit_lanes, static_argnames=_STATIC)
-try:
-    _fit_lanes_cpu = jax.jit(_fit_lanes, static_argnames=_STATIC, compiler_options=CPU_COMPILER_OPTIONS)
-except TypeError:  # a jax without per-jit compiler options
-    _fit_lanes_cpu = _fit_lanes_default
+@lru_cache(maxsize=64)
+def _program(struct: Structure, max_iter: int, hessian: bool, platform: str):
+    """The jitted batch program for one model shape (static arguments bound, so a call passes
+    arrays only: the fast dispatch path)."""
+    fn = partial(_fit_lanes, struct=struct, max_iter=max_iter, hessian=hessian)
+    if platform == "cpu":
+        try:
+            return jax.jit(fn, compiler_options=CPU_COMPILER_OPTIONS)
+        except TypeError:  # a jax without per-jit compiler options
+            pass
+    return jax.jit(fn)
 
 
 def fit_lanes(theta0, lower, base: Stats, z1y, z2y, xy, yy, struct: Structure, reml,
               max_iter: int = 200, hessian: bool = True, platform: str | None = None):
     """``_fit_lanes`` compiled for ``platform`` (default: JAX's default backend)."""
-    platform = platform or jax.default_backend()
-    fn = _fit_lanes_cpu if platform == "cpu" else _fit_lanes_default
-    return fn(theta0, lower, base, z1y, z2y, xy, yy, struct, reml, max_iter=max_iter, hessian=hessian)
+    program = _program(struct, int(max_iter), bool(hessian), platform or jax.default_backend())
+    return program(theta0, lower, base, z1y, z2y, xy, yy, reml=reml)
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +317,7 @@ def _next_pow2(k: int) -> int:
 
 
 def default_chunk_size(struct: Structure, platform: str = "cpu") -> int:
-    """Lanes per chunk: on CPU 128 (the batch's working set then stays in cache; larger batches
+    """Lanes per chunk: on CPU 32 (the batch's working set then stays in cache; larger batches
     are slower per response), elsewhere as many as keep one chunk's working memory near
     MEMORY_BUDGET (at most MAX_CHUNK)."""
     L1, q1, m2, p, nt = struct.L[0], struct.q[0], struct.m2, struct.p, struct.n_theta
@@ -739,8 +743,8 @@ def _check_responses(Y: np.ndarray, design: Design, names) -> None:
          "rescale them")
     X = design.X
     if 0 < X.shape[1] < X.shape[0]:
-        coef = np.linalg.lstsq(X, Y, rcond=None)[0]
-        resid = np.sqrt(np.mean((Y - X @ coef) ** 2, axis=0))
+        Q = np.linalg.qr(X)[0]  # X has full column rank (collinear columns were dropped)
+        resid = np.sqrt(np.mean((Y - Q @ (Q.T @ Y)) ** 2, axis=0))
         fail(resid <= 1e-10 * np.std(Y, axis=0) + 1e-13 * big,
              f"are fitted exactly by the fixed effects: the residual variance would be zero")
 
@@ -756,7 +760,7 @@ def fit_many(formula: str, data: pd.DataFrame, responses=None, method: str = "re
     responses   column names of ``data``, a DataFrame, or an (n × k) array with n = len(data)
                 (columns named y0, y1, …); default the formula's response.
     method      "reml" or "ml".
-    chunk_size  responses per compiled batch (default on CPU 128, on accelerators as many as
+    chunk_size  responses per compiled batch (default on CPU 32, on accelerators as many as
                 keep a chunk's working memory near 256 MB, at most 4096). Each distinct chunk
                 size compiles once (and a batch smaller than the chunk is padded to a power of
                 two).
