@@ -44,13 +44,11 @@ def icc(result) -> pd.DataFrame:
         var[tb.term.group] = float(S.iloc[0, 0])
     total = sum(var.values()) + result.sigma**2
     rows = []
-    groups = [tb.term.group for tb in terms]
     for tb in terms:
         g = tb.term.group
         # the variances of this level and every level it is nested in (its group's prefixes)
-        num = sum(v for h, v in var.items() if h == g[:len(h)] and all(x in g for x in h))
+        num = sum(v for h, v in var.items() if h == g[:len(h)])
         rows.append((tb.term.label, num / total))
-    del groups
     return pd.DataFrame(rows, columns=["level", "icc"]).set_index("level")
 
 

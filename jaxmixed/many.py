@@ -243,8 +243,9 @@ def _fit_lanes(theta0, lower, base: Stats, z1y, z2y, xy, yy, reml, *, struct: St
     """Fit a batch of responses (leading axis of theta0, z1y, z2y, xy, yy) in one program:
     the optimiser of ``fitting.optimize_theta`` (projected Newton, or projected BFGS where the
     Structure asks for it), the solve at θ̂ and, with ``hessian``, the Hessian of the log
-    likelihood in Stata's metric η. All linear algebra runs without LAPACK
-    (``functional.without_lapack``)."""
+    likelihood in Stata's metric η. Cholesky factors and triangular solves of order ≤
+    ``functional.UNROLL_MAX`` (the per-level blocks) run as unrolled XLA operations
+    (``functional.without_lapack``), larger ones with LAPACK unless LARGE_WITHOUT_LAPACK."""
     dev = partial(deviance_free, struct=struct, large=LARGE_WITHOUT_LAPACK)
     loglik = without_lapack(lambda e, s, r: loglik_eta(e, s, struct, r), LARGE_WITHOUT_LAPACK)
 
