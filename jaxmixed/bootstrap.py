@@ -99,7 +99,8 @@ def simulate(result, n: int = 1, seed: int = 0, device=None) -> np.ndarray:
 
 
 def _labels(result) -> list[str]:
-    return list(result.fixed.index) + [f"{g}: {nm}" if g else nm for g, nm in zip(result.random.group, result.random.name)]
+    random = [f"{g}: {nm}" if g else nm for g, nm in zip(result.random.group, result.random.name)]
+    return list(result.fixed.index) + random
 
 
 def _check_n(n):

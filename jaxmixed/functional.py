@@ -23,8 +23,25 @@ Everything here is a pure function of arrays, usable under ``jax.jit``, ``jax.gr
     free of the LAPACK thread-pool deadlock jaxlib 0.10 can hit with large vmapped batches on
     machines with few cores). ``deviance``, ``solve`` and the fits here all use it.
 
+    (``cholesky_xla`` and ``triangular_solve_xla`` are the replacements, usable directly.)
+
 Prior weights: row i has residual variance σ²/w_i (w_i > 0). The statistics are the weighted
 cross-products and the deviance includes −Σ log w_i, as lme4's ``weights=`` does.
+
+The fit is jm.fit's projected Newton from jm.fit's start, followed by two plain Newton steps
+that take θ̂ to rounding level (derivatives through the optimum need it); it does not try the
+other starts jm.fit falls back on, so check ``converged``.
+
+Example::
+
+    import jax, jax.numpy as jnp
+    from jaxmixed import functional as F
+
+    def slope(y, X, w):                      # β̂₀ as a function of the data
+        return F.fit_arrays(y, X, groups, Z, w, n_groups=48, cov="independent").beta[0]
+
+    dslope_dw = jax.jit(jax.grad(slope, argnums=2))(y, X, jnp.ones(len(y)))
+    fits = jax.jit(jax.vmap(lambda y: F.fit_arrays(y, X, groups, n_groups=48)))(Y)   # Y: (k, n)
 """
 
 from __future__ import annotations

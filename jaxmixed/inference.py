@@ -123,6 +123,8 @@ def component_table(terms, eta, cov_eta, variance, level, residual) -> pd.DataFr
             grad = np.zeros(len(eta))
             for i in idx[:-1]:
                 grad[i] += est
+            if len(sds) == 1:  # exchangeable: cov = ρ sd², so ∂cov/∂ln sd = 2 cov
+                grad[idx[0]] += est
             grad[idx[-1]] = sdi * sdj * (1 - rho**2)
             se = float(np.sqrt(grad @ cov_eta @ grad)) if cov_eta is not None else np.nan
             rows.append((group, name, est, se, est - z * se, est + z * se, kind, term))

@@ -44,7 +44,7 @@ from scipy import stats as sps
 
 from . import covariance, inference
 from .design import Design, build_design
-from .errors import DataError, JaxmixedError, ModelError
+from .errors import DataError, ModelError
 from .inference import SINGULAR_TOL, _pair_of, loglik_eta
 from .functional import deviance_free, solve_free, without_lapack
 from .optimize import OptResult
@@ -758,8 +758,9 @@ def fit_many(formula: str, data: pd.DataFrame, responses=None, method: str = "re
     formula     lme4-style formula (``"y ~ x + (1 + x || g)"``) or a Stata ``mixed`` command
                 (``"y x || g: x"``); its response names a placeholder when ``responses`` is given
                 (it need not be a column).
-    responses   column names of ``data``, a DataFrame, or an (n × k) array with n = len(data)
-                (columns named y0, y1, …); default the formula's response.
+    responses   column names of ``data``, a DataFrame, or an (n × k) array with n = len(data),
+                rows in the order of ``data`` (array columns are named y0, y1, …); default the
+                formula's response.
     method      "reml" or "ml".
     chunk_size  responses per compiled batch (default on CPU 32, on accelerators as many as
                 keep a chunk's working memory near 256 MB, at most 4096). Each distinct chunk
