@@ -47,7 +47,7 @@ from .design import Design, build_design
 from .errors import DataError, ModelError
 from .inference import SINGULAR_TOL, _pair_of, loglik_eta
 from .functional import deviance_free, solve_free, without_lapack
-from .optimize import OptResult
+from .optimize import minimize_bounded, minimize_quasi_newton
 from .stats import Stats, Structure, _sparse_z, cross_products, structure_of
 
 __all__ = ["ManyResult", "fit_many", "resolve_device"]
@@ -147,92 +147,6 @@ def with_response(base: Stats, z1y, z2y, xy, yy) -> Stats:
     return base._replace(Z1W=base.Z1W.at[..., -1].set(z1y), Z2W=base.Z2W.at[:, -1].set(z2y), WW=WW)
 
 
-def newton_lane(fun, x0, lower, args=(), max_iter: int = 200, gtol: float = 1e-7, ftol: float = 1e-13,
-                max_halvings: int = 50):
-    """``optimize.minimize_bounded`` for use under ``vmap``: the same projected Newton, step for
-    step, except that the line search is skipped once the point has converged (or the
-    iteration budget is spent). Unbatched that changes nothing (the step is discarded anyway);
-    under ``vmap`` it stops lanes that have already converged from running ``max_halvings``
-    objective evaluations on every later iteration of the batch.
-
-    One more difference: a full Newton step whose value exceeds f by no more than f's rounding
-    noise (1e-12 (1 + |f|)) is accepted. Near an optimum with large curvature the predicted
-    decrease can be below that noise while the gradient is still above ``gtol``; a strict
-    decrease test then rejects the step that would finish, and the search halves and creeps
-    (seen: 200 iterations, not converged, for one of 1,000 simulated JSP responses).
-
-    The Hessian is formed forward-over-forward (a third faster here than forward-over-reverse
-    for a handful of θ entries; the same matrix to rounding). If ``optimize.minimize_bounded``
-    adopts these changes, this copy can be replaced by it.
-    """
-    def grad_aux(x):
-        f = fun(x, *args)
-        g = jax.jacfwd(fun)(x, *args)
-        return g, (f, g)
-
-    evaluate = jax.jacfwd(grad_aux, has_aux=True)  # forward over forward: θ has few entries
-    bounded = jnp.isfinite(lower)
-
-    def proj(x):
-        return jnp.where(bounded, jnp.maximum(x, lower), x)
-
-    def value(x):
-        f = fun(x, *args)
-        return jnp.where(jnp.isfinite(f), f, jnp.inf)
-
-    def body(state):
-        k, x, f_prev, _, _, _, history = state
-        H, (f, g) = evaluate(x)
-        history = history.at[k].set(f)
-        at_bound = bounded & (x <= lower + 1e-12)
-        free = ~(at_bound & (g > 0))
-        Hf = jnp.where(free[:, None] & free[None, :], H, 0.0) + jnp.diag(jnp.where(free, 0.0, 1.0))
-        gf = jnp.where(free, g, 0.0)
-        w, V = jnp.linalg.eigh(Hf)
-        scale = jnp.max(jnp.abs(w))
-        neg = w[0] < -1e-8 * (scale + 1.0)
-        pg = jnp.max(jnp.abs(x - proj(x - g)), initial=0.0)
-        first_order = pg <= gtol * (1.0 + jnp.abs(f))
-        small_change = jnp.abs(f_prev - f) <= ftol * (1.0 + jnp.abs(f))
-        converged = first_order & ~neg & (small_change | (pg <= 1e-10 * (1.0 + jnp.abs(f))))
-        last = k + 1 >= max_iter
-        searching = ~converged & ~last
-
-        wabs = jnp.maximum(jnp.abs(w), 1e-10 * scale + 1e-14)
-        d = -V @ ((V.T @ gf) / wabs)
-        v = V[:, 0]
-        inward = jnp.sum(jnp.where(at_bound, v, 0.0))
-        s = jnp.where(jnp.abs(inward) > 1e-12, jnp.sign(inward), -jnp.sign(v @ g + 1e-300))
-        d = jnp.where(free, d + jnp.where(neg, s * v, 0.0), 0.0)
-
-        noise = 1e-12 * (1.0 + jnp.abs(f))
-
-        def ok(j, fn, xn):
-            return (fn <= f + 1e-4 * jnp.dot(g, xn - x)) | ((j == 0) & (fn <= f + noise))
-
-        def ls_cond(ls):
-            j, alpha, fn, xn = ls
-            return searching & ~ok(j, fn, xn) & (j < max_halvings)
-
-        def ls_body(ls):
-            j, alpha, _, _ = ls
-            xn = proj(x + 0.5 * alpha * d)
-            return j + 1, 0.5 * alpha, value(xn), xn
-
-        x1 = proj(x + d)
-        j, _, f_new, x_new = jax.lax.while_loop(ls_cond, ls_body, (0, 1.0, value(x1), x1))
-        improved = (j < max_halvings) & ((f_new < f) | ((j == 0) & (f_new <= f + noise)))
-        move = improved & searching
-        x_next = jnp.where(move, x_new, x)
-        return k + 1, x_next, f, g, converged, ~move, history
-
-    n = x0.shape[0]
-    history = jnp.full((max_iter,), jnp.nan)
-    init = (0, proj(x0), jnp.inf, jnp.zeros(n), False, False, history)
-    k, x, f, g, converged, _, history = jax.lax.while_loop(lambda s: ~s[5], body, init)
-    return OptResult(x, f, g, k - 1, converged & jnp.isfinite(f), history)
-
-
 # XLA:CPU options for the batched programs: its YNNPACK/XNNPACK library fusions are slow on
 # the many small tensors of a batch of mixed-model fits (2x here); plain XLA fusions are used.
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_experimental_xnn_fusion_type": ""}
@@ -252,12 +166,11 @@ def _fit_lanes(theta0, lower, base: Stats, z1y, z2y, xy, yy, reml, *, struct: St
     def one(th0, a, b, c, d):
         st = with_response(base, a, b, c, d)
         if getattr(struct, "quasi_newton", False):
-            from .optimize import minimize_quasi_newton
-
             opt = minimize_quasi_newton(lambda t, s, r: dev(t, s, reml=r), th0, lower, (st, reml),
                                         max_iter=max_iter)
         else:
-            opt = newton_lane(lambda t, s, r: dev(t, s, reml=r), th0, lower, (st, reml), max_iter=max_iter)
+            opt = minimize_bounded(lambda t, s, r: dev(t, s, reml=r), th0, lower, (st, reml),
+                                   max_iter=max_iter, hessian="forward")
         sol = solve_free(opt.x, st, struct, reml, LARGE_WITHOUT_LAPACK)
         eta = eta_of(opt.x, sol.sigma, struct)
         out = dict(theta=opt.x, fun=opt.fun, n_iter=opt.n_iter, opt_converged=opt.converged,
