@@ -399,7 +399,42 @@ def _solve(L, B, transpose=False):
     return xla.solve_lower_t(L, B) if transpose else xla.solve_lower(L, B)
 
 
+INV_BASE = 128  # order below which the recursive inverse hands a block to LAPACK's trsm
+
+
+def _tri_inv(L):
+    """L⁻¹ for one lower-triangular matrix by 2×2 block recursion: [[X₁₁, 0], [−X₂₂L₂₁X₁₁, X₂₂]].
+
+    About ½n³ flops, most of them in matrix products, against n³ for a triangular solve with the
+    identity as right-hand side (which cannot skip the zeros of either factor)."""
+    n = L.shape[-1]
+    if n <= INV_BASE:
+        return lax.linalg.triangular_solve(L, jnp.eye(n, dtype=L.dtype), left_side=True, lower=True)
+    h = n // 2
+    X11, X22 = _tri_inv(L[:h, :h]), _tri_inv(L[h:, h:])
+    X21 = -(X22 @ (L[h:, :h] @ X11))
+    return jnp.block([[X11, jnp.zeros((h, n - h), L.dtype)], [X21, X22]])
+
+
+def _gram_lower(X):
+    """XᵀX for lower-triangular X by the same block recursion (LAPACK's lauum, ⅔n³ flops
+    instead of 2n³)."""
+    n = X.shape[-1]
+    if n <= INV_BASE:
+        return X.T @ X
+    h = n // 2
+    X21, X22 = X[h:, :h], X[h:, h:]
+    S11 = _gram_lower(X[:h, :h]) + X21.T @ X21
+    S21 = X22.T @ X21
+    return jnp.block([[S11, S21.T], [S21, _gram_lower(X22)]])
+
+
 def _inv_from_chol(L):
+    """S⁻¹ = L⁻ᵀL⁻¹ from the Cholesky factor(s) L. One large panel (InstEval's 1,142 columns)
+    goes through the block recursions above, ~3× faster than a solve with the identity and a
+    full product; batches of small blocks through plain XLA ops."""
+    if _lapack(L):
+        return _gram_lower(_tri_inv(L[0]))[None]
     n = L.shape[-1]
     eye = jnp.broadcast_to(jnp.eye(n, dtype=L.dtype), L.shape)
     Li = _solve(L, eye)
