@@ -14,6 +14,18 @@ Interface (all pure functions of arrays; sizes are static):
     eta_kinds           "sd" or "corr" for each η entry
     eta_from_sigma(S)   η from an (absolute) covariance matrix S
     theta_from_eta(eta, sigma)  θ for the same Σ; used to differentiate the log likelihood in η
+    theta_scale(ms)     the optimiser's unit for each θ entry, from the mean squares ``ms`` of the
+                        term's random-effects columns (see below)
+
+Scale of the random-effects columns. θ is in the units of the data (lme4's θ): with a covariate
+x multiplied by c, the θ entries of x's row of Λ are divided by c. The optimiser's tolerances
+and the boundary test (``inference.SINGULAR_TOL``) are absolute, so they work on θ / w instead,
+where w = 1/s and s is the root mean square of the column rounded to a power of 2
+(:func:`column_scale`): the θ of the model whose columns are divided by s, which is O(1) for
+covariates on any scale (an exact reparametrisation: Λ = diag(1/s) Λ_s, so the row of Λ that
+belongs to column j is divided by s_j). Structures that share one variance across their columns
+(identity, exchangeable) use one common s, the root mean square over all their columns, so the
+structure is kept.
 """
 
 from __future__ import annotations
@@ -36,6 +48,17 @@ def _tril_indices(q: int):
 
 def _pairs(q: int):
     return [(i, j) for i in range(q) for j in range(i + 1, q)]
+
+
+def column_scale(ms, xp=np):
+    """2^round(log₂ √ms): the root mean square of a column rounded to a power of 2 (exact in
+    binary, so the intercept and covariates already near unit scale keep s = 1). ``xp`` is
+    numpy or jax.numpy."""
+    return 2.0 ** xp.round(0.5 * xp.log2(ms))
+
+
+def _common(ms, xp):
+    return column_scale(xp.mean(ms), xp)
 
 
 @dataclass(frozen=True)
@@ -81,6 +104,9 @@ class Identity:
     def boundary(self, theta, tol):
         return bool(theta[0] < tol)
 
+    def theta_scale(self, ms, xp=np):
+        return xp.reshape(1.0 / _common(ms, xp), (1,))
+
 
 @dataclass(frozen=True)
 class Independent:
@@ -124,6 +150,9 @@ class Independent:
 
     def boundary(self, theta, tol):
         return bool(np.any(np.asarray(theta) < tol))
+
+    def theta_scale(self, ms, xp=np):
+        return 1.0 / column_scale(ms, xp)
 
 
 @dataclass(frozen=True)
@@ -180,6 +209,9 @@ class Exchangeable:
 
     def boundary(self, theta, tol):
         return bool(np.any(np.asarray(theta) < tol))
+
+    def theta_scale(self, ms, xp=np):
+        return xp.ones(2) / _common(ms, xp)
 
 
 @dataclass(frozen=True)
@@ -244,6 +276,10 @@ class Unstructured:
 
     def boundary(self, theta, tol):
         return bool(np.any(np.asarray(theta)[self._diag_mask] < tol))
+
+    def theta_scale(self, ms, xp=np):
+        """Entry (i, j) of Λ is in the units of 1/column i: w = 1/s_i."""
+        return 1.0 / column_scale(ms, xp)[_tril_indices(self.q)[0]]
 
 
 STRUCTURES = {

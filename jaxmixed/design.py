@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -80,9 +81,23 @@ class Design:
     def theta_lower(self) -> np.ndarray:
         return np.concatenate([t.structure.lower for t in self.terms])
 
+    @cached_property
+    def theta_scale(self) -> np.ndarray:
+        """The optimiser's unit w of each θ entry: θ = w ⊙ θ_s, where θ_s is the θ of the model
+        whose random-effects columns are divided by their root mean square rounded to a power of
+        2 (``covariance.column_scale``; one common scale for identity and exchangeable terms).
+        The optimiser and the boundary test work on θ_s, which is O(1) whatever the scale of the
+        covariates; everything reported stays in the data's units."""
+        parts = []
+        for t in self.terms:
+            Z = self.factors[t.factor].Z[:, t.cols[0]:t.cols[1]]
+            parts.append(np.asarray(t.structure.theta_scale(np.mean(Z ** 2, axis=0)), dtype=float))
+        return np.concatenate(parts)
+
     @property
     def theta0(self) -> np.ndarray:
-        return np.concatenate([t.structure.theta0 for t in self.terms])
+        """The default start: Λ_s = I in the optimiser's units (``theta_scale``)."""
+        return np.concatenate([t.structure.theta0 for t in self.terms]) * self.theta_scale
 
 
 def _check_columns(spec: ModelSpec, data: pd.DataFrame):
@@ -124,9 +139,6 @@ def _numeric(s: pd.Series, what: str) -> np.ndarray:
 MAX_ABS = 1e150
 #: the smallest root mean square of a non-constant response the engine resolves
 MIN_RESPONSE_RMS = 1e-60
-#: root-mean-square range of random-effects covariates beyond which the fit is unreliable
-#: (the optimiser's tolerances and the singular-fit test act on θ in absolute terms)
-RE_SCALE = (1e-5, 1e3)
 
 
 def _role(spec: ModelSpec, v: str) -> str:
@@ -407,14 +419,8 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
                 f"{', '.join(kept) if kept else 'nothing'} in every row; remove "
                 f"{'it' if len(dependent) == 1 else 'them'} from the term")
         for c, z in zip(t.columns, blocks[t.group]["cols"][start:stop]):
-            if c == CONS:
-                continue
-            _check_magnitude(z[:, None], [c], "random-effects covariate")
-            rms = float(np.sqrt(np.mean(z ** 2)))
-            if 0 < rms and not RE_SCALE[0] <= rms <= RE_SCALE[1]:
-                warn(f"random-effects covariate {c!r} is on the scale {rms:.3g} (root mean square); "
-                     f"variance estimates for covariates far from unit scale may be inaccurate or be "
-                     f"reported as boundary fits: rescale {c!r} (e.g. to units of about 1)")
+            if c != CONS:  # (any other scale is fine: the optimiser works in Design.theta_scale units)
+                _check_magnitude(z[:, None], [c], "random-effects covariate")
 
     # Engine order: the factor with most levels first (its block of ZᵀZ stays block-diagonal).
     order = sorted(range(len(groups)), key=lambda k: (-len(blocks[groups[k]]["levels"]), k))

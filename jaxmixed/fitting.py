@@ -25,17 +25,28 @@ from .terms import ModelSpec
 TRACE_COUNT = {"optimize": 0}  # incremented each time the optimiser is traced (tests read it)
 
 
+def scaled_deviance(theta_s, stats: Stats, struct: Structure, reml, scale):
+    """The profiled deviance at θ = scale ⊙ θ_s: the objective in the optimiser's units
+    (``Design.theta_scale``), where θ_s is O(1) whatever the scale of the covariates."""
+    return deviance(theta_s * scale, stats, struct, reml)
+
+
 @partial(jax.jit, static_argnames=("struct", "max_iter"))
 def optimize_theta(theta0, lower, stats: Stats, struct: Structure, reml,
-                   max_iter: int = 200) -> OptResult:
+                   max_iter: int = 200, scale=None) -> OptResult:
     """Minimise the profiled deviance over θ ≥ lower (one compiled program per model shape).
 
+    The optimiser works on θ_s = θ / ``scale`` (``Design.theta_scale``, an array so that data on
+    other scales reuse the program; None: 1), so its tolerances mean the same for covariates on
+    any scale; θ₀, the bounds and the returned x and gradient are in θ's own units.
     Projected Newton with the exact Hessian; where Hessians are costly (the blocked engine with
     large dense panels, ``struct.quasi_newton``) projected BFGS on exact gradients instead."""
     TRACE_COUNT["optimize"] += 1
-    if struct.quasi_newton:
-        return minimize_quasi_newton(deviance, theta0, lower, (stats, struct, reml), max_iter=max_iter)
-    return minimize_bounded(deviance, theta0, lower, (stats, struct, reml), max_iter=max_iter)
+    scale = jnp.ones_like(theta0) if scale is None else jnp.asarray(scale, dtype=theta0.dtype)
+    args = (stats, struct, reml, scale)
+    minimize = minimize_quasi_newton if struct.quasi_newton else minimize_bounded
+    opt = minimize(scaled_deviance, theta0 / scale, lower / scale, args, max_iter=max_iter)
+    return opt._replace(x=opt.x * scale, grad=opt.grad / scale)
 
 
 def _method(method: str) -> bool:
@@ -58,25 +69,28 @@ def _better(opt: OptResult, best: OptResult | None) -> bool:
     return fun < best_fun - 1e-9 or (tie and bool(opt.converged) and not bool(best.converged))
 
 
-def _mirrored(theta: np.ndarray, struct: Structure):
+def _mirrored(theta: np.ndarray, struct: Structure, scale=None):
     """θ with the entries below each zero diagonal entry of an unstructured Λ negated, or None.
 
     A column of Λ whose diagonal entry is 0 may take either sign (same Σ), but the bound θ_jj ≥ 0
     lets the optimiser see only one side: a boundary point where the gradient pushes θ_jj
     outward can be a trap whose mirror image has a descent direction into the interior.
+    "Zero" is tested in the optimiser's units, θ / ``scale`` (``Design.theta_scale``).
     """
     from .covariance import Unstructured, _tril_indices
 
     th = np.array(theta, dtype=float)
+    rel = th if scale is None else th / np.asarray(scale, dtype=float)
     changed = False
     for t in struct.terms:
         if not isinstance(t.structure, Unstructured):
             continue
         rows, cols = _tril_indices(t.structure.q)
         block = th[t.theta[0]:t.theta[1]]  # a view: edits land in th
+        unit = rel[t.theta[0]:t.theta[1]]
         for j in range(t.structure.q):
             below = (cols == j) & (rows > j)
-            if block[(cols == j) & (rows == j)][0] < inference.SINGULAR_TOL and np.any(block[below] != 0):
+            if unit[(cols == j) & (rows == j)][0] < inference.SINGULAR_TOL and np.any(block[below] != 0):
                 block[below] = -block[below]
                 changed = True
     return th if changed else None
@@ -84,9 +98,11 @@ def _mirrored(theta: np.ndarray, struct: Structure):
 
 def _best_fit(design: Design, stats: Stats, struct: Structure, reml: bool, start=None):
     """Optimise from the default start; if that fails to converge, or stops on the boundary
-    (which can be a local optimum: a slope covariate far from unit scale), try scaled starts,
-    then the mirror images of a boundary optimum (see ``_mirrored``)."""
+    (which can be a local optimum), try scaled starts, then the mirror images of a boundary
+    optimum (see ``_mirrored``). The optimiser works in ``design.theta_scale`` units; ``start``
+    and the result are θ in the data's units."""
     lower = jnp.asarray(design.theta_lower)
+    unit = jnp.asarray(design.theta_scale)
     theta0 = design.theta0 if start is None else np.asarray(start, dtype=float)
     if start is None and struct.quasi_newton:  # large models: every evaluation counts
         theta0 = moment_start(design, stats, struct)
@@ -95,17 +111,17 @@ def _best_fit(design: Design, stats: Stats, struct: Structure, reml: bool, start
     tried = []
     best = None
     for scale in (1.0, 0.1, 10.0, 0.01):
-        opt = optimize_theta(jnp.asarray(theta0 * scale), lower, stats, struct, reml)
+        opt = optimize_theta(jnp.asarray(theta0 * scale), lower, stats, struct, reml, scale=unit)
         tried.append(scale)
         if _better(opt, best):
             best = opt
-        if bool(best.converged) and not inference.is_singular(np.asarray(best.x), struct):
+        if bool(best.converged) and not inference.is_singular(np.asarray(best.x), struct, design.theta_scale):
             break
     for _ in range(3):
-        mirror = _mirrored(np.asarray(best.x), struct)
+        mirror = _mirrored(np.asarray(best.x), struct, design.theta_scale)
         if mirror is None:
             break
-        opt = optimize_theta(jnp.asarray(mirror), lower, stats, struct, reml)
+        opt = optimize_theta(jnp.asarray(mirror), lower, stats, struct, reml, scale=unit)
         if not _better(opt, best):
             break
         best = opt
@@ -146,7 +162,7 @@ def fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str = "reml", *, varia
     sol = solve(opt.x, stats, struct, reml)
     sigma = float(sol.sigma)
     vc = inference.variance_components(design, stats, struct, theta, sigma, reml, variance, level)
-    singular = inference.is_singular(theta, struct)
+    singular = inference.is_singular(theta, struct, design.theta_scale)
     converged = bool(opt.converged) and (singular or vc.hessian_ok)
     loglik = -0.5 * float(opt.fun)
     fixed = inference.fixed_table(design.xnames, sol.beta, sol.cov_beta, level)

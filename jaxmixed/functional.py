@@ -267,8 +267,21 @@ class ModelStats:
 
     @property
     def theta0(self) -> np.ndarray:
-        """Default start for θ (jm.fit's)."""
+        """Λ = I: the default start in the optimiser's units (θ₀ = this × ``theta_scale``)."""
         return np.concatenate([np.asarray(t.structure.theta0, dtype=float) for t in self.struct.terms])
+
+    @property
+    def theta_scale(self):
+        """The optimiser's unit of each θ entry (as ``Design.theta_scale``: 1 / the root mean
+        square of each random-effects column, rounded to a power of 2), from the diagonals of
+        ZᵀZ / n (weighted, with prior weights). A jax array, traceable; no gradient flows."""
+        st, struct = self.stats, self.struct
+        ms = [jnp.sum(jnp.diagonal(st.D11, axis1=1, axis2=2), axis=0) / st.n]
+        d22 = jnp.diagonal(st.A22) if struct.engine is None else None
+        for off, L, q in zip(struct.offsets, struct.L[1:], struct.q[1:]):
+            ms.append(jnp.sum(d22[off:off + L * q].reshape(L, q), axis=0) / st.n)
+        parts = [t.structure.theta_scale(ms[t.factor][t.cols[0]:t.cols[1]], jnp) for t in struct.terms]
+        return lax.stop_gradient(jnp.concatenate(parts).astype(st.WW.dtype))
 
     def __repr__(self):
         return f"ModelStats(L={self.struct.L}, q={self.struct.q}, p={self.struct.p}, n={self.stats.n})"
@@ -410,13 +423,19 @@ def _dev_grad_theta(theta, stats: ModelStats, reml):
     return jax.grad(deviance)(theta, stats, reml)
 
 
+def _scaled_deviance(theta_s, stats: ModelStats, reml, unit):
+    return deviance(theta_s * unit, stats, reml)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _argmin(theta0, stats: ModelStats, reml, max_iter):
-    """(θ̂, converged, iterations): the optimiser from θ₀ (``reml`` a float flag)."""
+    """(θ̂, converged, iterations): the optimiser from θ₀ (``reml`` a float flag), working on
+    θ / ``stats.theta_scale`` as jm.fit does."""
     lower = jnp.asarray(stats.lower)
+    unit = stats.theta_scale
     r = reml > 0.5
-    opt = minimize_bounded(deviance, theta0, lower, (stats, r), max_iter=max_iter)
-    return _polish(opt.x, stats, r, lower), opt.converged, opt.n_iter
+    opt = minimize_bounded(_scaled_deviance, theta0 / unit, lower / unit, (stats, r, unit), max_iter=max_iter)
+    return _polish(opt.x * unit, stats, r, lower), opt.converged, opt.n_iter
 
 
 POLISH_STEPS = 2
@@ -426,15 +445,17 @@ def _polish(x, stats, reml, lower):
     """A few plain Newton steps on the free coordinates after the optimiser has stopped (its
     tolerance leaves θ̂ up to ~1e-7 off; Newton's quadratic convergence takes it to rounding
     level, which derivatives through the optimum need). A step is kept only if the deviance
-    does not rise beyond its rounding noise."""
+    does not rise beyond its rounding noise. Steps are taken in the optimiser's units
+    (θ / ``stats.theta_scale``)."""
     bounded = jnp.isfinite(lower)
+    unit = stats.theta_scale
 
     def step(_, x):
-        g = _dev_grad_theta(x, stats, reml)
-        H = jax.jacfwd(_dev_grad_theta)(x, stats, reml)
-        free = ~(bounded & (x <= lower + 1e-10))
+        g = _dev_grad_theta(x, stats, reml) * unit
+        H = jax.jacfwd(_dev_grad_theta)(x, stats, reml) * unit[:, None] * unit[None, :]
+        free = ~(bounded & (x / unit <= lower + 1e-10))
         Hm = jnp.where(free[:, None] & free[None, :], H, 0.0) + jnp.diag(jnp.where(free, 0.0, 1.0))
-        d = spd_solve_xla(Hm, jnp.where(free, g, 0.0))
+        d = spd_solve_xla(Hm, jnp.where(free, g, 0.0)) * unit
         xn = jnp.where(bounded, jnp.maximum(x - d, lower), x - d)
         f0, f1 = deviance(x, stats, reml), deviance(xn, stats, reml)
         keep = jnp.isfinite(f1) & jnp.all(jnp.isfinite(xn)) & (f1 <= f0 + 1e-12 * (1.0 + jnp.abs(f0)))
@@ -455,10 +476,11 @@ def _argmin_bwd(max_iter, res, cts):
     ct = cts[0]
     r = reml > 0.5
     lower = jnp.asarray(stats.lower)
-    free = ~(jnp.isfinite(lower) & (x <= lower + 1e-10))
-    H = jax.jacfwd(_dev_grad_theta)(x, stats, r)
+    unit = stats.theta_scale  # H⁻¹ = D (D H D)⁻¹ D, solved in the optimiser's units (D = diag(unit))
+    free = ~(jnp.isfinite(lower) & (x / unit <= lower + 1e-10))
+    H = jax.jacfwd(_dev_grad_theta)(x, stats, r) * unit[:, None] * unit[None, :]
     Hm = jnp.where(free[:, None] & free[None, :], H, 0.0) + jnp.diag(jnp.where(free, 0.0, 1.0))
-    w = spd_solve_xla(Hm, jnp.where(free, ct, 0.0))
+    w = spd_solve_xla(Hm, jnp.where(free, ct * unit, 0.0)) * unit
     _, vjp = jax.vjp(lambda s: _dev_grad_theta(x, s, r), stats)
     (s_bar,) = vjp(-w)
     return jnp.zeros_like(theta0), s_bar, jnp.zeros_like(reml)
@@ -469,10 +491,11 @@ _argmin.defvjp(_argmin_fwd, _argmin_bwd)
 
 def fit_stats(stats: ModelStats, reml=True, theta0=None, max_iter: int = 200) -> Estimates:
     """Fit the model given its statistics: the projected Newton of ``jm.fit`` from ``theta0``
-    (default jm.fit's start; no restarts from other starts). Differentiable with respect to
+    (θ in the data's units; default jm.fit's start, Λ = I in ``stats.theta_scale`` units; no
+    restarts from other starts). Differentiable with respect to
     ``stats`` (implicit differentiation through θ̂). ``reml`` may be a traced bool."""
     dtype = stats.stats.WW.dtype
-    theta0 = jnp.asarray(stats.theta0 if theta0 is None else theta0, dtype=dtype)
+    theta0 = jnp.asarray(stats.theta0 * stats.theta_scale if theta0 is None else theta0, dtype=dtype)
     reml_f = jnp.asarray(reml, dtype=dtype)
     theta, converged, n_iter = _argmin(theta0, stats, reml_f, max_iter)
     r = reml_f > 0.5

@@ -23,7 +23,9 @@ from .numerics import LOG_2PI, hessian
 from .objective import Solution, deviance_at_sigma, factor_lambdas
 from .stats import Stats, Structure
 
-SINGULAR_TOL = 1e-4  # θ entries with a lower bound closer than this to it: boundary (lme4's rule)
+#: θ entries closer than this to their lower bound: boundary (lme4's rule), applied to θ in the
+#: optimiser's units, θ / Design.theta_scale (as if each random-effects column had unit scale)
+SINGULAR_TOL = 1e-4
 
 
 def term_lambdas(theta, struct: Structure):
@@ -63,8 +65,10 @@ def hessian_eta(eta, stats: Stats, struct: Structure, reml):
     return hessian(loglik_eta)(eta, stats, struct, reml)
 
 
-def is_singular(theta, struct: Structure) -> bool:
-    th = np.asarray(theta)
+def is_singular(theta, struct: Structure, scale=None) -> bool:
+    """Some θ entry within SINGULAR_TOL of its bound, measured in the optimiser's units
+    θ / ``scale`` (``Design.theta_scale``; None: θ as it is)."""
+    th = np.asarray(theta) if scale is None else np.asarray(theta) / np.asarray(scale)
     return any(t.structure.boundary(th[t.theta[0]:t.theta[1]], SINGULAR_TOL) for t in struct.terms)
 
 
@@ -80,7 +84,7 @@ def variance_components(design, stats, struct, theta, sigma, reml, variance, lev
     """The random-effects table in Stata's order and metric (cross-product engine)."""
     eta = eta_hat(theta, sigma, struct)
     cov_eta, hessian_ok = None, False
-    if not is_singular(theta, struct):
+    if not is_singular(theta, struct, design.theta_scale):
         H = np.asarray(hessian_eta(jnp.asarray(eta), stats, struct, reml))
         cov_eta, hessian_ok = covariance_from_hessian(H)
     residual = [("var(Residual)" if variance else "sd(Residual)", "sd")]
@@ -164,22 +168,27 @@ def _pair_of(label: str, names):
 
 def _transform(kind, e, var_e, z):
     """Estimate, CI bounds and delta-method se of sd = e^η, var = e^{2η}, corr = tanh η,
-    logit = 1/(1+e^-η), free = η."""
+    logit = 1/(1+e^-η), free = η. A bound or se that overflows double precision is NaN (no
+    RuntimeWarning)."""
     se_e = np.sqrt(var_e) if np.isfinite(var_e) else np.nan
     if kind == "sd":
         f, df = np.exp, np.exp
     elif kind == "var":
         f, df = (lambda x: np.exp(2 * x)), (lambda x: 2 * np.exp(2 * x))
     elif kind == "logit":
-        f = (lambda x: 1 / (1 + np.exp(-x)))
+        f = (lambda x: 0.5 * (1.0 + np.tanh(0.5 * x)))  # 1/(1+e^-x), without overflow
         df = (lambda x: f(x) * (1 - f(x)))
     elif kind == "free":
         f, df = (lambda x: x), (lambda x: 1.0)
     else:
         f, df = np.tanh, (lambda x: 1 - np.tanh(x) ** 2)
-    est = float(f(e))
-    se = float(abs(df(e)) * se_e)
-    lo, hi = float(f(e - z * se_e)), float(f(e + z * se_e))
+    with np.errstate(over="ignore", invalid="ignore"):
+        est = float(f(e))
+        se = float(abs(df(e)) * se_e)
+        lo, hi = float(f(e - z * se_e)), float(f(e + z * se_e))
+    # a bound or se beyond double precision (e^{η + z se} with a huge se: two groups, say) is
+    # reported as not available rather than as inf
+    se, lo, hi = (v if np.isfinite(v) else np.nan for v in (se, lo, hi))
     return est, lo, hi, se
 
 

@@ -152,28 +152,32 @@ def with_response(base: Stats, z1y, z2y, xy, yy) -> Stats:
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_experimental_xnn_fusion_type": ""}
 
 
-def _fit_lanes(theta0, lower, base: Stats, z1y, z2y, xy, yy, reml, *, struct: Structure,
+def _fit_lanes(theta0, lower, base: Stats, z1y, z2y, xy, yy, reml, scale=None, *, struct: Structure,
                max_iter: int = 200, hessian: bool = True):
     """Fit a batch of responses (leading axis of theta0, z1y, z2y, xy, yy) in one program:
     the optimiser of ``fitting.optimize_theta`` (projected Newton, or projected BFGS where the
     Structure asks for it), the solve at θ̂ and, with ``hessian``, the Hessian of the log
     likelihood in Stata's metric η. Cholesky factors and triangular solves of order ≤
     ``functional.UNROLL_MAX`` (the per-level blocks) run as unrolled XLA operations
-    (``functional.without_lapack``), larger ones with LAPACK unless LARGE_WITHOUT_LAPACK."""
+    (``functional.without_lapack``), larger ones with LAPACK unless LARGE_WITHOUT_LAPACK.
+    As in ``optimize_theta``, the optimiser works on θ / ``scale`` (``Design.theta_scale``);
+    starts, bounds and results are θ in the data's units."""
     dev = partial(deviance_free, struct=struct, large=LARGE_WITHOUT_LAPACK)
     loglik = without_lapack(lambda e, s, r: loglik_eta(e, s, struct, r), LARGE_WITHOUT_LAPACK)
+    unit = jnp.ones_like(lower) if scale is None else scale
 
     def one(th0, a, b, c, d):
         st = with_response(base, a, b, c, d)
         if getattr(struct, "quasi_newton", False):
-            opt = minimize_quasi_newton(lambda t, s, r: dev(t, s, reml=r), th0, lower, (st, reml),
-                                        max_iter=max_iter)
+            opt = minimize_quasi_newton(lambda t, s, r: dev(t * unit, s, reml=r), th0 / unit, lower / unit,
+                                        (st, reml), max_iter=max_iter)
         else:
-            opt = minimize_bounded(lambda t, s, r: dev(t, s, reml=r), th0, lower, (st, reml),
-                                   max_iter=max_iter, hessian="forward")
-        sol = solve_free(opt.x, st, struct, reml, LARGE_WITHOUT_LAPACK)
-        eta = eta_of(opt.x, sol.sigma, struct)
-        out = dict(theta=opt.x, fun=opt.fun, n_iter=opt.n_iter, opt_converged=opt.converged,
+            opt = minimize_bounded(lambda t, s, r: dev(t * unit, s, reml=r), th0 / unit, lower / unit,
+                                   (st, reml), max_iter=max_iter, hessian="forward")
+        theta = opt.x * unit
+        sol = solve_free(theta, st, struct, reml, LARGE_WITHOUT_LAPACK)
+        eta = eta_of(theta, sol.sigma, struct)
+        out = dict(theta=theta, fun=opt.fun, n_iter=opt.n_iter, opt_converged=opt.converged,
                    beta=sol.beta, sigma=sol.sigma, cov_beta=sol.cov_beta, eta=eta)
         if hessian:
             out["H"] = jax.jacfwd(jax.jacfwd(loglik))(eta, st, reml)
@@ -196,10 +200,10 @@ def _program(struct: Structure, max_iter: int, hessian: bool, platform: str):
 
 
 def fit_lanes(theta0, lower, base: Stats, z1y, z2y, xy, yy, struct: Structure, reml,
-              max_iter: int = 200, hessian: bool = True, platform: str | None = None):
+              max_iter: int = 200, hessian: bool = True, platform: str | None = None, scale=None):
     """``_fit_lanes`` compiled for ``platform`` (default: JAX's default backend)."""
     program = _program(struct, int(max_iter), bool(hessian), platform or jax.default_backend())
-    return program(theta0, lower, base, z1y, z2y, xy, yy, reml=reml)
+    return program(theta0, lower, base, z1y, z2y, xy, yy, reml=reml, scale=scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,6 +299,7 @@ def fit_responses(design: Design, get_y: Callable[[int, int], np.ndarray], k: in
     struct = structure_of(design)
     base = put(cross_products(design), dev)
     lower = put(jnp.asarray(design.theta_lower), dev)
+    unit = put(jnp.asarray(design.theta_scale), dev)
     theta0 = design.theta0 if start is None else np.asarray(start, dtype=float)
     if theta0.shape != (design.n_theta,):
         raise ModelError(f"start must have {design.n_theta} entries (θ), not {theta0.shape}")
@@ -321,7 +326,7 @@ def fit_responses(design: Design, get_y: Callable[[int, int], np.ndarray], k: in
         args = put(tuple(jnp.asarray(np.ascontiguousarray(a[pad])) for a in parts), dev)
         th = np.array(np.broadcast_to(th0, (b, design.n_theta)), dtype=float)[pad]
         out = fit_lanes(put(jnp.asarray(th), dev), lower, base, *args, struct, reml_arr, hessian=hessian,
-                        platform=platform)
+                        platform=platform, scale=unit)
         return {key: np.array(v)[:b] for key, v in out.items()}
 
     def rerun(best, parts, idx, starts):
@@ -342,7 +347,7 @@ def fit_responses(design: Design, get_y: Callable[[int, int], np.ndarray], k: in
 
     def needs_more(best, lane):
         return not (bool(best["opt_converged"][lane]) and
-                    not inference.is_singular(best["theta"][lane], struct))
+                    not inference.is_singular(best["theta"][lane], struct, design.theta_scale))
 
     has_mirror = any(isinstance(t.structure, covariance.Unstructured) for t in struct.terms)
     named = isinstance(warm_start, (bool, str))
@@ -380,7 +385,7 @@ def fit_responses(design: Design, get_y: Callable[[int, int], np.ndarray], k: in
         if has_mirror:
             todo = np.arange(j - i)
             for _ in range(3):
-                mirrors = [fitting._mirrored(best["theta"][lane], struct) for lane in todo]
+                mirrors = [fitting._mirrored(best["theta"][lane], struct, design.theta_scale) for lane in todo]
                 keep = np.array([m is not None for m in mirrors], dtype=bool)
                 todo = todo[keep]
                 if todo.size == 0:
@@ -471,10 +476,11 @@ def vc_values(eta: np.ndarray, layout: list[VCRow], cov_eta: np.ndarray | None =
 
 
 def singular_mask(theta: np.ndarray, design: Design) -> np.ndarray:
-    """Per row of θ (k × n_theta): a bounded θ entry within SINGULAR_TOL of 0 (lme4's rule, as
-    ``inference.is_singular`` for every covariance structure)."""
+    """Per row of θ (k × n_theta): a bounded θ entry within SINGULAR_TOL of 0 in the optimiser's
+    units θ / ``design.theta_scale`` (lme4's rule, as ``inference.is_singular`` for every
+    covariance structure)."""
     bounded = design.theta_lower == 0
-    return np.any((np.atleast_2d(theta) < SINGULAR_TOL) & bounded, axis=1)
+    return np.any((np.atleast_2d(theta) / design.theta_scale < SINGULAR_TOL) & bounded, axis=1)
 
 
 def hessian_covariance(H: np.ndarray, singular: np.ndarray):

@@ -208,9 +208,18 @@ def deviance(x, buckets, n, ps: PanelStruct, reml):
     return jnp.where(reml, dev + ld_X + (n - p) * LOG_2PI, dev + n * LOG_2PI)
 
 
+def _scaled_deviance(xs, buckets, n, ps: PanelStruct, reml, unit):
+    return deviance(xs * unit, buckets, n, ps, reml)
+
+
 @partial(jax.jit, static_argnames=("ps", "max_iter"))
-def optimize(x0, lower, buckets, n, ps: PanelStruct, reml, max_iter: int = 300):
-    return minimize_bounded(deviance, x0, lower, (buckets, n, ps, reml), max_iter=max_iter)
+def optimize(x0, lower, buckets, n, ps: PanelStruct, reml, max_iter: int = 300, unit=None):
+    """Minimise the deviance over x ≥ lower, working on x / ``unit`` (None: 1); x₀, the bounds
+    and the result are in x's units."""
+    unit = jnp.ones_like(x0) if unit is None else unit
+    opt = minimize_bounded(_scaled_deviance, x0 / unit, lower / unit, (buckets, n, ps, reml, unit),
+                           max_iter=max_iter)
+    return opt._replace(x=opt.x * unit, grad=opt.grad / unit)
 
 
 @partial(jax.jit, static_argnames=("ps",))
@@ -397,18 +406,22 @@ def fit_panel(spec, data, design: Design, res: ResidualStructure, reml: bool, va
                          np.zeros(ps.n_cgroups * ps.n_corr)])
     lower = np.concatenate([np.concatenate([s.lower for s in ps.structures]),
                             np.full(ps.n_params - ps.n_theta, -np.inf)])
-    opt = optimize(jnp.asarray(x0), jnp.asarray(lower), buckets, n, ps, reml)
+    # the optimiser's units: the θ part (absolute, θσ) in units of Design.theta_scale × σ₀, so
+    # that it is O(1) for covariates and responses on any scale (as in fitting.optimize_theta)
+    unit = np.concatenate([design.theta_scale * start_sigma, np.ones(ps.n_params - ps.n_theta)])
+    opt = optimize(jnp.asarray(x0), jnp.asarray(lower), buckets, n, ps, reml, unit=jnp.asarray(unit))
     x = np.asarray(opt.x)
     th, logs, cpar = (np.asarray(a) for a in split_params(jnp.asarray(x), ps))
-    scale = float(np.exp(np.mean(logs)))
+    scale = float(np.exp(np.mean(logs))) * design.theta_scale  # θ relative to σ, in the optimiser's units
     info = residual_param_info(ps, res, labels)
     singular = False
     pos, eta_parts = 0, []
     for s in ps.structures:
         t = th[pos:pos + s.n_theta]
-        singular |= s.boundary(t / scale, inference.SINGULAR_TOL)
+        rel = t / scale[pos:pos + s.n_theta]
+        singular |= s.boundary(rel, inference.SINGULAR_TOL)
         lam = np.asarray(s.lam(jnp.asarray(t)))
-        eta_parts.append(s.eta_from_sigma(lam @ lam.T) if not s.boundary(t / scale, 1e-12) else
+        eta_parts.append(s.eta_from_sigma(lam @ lam.T) if not s.boundary(rel, 1e-12) else
                          np.full(s.n_eta, -np.inf))
         pos += s.n_theta
     res_eta = np.concatenate([logs, cpar.ravel()])
