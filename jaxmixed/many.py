@@ -472,6 +472,8 @@ def vc_values(eta: np.ndarray, layout: list[VCRow], cov_eta: np.ndarray | None =
                     g[:, c] = sdij * (1 - rho**2)
                     se[:, r] = np.sqrt(np.einsum("ki,kij,kj->k", g, cov_eta, g))
                     lo[:, r], hi[:, r] = est[:, r] - z * se[:, r], est[:, r] + z * se[:, r]
+    # as inference._transform: a bound or se beyond double precision is not available, not inf
+    se, lo, hi = (np.where(np.isfinite(v), v, np.nan) for v in (se, lo, hi))
     return est, se, lo, hi
 
 

@@ -114,3 +114,18 @@ def test_bad_input(jsp_many):
         jm.fit_many(FORMULA, d2, responses=["v0", "flat"])
     with pytest.raises(jm.ModelError, match="method"):
         jm.fit_many(FORMULA, d, responses=names[:2], method="bayes")
+
+
+def test_vc_values_overflowing_bound_is_nan_like_the_fit_table():
+    """A huge se on the ln-sd scale: the upper bound overflows; fit_many's table says NaN, as
+    ``inference._transform`` (FitResult.random) does, never inf."""
+    from jaxmixed import inference
+    from jaxmixed.many import VCRow, vc_values
+
+    layout = [VCRow("g", "sd(_cons)", "sd", (0,)), VCRow("Residual", "sd(Residual)", "sd", (1,))]
+    eta, cov = np.array([[0.1, 0.0]]), np.array([[[1e6, 0.0], [0.0, 0.01]]])
+    est, se, lo, hi = vc_values(eta, layout, cov)
+    one = inference._transform("sd", 0.1, 1e6, 1.96)
+    assert np.isnan(hi[0, 0]) and np.isnan(one[2])
+    np.testing.assert_allclose([est[0, 0], lo[0, 0], se[0, 0]], [one[0], one[1], one[3]], rtol=1e-12)
+    assert np.isfinite(hi[0, 1])
