@@ -28,12 +28,36 @@ from .compare import LRTest, lrtest  # noqa: E402
 from .errors import DataError, FormulaError, JaxmixedError, JaxmixedWarning, ModelError  # noqa: E402
 from .fitting import fit, fit_spec, mixed, xtmixed  # noqa: E402
 from .formula import parse_formula  # noqa: E402
-from . import functional  # noqa: E402
-from .bootstrap import BootstrapLRTest, BootstrapResult, bootstrap_lrtest  # noqa: E402
-from .many import ManyResult, fit_many  # noqa: E402
 from .residuals import ar, banded, exchangeable, exponential, independent, ma, toeplitz, unstructured  # noqa: E402
 from .results import FitResult  # noqa: E402
-from .stata import parse_stata  # noqa: E402
+
+# Imported at first use (PEP 562), so that ``import jaxmixed`` and a first fit do not pay for them.
+_LAZY = {
+    "functional": ("functional", None),
+    "BootstrapLRTest": ("bootstrap", "BootstrapLRTest"),
+    "BootstrapResult": ("bootstrap", "BootstrapResult"),
+    "bootstrap_lrtest": ("bootstrap", "bootstrap_lrtest"),
+    "ManyResult": ("many", "ManyResult"),
+    "fit_many": ("many", "fit_many"),
+    "parse_stata": ("stata", "parse_stata"),
+}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    module, attr = _LAZY[name]
+    value = importlib.import_module(f"{__name__}.{module}")
+    value = value if attr is None else getattr(value, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "DataError", "FitResult", "LRTest", "lrtest", "FormulaError", "JaxmixedError", "JaxmixedWarning", "ModelError",

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
+from . import distributions as sps
 from .compare import LRTest, lrtest
 from .errors import ModelError
 from .many import fit_responses, put, resolve_device, vc_layout, vc_values

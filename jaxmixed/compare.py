@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from scipy import stats as sps
-
+from . import distributions as sps
 from .errors import ModelError
 
 

@@ -6,14 +6,13 @@ Each stage is usable alone; ``fit_spec`` only chains them. Nothing here prints.
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from . import inference
+from . import distributions, inference, programs
 from .design import Design, build_design
 from .errors import ModelError, warn
 from .objective import deviance, solve
@@ -31,7 +30,7 @@ def scaled_deviance(theta_s, stats: Stats, struct: Structure, reml, scale):
     return deviance(theta_s * scale, stats, struct, reml)
 
 
-@partial(jax.jit, static_argnames=("struct", "max_iter"))
+@programs.cached(static_argnames=("struct", "max_iter"))
 def optimize_theta(theta0, lower, stats: Stats, struct: Structure, reml,
                    max_iter: int = 200, scale=None) -> OptResult:
     """Minimise the profiled deviance over θ ≥ lower (one compiled program per model shape).
@@ -96,13 +95,20 @@ def _mirrored(theta: np.ndarray, struct: Structure, scale=None):
     return th if changed else None
 
 
+def _host(x):
+    """A float64 array on JAX's default device, uncommitted, as ``jnp.asarray`` gives, but without
+    running a program (``jnp.asarray`` of a NumPy array runs one per shape: 5–15 ms each in a
+    fresh process)."""
+    return jax.device_put(np.asarray(x, dtype=np.float64))
+
+
 def _best_fit(design: Design, stats: Stats, struct: Structure, reml: bool, start=None):
     """Optimise from the default start; if that fails to converge, or stops on the boundary
     (which can be a local optimum), try scaled starts, then the mirror images of a boundary
     optimum (see ``_mirrored``). The optimiser works in ``design.theta_scale`` units; ``start``
     and the result are θ in the data's units."""
-    lower = jnp.asarray(design.theta_lower)
-    unit = jnp.asarray(design.theta_scale)
+    lower = _host(design.theta_lower)
+    unit = _host(design.theta_scale)
     theta0 = design.theta0 if start is None else np.asarray(start, dtype=float)
     if start is None and struct.quasi_newton:  # large models: every evaluation counts
         theta0 = moment_start(design, stats, struct)
@@ -111,7 +117,7 @@ def _best_fit(design: Design, stats: Stats, struct: Structure, reml: bool, start
     tried = []
     best = None
     for scale in (1.0, 0.1, 10.0, 0.01):
-        opt = optimize_theta(jnp.asarray(theta0 * scale), lower, stats, struct, reml, scale=unit)
+        opt = optimize_theta(_host(theta0 * scale), lower, stats, struct, reml, scale=unit)
         tried.append(scale)
         if _better(opt, best):
             best = opt
@@ -121,11 +127,47 @@ def _best_fit(design: Design, stats: Stats, struct: Structure, reml: bool, start
         mirror = _mirrored(np.asarray(best.x), struct, design.theta_scale)
         if mirror is None:
             break
-        opt = optimize_theta(jnp.asarray(mirror), lower, stats, struct, reml, scale=unit)
+        opt = optimize_theta(_host(mirror), lower, stats, struct, reml, scale=unit)
         if not _better(opt, best):
             break
         best = opt
     return best, tried
+
+
+@programs.cached(static_argnames=("struct",))
+def _solution(theta, stats: Stats, struct: Structure, reml):
+    """``objective.solve`` at θ, and each term's Λ (η is computed from them on the host)."""
+    return solve(theta, stats, struct, reml), tuple(inference.term_lambdas(theta, struct))
+
+
+_hessian_eta = programs.cached(inference.hessian_eta, static_argnames=("struct",))
+
+
+def _prefetch(design: Design, stats: Stats, struct: Structure, reml: bool) -> None:
+    """Have the programs that follow the optimiser loaded from disk in the background while it
+    runs (``programs.Program.prefetch``; nothing when they are not on disk yet), then the
+    module that the tables need."""
+    f64 = np.dtype("float64")
+    _solution.prefetch(jax.ShapeDtypeStruct((design.n_theta,), f64), stats, struct, reml)
+    n_eta = sum(t.structure.n_eta for t in struct.terms) + 1
+    _hessian_eta.prefetch(jax.ShapeDtypeStruct((n_eta,), f64), stats, struct, reml)
+    programs.in_background(distributions.preload)  # scipy.special, for the tables (≈ 0.03 s)
+
+
+def _variance_components(design, stats, struct, theta, sigma, lams, reml, variance, level):
+    """``inference.variance_components`` with Λ from ``_solution`` and the η-Hessian program
+    kept on disk (``programs.cached``): no program is traced or dispatched one operation at a
+    time on the way (each costs 5–15 ms in a fresh process, even with a warm cache)."""
+    parts = [t.structure.eta_from_sigma(sigma**2 * lam @ lam.T)  # as inference.eta_hat
+             for t, lam in zip(struct.terms, map(np.asarray, lams))]
+    eta = np.concatenate(parts + [np.array([np.log(sigma)])])
+    cov_eta, hessian_ok = None, False
+    if not inference.is_singular(theta, struct, design.theta_scale):
+        H = np.asarray(_hessian_eta(_host(eta), stats, struct, reml))
+        cov_eta, hessian_ok = inference.covariance_from_hessian(H)
+    residual = [("var(Residual)" if variance else "sd(Residual)", "sd")]
+    table = inference.component_table(design.terms, eta, cov_eta, variance, level, residual)
+    return inference.VarianceComponents(table=table, eta=eta, cov_eta=cov_eta, hessian_ok=hessian_ok)
 
 
 def fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str = "reml", *, variance: bool = False,
@@ -144,7 +186,7 @@ def fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str = "reml", *, varia
     independent-errors fit.
     """
     reml = _method(method)
-    from .many import put, resolve_device
+    from .devices import put, resolve_device
 
     dev = resolve_device(device)
     if residuals is not None:
@@ -157,11 +199,12 @@ def fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str = "reml", *, varia
         raise ModelError(f"REML needs more observations ({design.nobs}) than fixed effects ({design.p})")
     stats = put(cross_products(design), dev)
     struct = structure_of(design)
+    _prefetch(design, stats, struct, reml)
     opt, tried = _best_fit(design, stats, struct, reml, start)
     theta = np.asarray(opt.x)
-    sol = solve(opt.x, stats, struct, reml)
+    sol, lams = _solution(_host(theta), stats, struct, reml)  # uncommitted, as _prefetch's
     sigma = float(sol.sigma)
-    vc = inference.variance_components(design, stats, struct, theta, sigma, reml, variance, level)
+    vc = _variance_components(design, stats, struct, theta, sigma, lams, reml, variance, level)
     singular = inference.is_singular(theta, struct, design.theta_scale)
     converged = bool(opt.converged) and (singular or vc.hessian_ok)
     loglik = -0.5 * float(opt.fun)

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
+from . import distributions as sps
 from .numerics import LOG_2PI, hessian
 from .objective import Solution, deviance_at_sigma, factor_lambdas
 from .stats import Stats, Structure

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-LOG_2PI = float(jnp.log(2.0 * jnp.pi))
+LOG_2PI = math.log(2.0 * math.pi)  # the same double as jnp.log(2π), without running a program at import
 
 
 def safe_log(x, tiny: float = 1e-300):

@@ -11,7 +11,9 @@ compiled programs instead of compiling them again. It is left alone when
 
 At run time: ``jaxmixed.runtime.disable_compilation_cache()`` / ``enable_compilation_cache(path)``
 and ``compilation_cache_dir()``. The cache is trusted code: do not point it at a directory that
-others can write to.
+others can write to. JAX consults it only after tracing a program, so :mod:`jaxmixed.programs`
+keeps the traced programs of a fit beside it (``jaxmixed-programs/``), on and off with it: a
+fresh process then neither traces nor compiles them.
 
 **BLAS threads.** JAX's CPU Cholesky and triangular solves call the OpenBLAS that SciPy ships.
 With more than one thread, OpenBLAS spins waiting for its workers; on a machine with few cores
@@ -20,11 +22,22 @@ with ``openblas_set_num_threads`` made XLA's batched small factorisations (20,00
 blocks) stall, so jaxmixed leaves OpenBLAS alone by default; ``JAXMIXED_BLAS_THREADS=n`` (at
 import) or ``set_blas_threads(n)`` set it for those who want it. XLA's own matrix products keep
 their thread pool.
+
+**Exit.** A process that has imported JAX, pandas and SciPy spends 0.2–0.3 s after its last
+statement in the garbage collector's passes over every object of those libraries. jaxmixed
+registers an ``atexit`` hook that freezes the objects still alive then (``gc.freeze()``), which
+makes those passes empty: exit takes ≈ 0.04 s. Everything else about shutdown is unchanged
+(other ``atexit`` hooks, buffers flushed, objects freed by reference counting); only objects
+kept alive by reference cycles are no longer collected at exit, which CPython does not promise
+anyway (their ``__del__`` may not run). ``JAXMIXED_EXIT_GC=1`` (before importing jaxmixed)
+leaves shutdown alone.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import gc
 import glob
 import os
 
@@ -110,8 +123,15 @@ def set_blas_threads(n: int) -> bool:
     return done
 
 
+def _freeze_at_exit() -> None:
+    gc.freeze()  # the collector's passes at shutdown then skip every object (module docstring)
+
+
 def configure_from_environment() -> None:
-    """What ``import jaxmixed`` does: the cache, and BLAS threads if asked (see the module docstring)."""
+    """What ``import jaxmixed`` does: the cache, BLAS threads if asked, the exit hook (see the
+    module docstring)."""
+    if os.environ.get("JAXMIXED_EXIT_GC", "").strip() in ("", "0", "false", "False"):
+        atexit.register(_freeze_at_exit)
     if os.environ.get("JAXMIXED_NO_CACHE", "").strip() not in ("", "0", "false", "False"):
         pass
     elif not jax.config.jax_compilation_cache_dir:

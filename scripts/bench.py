@@ -18,8 +18,12 @@ Cases:
   insteval  lme4::InstEval (73,421 ratings): y ~ 1 + service + (1|s) + (1|d) + (1|dept), ML
   million   1,000,000 rows, 20,000 groups: y ~ x1 + x2 + x3 + x4 + (1 + x1 | g), REML (seed 1)
   nested    200,000 pupils in 5,000 classes in 500 schools: y ~ x + (1|school) + (1|school:class), REML
-  small     the seed's pig, productivity and JSP models: cold / warm-cache / refit, against lmer in a
-            warm R session and a fresh Rscript (whole process)
+  small     the seed's small models (pig random intercept, random slope and crossed, productivity
+            nested, JSP random slope): cold / warm-cache / refit, against lmer in a warm R session;
+            and the headline "fresh process" figure: a whole `python -c` that imports jaxmixed,
+            reads the CSV and fits (compilation cache warm), against a whole `Rscript -e` that
+            loads lme4, reads the CSV and fits, wall clock, --reps runs each, alternating
+            (a single small model: --case pig_ri, pig_slope, pig, productivity, jsp)
   scaling   one objective evaluation (and value+gradient) at n, 10n, 100n rows (50,000 to 5,000,000)
             on fixed grouping structures (crossed 500 × 20, nested, random slopes): should be flat
 
@@ -53,6 +57,10 @@ CASES = {
                     sm=dict(groups="g", re="~x1", vc=None, fixed="y ~ x1 + x2 + x3 + x4")),
     "nested": dict(formula="y ~ x + (1|school) + (1|school:class)", method="reml", factors=["school", "class"],
                    sm=dict(groups="school", re="~1", vc={"klass": "0 + C(Q('class'))"}, fixed="y ~ x")),
+    "pig_ri": dict(formula="weight ~ week + (1|id)", method="reml", factors=["id"],
+                   sm=dict(groups="id", re="~1", vc=None, fixed="weight ~ week")),
+    "pig_slope": dict(formula="weight ~ week + (1 + week|id)", method="reml", factors=["id"],
+                      sm=dict(groups="id", re="~week", vc=None, fixed="weight ~ week")),
     "pig": dict(formula="weight ~ week + (1|id) + (1|week)", method="reml", factors=["id"],
                 sm=dict(groups=None, re=None, vc={"id": "0 + C(id)", "wk": "0 + C(week)"}, fixed="weight ~ week")),
     "productivity": dict(formula="gsp ~ private + emp + hwy + water + other + unemp + (1|region) + (1|region:state)",
@@ -62,7 +70,8 @@ CASES = {
     "jsp": dict(formula="math5 ~ math3 + (1 + math3 | school)", method="reml", factors=["school"],
                 sm=dict(groups="school", re="~math3", vc=None, fixed="math5 ~ math3")),
 }
-SMALL = ("pig", "productivity", "jsp")
+SMALL = ("pig_ri", "pig_slope", "pig", "productivity", "jsp")
+DATASET = {"pig_ri": "pig", "pig_slope": "pig"}  # cases that share a data set
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,7 +83,7 @@ def data_path(case: str) -> str:
     if case in SMALL:
         import jaxmixed
 
-        return os.path.join(os.path.dirname(jaxmixed.__file__), "datasets", f"{case}.csv")
+        return os.path.join(os.path.dirname(jaxmixed.__file__), "datasets", f"{DATASET.get(case, case)}.csv")
     path = os.path.join(DATA, {"insteval": "insteval.csv", "million": "million.csv", "nested": "nested.csv"}[case])
     if os.path.exists(path):
         return path
@@ -240,6 +249,72 @@ def sm_run(case, timeout, memory_gb):
                        "--sm-memory", str(memory_gb)], timeout=timeout)
 
 
+# A whole fresh process per fit, as a user runs one: start the interpreter, import the package or
+# load lme4, read the CSV, fit, print the log likelihood, exit. Timed by wall clock from here.
+FRESH_PY = """
+import sys
+import pandas as pd
+import jaxmixed as jm
+path, formula, method, factors = sys.argv[1:5]
+d = pd.read_csv(path)
+for c in filter(None, factors.split(",")):
+    d[c] = d[c].astype(str)
+print(repr(jm.fit(formula, d, method=method).loglik))
+"""
+
+FRESH_R = r"""
+suppressMessages(library(lme4))
+a <- commandArgs(trailingOnly = TRUE)
+d <- read.csv(a[1])
+for (f in strsplit(a[4], ",")[[1]]) d[[f]] <- factor(d[[f]])
+m <- lmer(as.formula(a[2]), d, REML = a[3] == "reml")
+cat(sprintf("%.10f\n", as.numeric(logLik(m))))
+"""
+
+
+def _timed(cmd, env=None):
+    t = time.perf_counter()  # cwd: not the repository root, whose jaxmixed/ would shadow PYTHONPATH
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE)
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        return wall, "failed: " + " | ".join((p.stderr or p.stdout).strip().splitlines()[-3:])
+    return wall, float(p.stdout.strip().splitlines()[-1])
+
+
+def fresh_process_runs(case, cache_dir, reps, lme4=True):
+    """``reps`` whole-process fits of each tool, alternating: jaxmixed with the compilation cache
+    in ``cache_dir`` (filled by a first, untimed run) and Rscript with lme4. Python runs with its
+    bytecode cache on, as an installed package does (pip byte-compiles it; this project's
+    machine sets PYTHONDONTWRITEBYTECODE=1, which would recompile jaxmixed's sources in every
+    process: ≈ +0.1 s)."""
+    spec = CASES[case]
+    factors = list(spec["factors"]) + (["state"] if case == "productivity" else [])
+    args = [data_path(case), spec["formula"], spec["method"], ",".join(factors)]
+    env = {**os.environ, "JAXMIXED_CACHE_DIR": cache_dir}
+    for k in ("JAXMIXED_NO_CACHE", "PYTHONDONTWRITEBYTECODE"):
+        env.pop(k, None)
+    py = [sys.executable, "-c", FRESH_PY, *args]
+    _timed(py, env)  # fills the caches (compiled programs, .pyc) where the cold run did not
+    with tempfile.NamedTemporaryFile("w", suffix=".R", delete=False) as fh:
+        fh.write(FRESH_R)
+    r = ["Rscript", fh.name, *args]
+    runs = {"jaxmixed": [], "lme4": []}
+    for _ in range(reps):
+        runs["jaxmixed"].append(_timed(py, env))
+        if lme4:
+            runs["lme4"].append(_timed(r))
+    os.unlink(fh.name)
+    out = {}
+    for tool, rs in runs.items():
+        bad = [v for _, v in rs if isinstance(v, str)]
+        if not rs or bad:
+            out[tool] = dict(status=bad[0] if bad else "skipped")
+            continue
+        walls = [w for w, _ in rs]
+        out[tool] = dict(median=float(np.median(walls)), min=min(walls), max=max(walls), walls=walls, loglik=rs[0][1])
+    return out
+
+
 def fmt_s(x):
     return "-" if x is None else f"{x:.3f} s" if x < 100 else f"{x:.0f} s"
 
@@ -275,37 +350,49 @@ def table(rows, ref):
         print(f"{name:32s} {fmt_s(r.get('wall')):>10s} {pk:>9s} {r.get('loglik', float('nan')):18.6f} {ratio:>10s} {rel:>12s}")
 
 
-def small_case(opts, results):
+def small_case(opts, results, cases=SMALL):
     print("\n== small seed models (REML)")
     out = {}
-    with tempfile.TemporaryDirectory() as cache:
-        for case in SMALL:
+    for case in cases:
+        with tempfile.TemporaryDirectory() as cache:  # each model's own: its first run is cold
             cold, warm = jaxmixed_runs(case, cache)
-            lme4 = lme4_run(case, reps=11) if opts.lme4 else dict(status="skipped")
-            sm = sm_run(case, opts.sm_timeout, opts.sm_memory) if not opts.no_sm else dict(status="skipped")
-            out[case] = dict(cold=cold, warm_cache=warm, lme4=lme4, statsmodels=sm)
-            print(f"\n-- {case}: {CASES[case]['formula']}")
-            if "status" in cold or "status" in warm:
-                print(f"  jaxmixed failed: {cold.get('status')} {warm.get('status')}")
-                continue
-            print(f"  jaxmixed fit, fresh process, empty cache : {fmt_s(cold.get('wall'))}  "
-                  f"(whole process {fmt_s(cold.get('process_wall'))}, import {fmt_s(cold.get('import_s'))})")
-            print(f"  jaxmixed fit, fresh process, warm cache  : {fmt_s(warm.get('wall'))}  "
-                  f"(whole process {fmt_s(warm.get('process_wall'))})")
-            print(f"  jaxmixed refit in the same process       : {fmt_s(warm.get('refit'))}")
-            if "status" not in lme4:
-                print(f"  lme4 lmer, first call in Rscript         : {fmt_s(lme4['wall'])}  "
-                      f"(whole Rscript process {fmt_s(lme4['process_wall'])})")
-                print(f"  lme4 lmer, warm R session                : {fmt_s(lme4['warm'])}")
-                print(f"  refit ratio lme4 warm / jaxmixed refit   : {lme4['warm'] / warm['refit']:.1f}x")
-                print(f"  fresh process ratio Rscript / jaxmixed (warm cache): "
-                      f"{lme4['process_wall'] / warm['process_wall']:.2f}x")
-                print(f"  log likelihood: jaxmixed {warm.get('loglik'):.6f}  lme4 {lme4['loglik']:.6f}")
-            else:
-                print(f"  lme4: {lme4['status']}")
-            print(f"  statsmodels: " + (f"{fmt_s(sm['wall'])}, loglik {sm['loglik']:.6f}" if "wall" in sm and "loglik" in sm
-                                         else sm.get("status", "")))
-    results["small"] = out
+            fresh = fresh_process_runs(case, cache, opts.reps, opts.lme4)
+        lme4 = lme4_run(case, reps=11) if opts.lme4 else dict(status="skipped")
+        sm = sm_run(case, opts.sm_timeout, opts.sm_memory) if not opts.no_sm else dict(status="skipped")
+        out[case] = dict(cold=cold, warm_cache=warm, lme4=lme4, statsmodels=sm, fresh_process=fresh)
+        print(f"\n-- {case}: {CASES[case]['formula']}")
+        if "status" in cold or "status" in warm:
+            print(f"  jaxmixed failed: {cold.get('status')} {warm.get('status')}")
+            continue
+        jf, rf = fresh["jaxmixed"], fresh["lme4"]
+        print(f"  FRESH PROCESS, whole wall time, median of {opts.reps} [min-max], cache warm:")
+        if "median" in jf:
+            print(f"    python -c 'import jaxmixed; read csv; fit'   : {fmt_s(jf['median'])}  "
+                  f"[{jf['min']:.3f}-{jf['max']:.3f}]")
+        else:
+            print(f"    jaxmixed: {jf['status']}")
+        if "median" in rf:
+            print(f"    Rscript 'library(lme4); read.csv; lmer'      : {fmt_s(rf['median'])}  "
+                  f"[{rf['min']:.3f}-{rf['max']:.3f}]")
+            if "median" in jf:
+                print(f"    Rscript / jaxmixed (medians)                 : {rf['median'] / jf['median']:.2f}x")
+        else:
+            print(f"    Rscript: {rf['status']}")
+        print(f"  jaxmixed fit, fresh process, empty cache : {fmt_s(cold.get('wall'))}  "
+              f"(whole process {fmt_s(cold.get('process_wall'))}, import {fmt_s(cold.get('import_s'))})")
+        print(f"  jaxmixed fit, fresh process, warm cache  : {fmt_s(warm.get('wall'))}  "
+              f"(import {fmt_s(warm.get('import_s'))})")
+        print(f"  jaxmixed refit in the same process       : {fmt_s(warm.get('refit'))}")
+        if "status" not in lme4:
+            print(f"  lme4 lmer, first call in Rscript         : {fmt_s(lme4['wall'])}")
+            print(f"  lme4 lmer, warm R session                : {fmt_s(lme4['warm'])}")
+            print(f"  refit ratio lme4 warm / jaxmixed refit   : {lme4['warm'] / warm['refit']:.1f}x")
+            print(f"  log likelihood: jaxmixed {warm.get('loglik'):.6f}  lme4 {lme4['loglik']:.6f}")
+        else:
+            print(f"  lme4: {lme4['status']}")
+        print(f"  statsmodels: " + (f"{fmt_s(sm['wall'])}, loglik {sm['loglik']:.6f}" if "wall" in sm and "loglik" in sm
+                                     else sm.get("status", "")))
+    results.setdefault("small", {}).update(out)
 
 
 def scaling_case(opts, results):
@@ -376,6 +463,7 @@ def main():
     ap.add_argument("--sm-timeout", type=float, default=600.0)
     ap.add_argument("--sm-memory", type=float, default=8.0)
     ap.add_argument("--no-sm", action="store_true", help="skip statsmodels")
+    ap.add_argument("--reps", type=int, default=7, help="fresh-process runs of each tool (small models)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--refit", action="store_true", help=argparse.SUPPRESS)
@@ -394,6 +482,8 @@ def main():
     for case in opts.case or ["small", "scaling", "nested", "million", "insteval"]:
         if case == "small":
             small_case(opts, results)
+        elif case in SMALL:
+            small_case(opts, results, (case,))
         elif case == "scaling":
             scaling_case(opts, results)
         else:

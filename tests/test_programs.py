@@ -1,0 +1,127 @@
+"""Fresh-process speed machinery: programs kept on disk (jaxmixed.programs), the scipy.stats
+stand-in (jaxmixed.distributions), lazy imports. Results must be exactly those of plain jit."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from jaxmixed import distributions, programs, runtime
+
+
+def _same(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape and a.dtype == b.dtype, (a, b)
+    assert np.array_equal(a, b, equal_nan=True), (a, b)
+
+
+def test_distributions_are_scipy_stats_exactly():
+    rng = np.random.default_rng(0)
+    xs = [0.0, -1.0, 1e-300, 1e-20, 0.5, 1, 2.5, 3.84, 10, 100, 1e3, 1e6, np.inf, -np.inf, np.nan, 37.5]
+    for x in xs + list(rng.normal(0, 5, 30)):
+        for df in [1, 2, 3, 7, 0.5, 0, -1, np.nan, 40]:
+            expected, got = stats.chi2.sf(x, df), distributions.chi2.sf(x, df)
+            _same(expected, got)
+            assert type(expected) is type(got)
+        _same(stats.norm.sf(x), distributions.norm.sf(x))
+        _same(stats.norm.cdf(x), distributions.norm.cdf(x))
+    for q in [0, 1, 0.5, 0.975, 0.995, 1e-10, 1 - 1e-12, -0.1, 1.1, np.nan] + list(rng.uniform(size=30)):
+        expected, got = stats.norm.ppf(q), distributions.norm.ppf(q)
+        _same(expected, got)
+        assert type(expected) is type(got)
+    a = rng.normal(0, 3, (4, 5))
+    _same(stats.norm.sf(np.abs(a)), distributions.norm.sf(np.abs(a)))
+    _same(stats.chi2.sf(a**2, np.arange(1, 6)), distributions.chi2.sf(a**2, np.arange(1, 6)))
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    before = runtime.compilation_cache_dir()
+    runtime.enable_compilation_cache(str(tmp_path))
+    try:
+        yield tmp_path
+    finally:
+        if before:
+            runtime.enable_compilation_cache(before)
+        else:
+            runtime.disable_compilation_cache()
+
+
+def _f(x, y, scale, n: int = 2):
+    out = jnp.sin(x) @ y * scale
+    for _ in range(n):
+        out = jnp.tanh(out)
+    return out, {"sum": jnp.sum(out)}
+
+
+def test_cached_program_is_kept_loaded_and_exact(cache_dir):
+    x, y = jnp.linspace(0.0, 1.0, 12).reshape(3, 4), jnp.ones((4, 2))
+    expected = jax.jit(_f, static_argnames="n")(x, y, 0.5, n=3)
+    first = programs.cached(_f, static_argnames=("n",))
+    before = dict(programs.STATS)
+    got = first(x, y, 0.5, n=3)
+    assert programs.STATS["exported"] == before["exported"] + 1
+    assert len(os.listdir(cache_dir / programs.SUBDIR)) == 1
+    jax.tree_util.tree_map(_same, got, expected)
+    first(x, y, 0.25, n=3)  # same shapes and statics: the same program, no new export
+    assert programs.STATS["exported"] == before["exported"] + 1
+
+    again = programs.cached(_f, static_argnames=("n",))  # as a new process would: from disk
+    jax.tree_util.tree_map(_same, again(x, y, 0.5, n=3), expected)
+    assert programs.STATS["loaded"] == before["loaded"] + 1
+
+    prefetched = programs.cached(_f, static_argnames=("n",))
+    prefetched.prefetch(jax.ShapeDtypeStruct(x.shape, x.dtype), y, 0.5, n=3)
+    jax.tree_util.tree_map(_same, prefetched(x, y, 0.5, n=3), expected)
+    assert programs.STATS["loaded"] == before["loaded"] + 2
+
+    other = first(x, y, 0.5, n=1)  # another static value: another program
+    jax.tree_util.tree_map(_same, other, jax.jit(_f, static_argnames="n")(x, y, 0.5, n=1))
+    assert len(os.listdir(cache_dir / programs.SUBDIR)) == 2
+
+
+def test_cached_program_without_cache_or_jit_is_plain_jax():
+    before = runtime.compilation_cache_dir()
+    runtime.disable_compilation_cache()
+    try:
+        f = programs.cached(_f, static_argnames=("n",))
+        x, y = jnp.ones((2, 3)), jnp.ones((3, 1))
+        jax.tree_util.tree_map(_same, f(x, y, 2.0), jax.jit(_f, static_argnames="n")(x, y, 2.0))
+        with jax.disable_jit():
+            jax.tree_util.tree_map(_same, f(x, y, 2.0), _f(x, y, 2.0))
+    finally:
+        if before:
+            runtime.enable_compilation_cache(before)
+
+
+FRESH = """
+import json, sys
+import jaxmixed as jm
+from jaxmixed import fitting, programs
+r = jm.fit("weight ~ week + (1|id)", jm.datasets.load("pig"))
+print(json.dumps(dict(loglik=r.loglik, fixed=r.fixed.to_numpy().tolist(), random=r.random.estimate.tolist(),
+                      se=r.random.se.tolist(), traced=fitting.TRACE_COUNT["optimize"], stats=programs.STATS,
+                      lazy=[m for m in ("scipy.stats", "jaxmixed.many", "jaxmixed.functional", "jaxmixed.bootstrap")
+                            if m in sys.modules])))
+"""
+
+
+def test_fresh_process_with_warm_cache_traces_nothing(tmp_path):
+    env = {**os.environ, "JAXMIXED_CACHE_DIR": str(tmp_path)}
+    env.pop("JAXMIXED_NO_CACHE", None)
+    runs = []
+    for _ in range(2):
+        p = subprocess.run([sys.executable, "-c", FRESH], env=env, capture_output=True, text=True, check=True)
+        runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert cold["traced"] == 1 and cold["stats"]["exported"] == 3
+    assert warm["traced"] == 0 and warm["stats"] == {"loaded": 3, "exported": 0, "fallback": 0}
+    for key in ("loglik", "fixed", "random", "se"):
+        assert warm[key] == cold[key]
+    assert warm["lazy"] == [], "a fit imported modules it does not need"
