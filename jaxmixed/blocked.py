@@ -38,9 +38,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.sparse as sp
 from jax import lax
-from scipy.sparse.csgraph import connected_components
 
 from . import xla_linalg as xla
 from .errors import ModelError
@@ -194,6 +192,9 @@ def _panels(pat: Pattern, design) -> None:
     r = np.concatenate(rows)
     c = np.concatenate(cols)
     N = n_rest + L1
+    import scipy.sparse as sp  # here, not at import: one-factor models never get this far (≈ 0.14 s)
+    from scipy.sparse.csgraph import connected_components
+
     g = sp.coo_matrix((np.ones(len(r)), (r, c)), shape=(N, N)).tocsr()
     _, label = connected_components(g, directed=False)
     lab_rest = label[:n_rest]
@@ -364,13 +365,15 @@ def sparse_arrays(design, pat: Pattern, blockvals: list, xvals: dict, diagvals: 
             lam_idx[s, b_] = lam_off[k] + b_ * f.q + comp  # Λ_f[b, a]
             lam_idx_t[s, b_] = lam_off[k] + comp * f.q + b_  # Λ_f[a, b]
             sib[s, b_] = slot_local[s] - comp + b_
-    i32 = lambda x: jnp.asarray(np.asarray(x, dtype=np.int32))  # noqa: E731
-    sx = Sparse21(lev=i32(lev), slot=i32(slot), nat=i32(nat), V=jnp.asarray(V), pair_lev=i32(lev[ea]),
-                  pair_tgt=i32(tgt), pair_coef=jnp.asarray(coef), pair_diag=jnp.asarray(ea == eb),
+    # device_put, not jnp.asarray: no one-operation program per shape (5–15 ms each, fresh process)
+    i32 = lambda x: jax.device_put(np.asarray(x, dtype=np.int32))  # noqa: E731
+    f64 = lambda x: jax.device_put(np.asarray(x, dtype=np.float64))  # noqa: E731
+    sx = Sparse21(lev=i32(lev), slot=i32(slot), nat=i32(nat), V=f64(V), pair_lev=i32(lev[ea]),
+                  pair_tgt=i32(tgt), pair_coef=f64(coef), pair_diag=jax.device_put(ea == eb),
                   slot_nat=i32(slot_nat), nat_slot=i32(slot_of_nat), slot_base=i32(slot_base),
                   slot_local=i32(slot_local), slot_P=i32(slot_P), lam_idx=i32(lam_idx),
                   lam_idx_t=i32(lam_idx_t), sib=i32(sib))
-    return sx, jnp.asarray(A22)
+    return sx, f64(A22)
 
 
 # ---------------------------------------------------------------------------------------------

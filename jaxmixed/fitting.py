@@ -154,22 +154,6 @@ def _prefetch(design: Design, stats: Stats, struct: Structure, reml: bool) -> No
     programs.in_background(distributions.preload)  # scipy.special, for the tables (≈ 0.03 s)
 
 
-def _variance_components(design, stats, struct, theta, sigma, lams, reml, variance, level):
-    """``inference.variance_components`` with Λ from ``_solution`` and the η-Hessian program
-    kept on disk (``programs.cached``): no program is traced or dispatched one operation at a
-    time on the way (each costs 5–15 ms in a fresh process, even with a warm cache)."""
-    parts = [t.structure.eta_from_sigma(sigma**2 * lam @ lam.T)  # as inference.eta_hat
-             for t, lam in zip(struct.terms, map(np.asarray, lams))]
-    eta = np.concatenate(parts + [np.array([np.log(sigma)])])
-    cov_eta, hessian_ok = None, False
-    if not inference.is_singular(theta, struct, design.theta_scale):
-        H = np.asarray(_hessian_eta(_host(eta), stats, struct, reml))
-        cov_eta, hessian_ok = inference.covariance_from_hessian(H)
-    residual = [("var(Residual)" if variance else "sd(Residual)", "sd")]
-    table = inference.component_table(design.terms, eta, cov_eta, variance, level, residual)
-    return inference.VarianceComponents(table=table, eta=eta, cov_eta=cov_eta, hessian_ok=hessian_ok)
-
-
 def fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str = "reml", *, variance: bool = False,
              level: float = 95.0, start=None, display: dict | None = None,
              residuals=None, device=None) -> FitResult:
@@ -204,7 +188,8 @@ def fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str = "reml", *, varia
     theta = np.asarray(opt.x)
     sol, lams = _solution(_host(theta), stats, struct, reml)  # uncommitted, as _prefetch's
     sigma = float(sol.sigma)
-    vc = _variance_components(design, stats, struct, theta, sigma, lams, reml, variance, level)
+    vc = inference.variance_components(design, stats, struct, theta, sigma, reml, variance, level,
+                                        lams=[np.asarray(lam) for lam in lams], hessian_program=_hessian_eta)
     singular = inference.is_singular(theta, struct, design.theta_scale)
     converged = bool(opt.converged) and (singular or vc.hessian_ok)
     loglik = -0.5 * float(opt.fun)

@@ -32,10 +32,11 @@ def term_lambdas(theta, struct: Structure):
     return [t.structure.lam(theta[t.theta[0]:t.theta[1]]) for t in struct.terms]
 
 
-def eta_hat(theta, sigma, struct: Structure) -> np.ndarray:
-    """η at the estimate: each term's Stata parameters, then ln σ."""
+def eta_hat(theta, sigma, struct: Structure, lams=None) -> np.ndarray:
+    """η at the estimate: each term's Stata parameters, then ln σ (``lams``: each term's Λ at
+    θ when already computed, e.g. by the solve program, so that no eager JAX operation runs)."""
     parts = []
-    for t, lam in zip(struct.terms, term_lambdas(theta, struct)):
+    for t, lam in zip(struct.terms, term_lambdas(theta, struct) if lams is None else lams):
         lam = np.asarray(lam)
         parts.append(t.structure.eta_from_sigma(sigma**2 * lam @ lam.T))
     parts.append(np.array([np.log(sigma)]))
@@ -80,12 +81,17 @@ class VarianceComponents:
     hessian_ok: bool
 
 
-def variance_components(design, stats, struct, theta, sigma, reml, variance, level) -> VarianceComponents:
-    """The random-effects table in Stata's order and metric (cross-product engine)."""
-    eta = eta_hat(theta, sigma, struct)
+def variance_components(design, stats, struct, theta, sigma, reml, variance, level,
+                        lams=None, hessian_program=None) -> VarianceComponents:
+    """The random-effects table in Stata's order and metric (cross-product engine).
+
+    ``lams``: each term's Λ at θ if already at hand (see ``eta_hat``); ``hessian_program``: a
+    compiled form of :func:`hessian_eta` to use (``fitting`` passes the one kept on disk by
+    ``programs.cached``)."""
+    eta = eta_hat(theta, sigma, struct, lams)
     cov_eta, hessian_ok = None, False
     if not is_singular(theta, struct, design.theta_scale):
-        H = np.asarray(hessian_eta(jnp.asarray(eta), stats, struct, reml))
+        H = np.asarray((hessian_program or hessian_eta)(jax.device_put(eta), stats, struct, reml))
         cov_eta, hessian_ok = covariance_from_hessian(H)
     residual = [("var(Residual)" if variance else "sd(Residual)", "sd")]
     table = component_table(design.terms, eta, cov_eta, variance, level, residual)
