@@ -322,9 +322,10 @@ def sparse_arrays(design, pat: Pattern, blockvals: list, xvals: dict, diagvals: 
         slot_local[b.slot0 + s] = s % b.P
         slot_P[b.slot0 + s] = b.P
 
+    row_start = slot_base + slot_local * slot_P  # flat index of each slot's row in its panel
+
     def flat(sa, sb):
-        hi, lo = np.maximum(sa, sb), np.minimum(sa, sb)
-        return slot_base[hi] + slot_local[hi] * slot_P[hi] + slot_local[lo]
+        return row_start[np.maximum(sa, sb)] + slot_local[np.minimum(sa, sb)]
 
     # entries of A₂₁ (element level), sorted by (level, slot)
     lev_l, nat_l, val_l = [], [], []
@@ -353,8 +354,8 @@ def sparse_arrays(design, pat: Pattern, blockvals: list, xvals: dict, diagvals: 
         eb_l.append((s[:, None] + jj[None, :]).ravel())
     ea = np.concatenate(ea_l)
     eb = np.concatenate(eb_l)
-    tgt = flat(slot[ea], slot[eb])
-    porder = np.argsort(tgt, kind="stable")
+    tgt = row_start[slot[ea]] + slot_local[slot[eb]]  # = flat(...): slot[ea] ≥ slot[eb] here
+    porder = np.argsort(tgt, kind="stable")  # timsort: the targets come in sorted runs
     ea, eb, tgt = ea[porder], eb[porder], tgt[porder]
     coef = V[ea][:, :, None] * V[eb][:, None, :]
     # A₂₂ in panel storage (lower triangle)
