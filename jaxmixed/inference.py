@@ -20,7 +20,7 @@ import pandas as pd
 
 from . import distributions as sps
 from .numerics import LOG_2PI, hessian
-from .objective import Solution, deviance_at_sigma, factor_lambdas
+from .objective import Solution, _dof, deviance_at_sigma, deviance_parts, factor_lambdas
 from .stats import Stats, Structure
 
 #: θ entries closer than this to their lower bound: boundary (lme4's rule), applied to θ in the
@@ -63,7 +63,41 @@ def loglik_eta(eta, stats: Stats, struct: Structure, reml: bool):
 
 @partial(jax.jit, static_argnames=("struct",))
 def hessian_eta(eta, stats: Stats, struct: Structure, reml):
-    return hessian(loglik_eta)(eta, stats, struct, reml)
+    """∇²_η of :func:`loglik_eta`, with k expensive columns for k θ entries, not k + 1.
+
+    In x = (θ, s = ln σ) the deviance is D = P₀(θ) + ν(log 2π + 2s) + P₁(θ)e^{−2s}
+    (:func:`objective.deviance_at_sigma`: P₀ = log|L|² (+ log|R_X|² for REML), P₁ = r²), so s
+    enters only through scalars: one forward-over-reverse column per θ direction gives ∇²_θθ D,
+    ∂²D/∂θ∂s (the s entry of that column) and ∇D; ∂²D/∂s² = 2(2ν − ∂D/∂s). The chain rule
+    through the cheap map η → x then gives the Hessian in η: Jᵀ(∇²_x D)J + Σᵢ ∂D/∂xᵢ ∇²xᵢ(η).
+    Equal to ``numerics.hessian(loglik_eta)`` to rounding (tests/test_engine.py)."""
+    theta, s = theta_from_eta(eta, struct)
+    nu = _dof(stats, struct, reml)
+
+    def dev(th, s_):
+        ld_L, ld_RX, pwrss = deviance_parts(th, stats, struct)
+        return ld_L + jnp.where(reml, ld_RX, 0.0) + nu * (LOG_2PI + 2.0 * s_) + pwrss * jnp.exp(-2.0 * s_)
+
+    grad_x = jax.grad(dev, argnums=(0, 1))
+
+    def column(v):
+        (g_th, g_s), (dg_th, dg_s) = jax.jvp(lambda th: grad_x(th, s), (theta,), (v,))
+        return dg_th, dg_s, g_th, g_s
+
+    k = theta.shape[0]
+    H_tt, H_ts, g_th, g_s = jax.lax.map(column, jnp.eye(k, dtype=theta.dtype))
+    H_tt = 0.5 * (H_tt + H_tt.T)
+    H_ss = 2.0 * (2.0 * nu - g_s[0])
+    H_x = jnp.block([[H_tt, H_ts[:, None]], [H_ts[None, :], H_ss[None, None]]])
+    G = jnp.concatenate([g_th[0], g_s[:1]])
+
+    def x_of(e):
+        th, s_ = theta_from_eta(e, struct)
+        return jnp.concatenate([th, s_[None]])
+
+    J = jax.jacfwd(x_of)(eta)
+    curvature = hessian(lambda e: G @ x_of(e))(eta)
+    return -0.5 * (J.T @ H_x @ J + curvature)
 
 
 def is_singular(theta, struct: Structure, scale=None) -> bool:
