@@ -169,6 +169,15 @@ def fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str = "reml", *, varia
     errors is fitted by the per-panel engine (:mod:`jaxmixed.panel`), started from the
     independent-errors fit.
     """
+    from . import runtime
+
+    with runtime.fit_blas_threads():  # one OpenBLAS thread while the programs run (runtime docstring)
+        return _fit_spec(spec, data, method, variance=variance, level=level, start=start, display=display,
+                         residuals=residuals, device=device)
+
+
+def _fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str, *, variance: bool, level: float, start,
+              display: dict | None, residuals, device) -> FitResult:
     reml = _method(method)
     from .devices import put, resolve_device
 

@@ -16,12 +16,17 @@ keeps the traced programs of a fit beside it (``jaxmixed-programs/``), on and of
 fresh process then neither traces nor compiles them.
 
 **BLAS threads.** JAX's CPU Cholesky and triangular solves call the OpenBLAS that SciPy ships.
-With more than one thread, OpenBLAS spins waiting for its workers; on a machine with few cores
-that other processes also use, that made one 1142² Cholesky 7–20× slower here. But limiting it
-with ``openblas_set_num_threads`` made XLA's batched small factorisations (20,000 2×2 Cholesky
-blocks) stall, so jaxmixed leaves OpenBLAS alone by default; ``JAXMIXED_BLAS_THREADS=n`` (at
-import) or ``set_blas_threads(n)`` set it for those who want it. XLA's own matrix products keep
-their thread pool.
+With more than one thread, OpenBLAS spins waiting for its workers; jaxmixed's programs interleave
+those calls with XLA's own operations, which run on the calling thread
+(``--xla_cpu_multi_thread_eigen=false``, see ``jaxmixed/__init__.py``), and on this project's
+2-core machine a fit of InstEval (one 1,142² panel) took 2.7–3.0 s with OpenBLAS's default two
+threads against 1.9–2.3 s with one, quiet or loaded (a lone 1,142² Cholesky went from 52 ms to
+1,079 ms under load). So ``jm.fit`` (``fit_spec``) runs with SciPy's OpenBLAS at one thread and
+puts the caller's setting back when it returns (:func:`fit_blas_threads`; nested and concurrent
+fits share one save/restore). ``JAXMIXED_BLAS_THREADS=n`` (read at import) sets n threads for the
+whole process instead, and ``JAXMIXED_BLAS_THREADS=0`` leaves OpenBLAS alone everywhere;
+``set_blas_threads(n)`` sets it at run time. (Batched small factorisations no longer call
+LAPACK, see :mod:`jaxmixed.xla_linalg`, so one thread cannot stall them as it once did.)
 
 **Exit.** A process that has imported JAX, pandas and SciPy spends 0.2–0.3 s after its last
 statement in the garbage collector's passes over every object of those libraries. jaxmixed
@@ -36,10 +41,12 @@ leaves shutdown alone.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import gc
 import glob
 import os
+import threading
 
 import jax
 
@@ -123,6 +130,64 @@ def set_blas_threads(n: int) -> bool:
     return done
 
 
+_GETTERS = ("scipy_openblas_get_num_threads", "scipy_openblas_get_num_threads64_", "openblas_get_num_threads")
+_handles_cache: list | None = None
+#: threads for SciPy's OpenBLAS while a fit runs (None: leave it alone); set from the environment
+FIT_BLAS_THREADS: int | None = 1
+_fit_lock = threading.Lock()
+_fit_depth = 0
+_fit_saved: list = []
+
+
+def _handles() -> list:
+    """(get, set) of each OpenBLAS that exposes both, loaded once."""
+    global _handles_cache
+    if _handles_cache is None:
+        out = []
+        for lib in _openblas_libs():
+            get = next((getattr(lib, n) for n in _GETTERS if hasattr(lib, n)), None)
+            put = next((getattr(lib, n) for n in _SETTERS if hasattr(lib, n)), None)
+            if get is not None and put is not None:
+                get.restype = ctypes.c_int
+                out.append((get, put))
+        _handles_cache = out
+    return _handles_cache
+
+
+@contextlib.contextmanager
+def fit_blas_threads():
+    """SciPy's OpenBLAS at ``FIT_BLAS_THREADS`` threads inside the block, the caller's setting
+    restored after the outermost block (see the module docstring). Never raises for a missing
+    library or symbol: the block then runs with whatever OpenBLAS has."""
+    global _fit_depth, _fit_saved
+    n = FIT_BLAS_THREADS
+    if n is None:
+        yield
+        return
+    with _fit_lock:
+        if _fit_depth == 0:
+            try:
+                hs = _handles()
+                _fit_saved = [(put, int(get())) for get, put in hs]
+                for put, _ in _fit_saved:
+                    put(ctypes.c_int(int(n)))
+            except Exception:  # noqa: BLE001 - threading is an optimisation, never an error
+                _fit_saved = []
+        _fit_depth += 1
+    try:
+        yield
+    finally:
+        with _fit_lock:
+            _fit_depth -= 1
+            if _fit_depth == 0:
+                for put, old in _fit_saved:
+                    try:
+                        put(ctypes.c_int(old))
+                    except Exception:  # noqa: BLE001
+                        pass
+                _fit_saved = []
+
+
 def _freeze_at_exit() -> None:
     gc.freeze()  # the collector's passes at shutdown then skip every object (module docstring)
 
@@ -139,12 +204,17 @@ def configure_from_environment() -> None:
             enable_compilation_cache()
         except OSError:  # an unwritable home directory: run without the cache
             pass
-    threads = os.environ.get("JAXMIXED_BLAS_THREADS", "0").strip()
+    global FIT_BLAS_THREADS
+    threads = os.environ.get("JAXMIXED_BLAS_THREADS")
+    if threads is None or not threads.strip():
+        return  # fits run at one OpenBLAS thread (fit_blas_threads), the rest is left alone
     try:
         k = int(threads)
     except ValueError:
         k = 0
+    FIT_BLAS_THREADS = None  # 0 (or unreadable): leave OpenBLAS alone everywhere
     if k > 0:
+        FIT_BLAS_THREADS = None  # the whole process runs at k threads
         try:
             set_blas_threads(k)
         except Exception:  # noqa: BLE001 - a missing symbol must never break the import

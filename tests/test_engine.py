@@ -245,3 +245,23 @@ def test_eta_hessian_with_k_columns_equals_the_full_autodiff_hessian(text, reml)
         H = inference.hessian_eta(jnp.asarray(eta), r.stats, r.structure, reml)
         H0 = full(jnp.asarray(eta))
         np.testing.assert_allclose(H, H0, rtol=1e-9, atol=1e-10 * float(jnp.max(jnp.abs(H0))))
+
+
+def test_fit_runs_openblas_at_one_thread_and_restores_the_callers_setting():
+    handles = runtime._handles()
+    if not handles or runtime.FIT_BLAS_THREADS is None:
+        pytest.skip("no SciPy OpenBLAS with get/set symbols here, or JAXMIXED_BLAS_THREADS set")
+    get, put = handles[0]
+    before = int(get())
+    try:
+        put(2)
+        with runtime.fit_blas_threads():
+            inside = int(get())
+            with runtime.fit_blas_threads():  # nested: still one thread, restored only at the end
+                pass
+            assert int(get()) == 1
+        assert inside == 1 and int(get()) == 2
+        r = jm.fit("weight ~ week + (1|id)", jm.datasets.load("pig"))
+        assert int(get()) == 2 and r.converged
+    finally:
+        put(before)
