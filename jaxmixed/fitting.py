@@ -198,7 +198,9 @@ def _fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str, *, variance: boo
     sol, lams = _solution(_host(theta), stats, struct, reml)  # uncommitted, as _prefetch's
     sigma = float(sol.sigma)
     vc = inference.variance_components(design, stats, struct, theta, sigma, reml, variance, level,
-                                        lams=[np.asarray(lam) for lam in lams], hessian_program=_hessian_eta)
+                                        lams=[np.asarray(lam) for lam in lams], hessian_program=_hessian_eta,
+                                        # a residual structure's fit replaces this table: no Hessian
+                                        standard_errors=residuals is None or residuals.is_default)
     singular = inference.is_singular(theta, struct, design.theta_scale)
     converged = bool(opt.converged) and (singular or vc.hessian_ok)
     loglik = -0.5 * float(opt.fun)

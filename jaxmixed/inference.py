@@ -116,15 +116,16 @@ class VarianceComponents:
 
 
 def variance_components(design, stats, struct, theta, sigma, reml, variance, level,
-                        lams=None, hessian_program=None) -> VarianceComponents:
+                        lams=None, hessian_program=None, standard_errors=True) -> VarianceComponents:
     """The random-effects table in Stata's order and metric (cross-product engine).
 
     ``lams``: each term's Λ at θ if already at hand (see ``eta_hat``); ``hessian_program``: a
     compiled form of :func:`hessian_eta` to use (``fitting`` passes the one kept on disk by
-    ``programs.cached``)."""
+    ``programs.cached``); ``standard_errors=False``: no Hessian (NaN standard errors), for a fit
+    whose table is replaced by another engine's (the start of a residual-structure fit)."""
     eta = eta_hat(theta, sigma, struct, lams)
     cov_eta, hessian_ok = None, False
-    if not is_singular(theta, struct, design.theta_scale):
+    if standard_errors and not is_singular(theta, struct, design.theta_scale):
         H = np.asarray((hessian_program or hessian_eta)(jax.device_put(eta), stats, struct, reml))
         cov_eta, hessian_ok = covariance_from_hessian(H)
     residual = [("var(Residual)" if variance else "sd(Residual)", "sd")]
