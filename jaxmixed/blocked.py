@@ -32,6 +32,7 @@ second ``custom_jvp``, so Hessians (Newton, inference) stay exact. The rest is p
 from __future__ import annotations
 
 import weakref
+from functools import partial
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -390,8 +391,9 @@ def sparse_arrays(design, pat: Pattern, blockvals: list, xvals: dict, diagvals: 
             lam_idx_t[s, b_] = lam_off[k] + comp * f.q + b_  # Λ_f[a, b]
             sib[s, b_] = slot_local[s] - comp + b_
     # device_put, not jnp.asarray: no one-operation program per shape (5–15 ms each, fresh process)
-    i32 = lambda x: jax.device_put(np.asarray(x, dtype=np.int32))  # noqa: E731
-    f64 = lambda x: jax.device_put(np.asarray(x, dtype=np.float64))  # noqa: E731
+    from .devices import host_array as f64
+
+    i32 = partial(f64, dtype=np.int32)
     sx = Sparse21(lev=i32(lev), slot=i32(slot), nat=i32(nat), V=f64(V), pair_lev=i32(lev[ea]),
                   pair_tgt=i32(tgt), pair_coef=f64(coef), pair_diag=jax.device_put(ea == eb),
                   slot_nat=i32(slot_nat), nat_slot=i32(slot_of_nat), slot_base=i32(slot_base),

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from .errors import ModelError
+
+
+def host_array(x, dtype=np.float64):
+    """``x`` as a JAX array on JAX's default device, uncommitted, as ``jnp.asarray`` gives, but
+    without running a program (``jnp.asarray`` of a NumPy array runs a one-operation program per
+    shape: 5–15 ms each in a fresh process)."""
+    return jax.device_put(np.asarray(x, dtype=dtype))
 
 
 def resolve_device(device) -> jax.Device | None:

@@ -14,6 +14,7 @@ import pandas as pd
 
 from . import distributions, inference, programs
 from .design import Design, build_design
+from .devices import host_array as _host
 from .errors import ModelError, warn
 from .objective import deviance, solve
 from .optimize import OptResult, minimize_bounded, minimize_quasi_newton
@@ -93,13 +94,6 @@ def _mirrored(theta: np.ndarray, struct: Structure, scale=None):
                 block[below] = -block[below]
                 changed = True
     return th if changed else None
-
-
-def _host(x):
-    """A float64 array on JAX's default device, uncommitted, as ``jnp.asarray`` gives, but without
-    running a program (``jnp.asarray`` of a NumPy array runs one per shape: 5–15 ms each in a
-    fresh process)."""
-    return jax.device_put(np.asarray(x, dtype=np.float64))
 
 
 def _best_fit(design: Design, stats: Stats, struct: Structure, reml: bool, start=None):

@@ -20,7 +20,7 @@ import pandas as pd
 
 from . import distributions as sps
 from .numerics import LOG_2PI, hessian
-from .objective import Solution, _dof, deviance_at_sigma, deviance_parts, factor_lambdas
+from .objective import _dof, deviance_at_sigma, deviance_parts
 from .stats import Stats, Structure
 
 #: θ entries closer than this to their lower bound: boundary (lme4's rule), applied to θ in the

@@ -28,11 +28,11 @@ import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import blocked
+from .devices import host_array as _put
 from .design import Design
 
 BATCH_ROWS = 1 << 18  # rows per batch of the streamed cross-products
@@ -183,11 +183,6 @@ def cross_products(design: Design, y: np.ndarray | None = None, *, engine: str |
     return Stats(D11=_put(D11), A21=A21, A22=A22, Z1W=_put(Z1W), Z2W=_put(Z2W_nat), WW=_put(WW),
                  n=_put(np.float64(n)))
 
-
-def _put(x):
-    """A float64 array on JAX's default device without running a program (``jnp.asarray`` of a
-    NumPy array runs one per shape: 5–15 ms each in a fresh process)."""
-    return jax.device_put(np.asarray(x, dtype=np.float64))
 
 
 def moment_start(design: Design, stats: Stats, struct: Structure) -> np.ndarray:
