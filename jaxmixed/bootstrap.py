@@ -26,7 +26,7 @@ import pandas as pd
 
 from . import distributions as sps
 from .compare import LRTest, lrtest
-from .errors import ModelError
+from .errors import ModelError, integer_argument
 from .many import fit_responses, put, resolve_device, vc_layout, vc_values
 from .objective import factor_lambdas
 from .stats import structure_of
@@ -93,24 +93,13 @@ def simulate(result, n: int = 1, seed: int = 0, device=None) -> np.ndarray:
     """``n`` responses simulated from a fitted model (nobs × n), the bootstrap's draws: column d
     is the same whatever ``n`` ≥ d+1. Rows follow the observations the fit used
     (``result.design.rows`` of the data)."""
-    if int(n) < 1:
-        raise ModelError(f"n must be a positive integer, not {n!r}")
-    return _Simulator(result, int(n), seed, device)(0, int(n))
+    n = integer_argument(n, "n")
+    return _Simulator(result, n, seed, device)(0, n)
 
 
 def _labels(result) -> list[str]:
     random = [f"{g}: {nm}" if g else nm for g, nm in zip(result.random.group, result.random.name)]
     return list(result.fixed.index) + random
-
-
-def _check_n(n):
-    try:
-        n_int = int(n)
-    except (TypeError, ValueError):
-        n_int = 0
-    if n_int < 2 or n_int != n:
-        raise ModelError(f"n must be an integer ≥ 2, not {n!r}")
-    return n_int
 
 
 @dataclass(frozen=True)
@@ -157,7 +146,7 @@ def bootstrap(result, n: int = 1000, seed: int = 0, level: float | None = None, 
     level      confidence level in percent (default: the fit's ``level``, 95 unless set)
     chunk_size, progress, device   as for ``jm.fit_many``
     """
-    n = _check_n(n)
+    n = integer_argument(n, "n", 2)
     level = float(result.level if level is None else level)
     if not (10.0 <= level <= 99.99):
         raise ModelError(f"level must be between 10 and 99.99, not {level}")
@@ -215,7 +204,7 @@ def bootstrap_lrtest(a, b, n: int = 1000, seed: int = 0, *, chunk_size: int | No
     Both fits must use the same observations and criterion (and, for REML, the same fixed
     effects), as for ``jm.lrtest``.
     """
-    n = _check_n(n)
+    n = integer_argument(n, "n", 2)
     observed = lrtest(a, b)  # same criterion, observations, REML rule and nesting checks
     if not np.array_equal(np.asarray(a.design.rows), np.asarray(b.design.rows)):
         raise ModelError("bootstrap_lrtest: the models use different observations")

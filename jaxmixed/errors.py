@@ -48,3 +48,16 @@ def warn(message: str) -> None:
         level += 1
         frame = frame.f_back
     warnings.warn(message, JaxmixedWarning, stacklevel=level)
+
+
+def integer_argument(value, name: str, minimum: int = 1) -> int:
+    """``value`` as an int when it is an integer ≥ ``minimum`` (2 and 2.0 are, 2.5 and "2" are
+    not), else a ModelError naming the argument."""
+    try:
+        as_int = int(value)
+    except (TypeError, ValueError):
+        as_int = minimum - 1
+    if as_int < minimum or as_int != value:
+        need = "a positive integer" if minimum == 1 else f"an integer ≥ {minimum}"
+        raise ModelError(f"{name} must be {need}, not {value!r}")
+    return as_int

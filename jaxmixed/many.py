@@ -45,7 +45,7 @@ from . import covariance, inference
 from . import distributions as sps
 from .design import Design, build_design
 from .devices import put, resolve_device  # noqa: F401 (part of this module's interface)
-from .errors import DataError, ModelError
+from .errors import DataError, ModelError, integer_argument
 from .inference import SINGULAR_TOL, _pair_of, loglik_eta
 from .functional import deviance_free, solve_free, without_lapack
 from .optimize import minimize_bounded, minimize_quasi_newton
@@ -264,15 +264,8 @@ def fit_responses(design: Design, get_y: Callable[[int, int], np.ndarray], k: in
     if theta0.shape != (design.n_theta,):
         raise ModelError(f"start must have {design.n_theta} entries (θ), not {theta0.shape}")
     platform = dev.platform if dev is not None else jax.default_backend()
-    if chunk_size is None:
-        chunk = default_chunk_size(struct, platform)
-    else:
-        try:
-            chunk = int(chunk_size)
-        except (TypeError, ValueError):
-            chunk = 0
-        if chunk < 1 or chunk != chunk_size:
-            raise ModelError(f"chunk_size must be a positive integer, not {chunk_size!r}")
+    chunk = (default_chunk_size(struct, platform) if chunk_size is None
+             else integer_argument(chunk_size, "chunk_size"))
     lanes = min(chunk, _next_pow2(k))
     yparts = _YParts(design)
     reml_arr = jnp.asarray(bool(reml))
