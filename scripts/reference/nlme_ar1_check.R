@@ -222,6 +222,26 @@ ctrl_tighter <- function(opt) lmeControl(opt = opt, maxIter = 1000, msMaxIter = 
 controls <- list(tight = list(f = ctrl_tight, label = ctrl_tight_label),
                  `tight+msTol` = list(f = ctrl_tighter, label = ctrl_tighter_label))
 
+# nlme with lmeControl() defaults, then with each tight control under nlminb and optim
+default_and_tight <- function(lab, random, m) {
+  d <- run_lme(random = random,
+               correlation = corAR1(form = ~ week | id),
+               method = m,
+               .label = paste0(lab, "_default"),
+               .ctrl = "lmeControl() defaults (nlminb)")
+  tf <- list()
+  for (opt in c("nlminb", "optim")) for (cn in names(controls)) {
+    fl <- paste0(lab, "_", cn, "_", opt)
+    tf[[fl]] <- run_lme(random = random,
+                        correlation = corAR1(form = ~ week | id),
+                        method = m,
+                        control = controls[[cn]]$f(opt),
+                        .label = fl,
+                        .ctrl = sub("OPT", opt, controls[[cn]]$label))
+  }
+  list(default = d, tight = tf)
+}
+
 best_of <- function(fits) {
   ok <- Filter(function(r) is.null(r$error), fits)
   if (!length(ok)) { str(lapply(fits, function(r) r$error)); stop("all fits failed") }
@@ -430,22 +450,9 @@ for (m in c("REML", "ML")) {
   lab <- paste0("pig_ar1_ri_", tolower(m))
   r <- list(model = "weight ~ week, random = ~ 1 | id, correlation = corAR1(form = ~ week | id)",
             method = m)
-  d <- run_lme(random = ~ 1 | id,
-               correlation = corAR1(form = ~ week | id),
-               method = m,
-               .label = paste0(lab, "_default"),
-               .ctrl = "lmeControl() defaults (nlminb)")
+  dt <- default_and_tight(lab, ~ 1 | id, m)
+  d <- dt$default; tf <- dt$tight
   r$nlme_default <- strip(list(d))[[1]]
-  tf <- list()
-  for (opt in c("nlminb", "optim")) for (cn in names(controls)) {
-    fl <- paste0(lab, "_", cn, "_", opt)
-    tf[[fl]] <- run_lme(random = ~ 1 | id,
-                        correlation = corAR1(form = ~ week | id),
-                        method = m,
-                        control = controls[[cn]]$f(opt),
-                        .label = fl,
-                        .ctrl = sub("OPT", opt, controls[[cn]]$label))
-  }
   r$nlme_tight <- unname(strip(tf))
   r$nlme_best <- best_of(c(list(d), tf))
   g <- with_warn(paste0(lab, "_gls"), gls(weight ~ week, data = pig, method = m,
@@ -493,24 +500,11 @@ for (k in names(interior)) for (m in c("REML", "ML")) {
   lab <- paste0("pig_ar1_", k, "_", tolower(m))
   spec <- interior[[k]]
   r <- list(model = spec$model, jaxmixed_formula = spec$jaxmixed, method = m)
-  d <- run_lme(random = spec$random,
-               correlation = corAR1(form = ~ week | id),
-               method = m,
-               .label = paste0(lab, "_default"),
-               .ctrl = "lmeControl() defaults (nlminb)")
+  dt <- default_and_tight(lab, spec$random, m)
+  d <- dt$default; tf <- dt$tight
   ints <- iv(attr(d, "fit"))
   r$nlme_default <- strip(list(d))[[1]]
   r$nlme_default$intervals_95 <- ints
-  tf <- list()
-  for (opt in c("nlminb", "optim")) for (cn in names(controls)) {
-    fl <- paste0(lab, "_", cn, "_", opt)
-    tf[[fl]] <- run_lme(random = spec$random,
-                        correlation = corAR1(form = ~ week | id),
-                        method = m,
-                        control = controls[[cn]]$f(opt),
-                        .label = fl,
-                        .ctrl = sub("OPT", opt, controls[[cn]]$label))
-  }
   r$nlme_tight <- unname(strip(tf))
   r$nlme_best <- best_of(c(list(d), tf))
   r$`_note` <- paste("Interior optimum (apVar positive definite). intervals_95: nlme intervals()",
