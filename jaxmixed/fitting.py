@@ -137,14 +137,15 @@ def _solution(theta, stats: Stats, struct: Structure, reml):
 _hessian_eta = programs.cached(inference.hessian_eta, static_argnames=("struct",))
 
 
-def _prefetch(design: Design, stats: Stats, struct: Structure, reml: bool) -> None:
+def _prefetch(design: Design, stats: Stats, struct: Structure, reml: bool, hessian: bool) -> None:
     """Have the programs that follow the optimiser loaded from disk in the background while it
-    runs (``programs.Program.prefetch``; nothing when they are not on disk yet), then the
-    module that the tables need."""
+    runs (``programs.Program.prefetch``; nothing when they are not on disk yet; the η-Hessian
+    only with ``hessian``), then the module that the tables need."""
     f64 = np.dtype("float64")
     _solution.prefetch(jax.ShapeDtypeStruct((design.n_theta,), f64), stats, struct, reml)
     n_eta = sum(t.structure.n_eta for t in struct.terms) + 1
-    _hessian_eta.prefetch(jax.ShapeDtypeStruct((n_eta,), f64), stats, struct, reml)
+    if hessian:
+        _hessian_eta.prefetch(jax.ShapeDtypeStruct((n_eta,), f64), stats, struct, reml)
     programs.in_background(distributions.preload)  # scipy.special, for the tables (≈ 0.03 s)
 
 
@@ -186,15 +187,16 @@ def _fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str, *, variance: boo
         raise ModelError(f"REML needs more observations ({design.nobs}) than fixed effects ({design.p})")
     stats = put(cross_products(design), dev)
     struct = structure_of(design)
-    _prefetch(design, stats, struct, reml)
+    # a residual structure's fit (the per-panel engine) replaces this one's variance components
+    independent = residuals is None or residuals.is_default
+    _prefetch(design, stats, struct, reml, hessian=independent)
     opt, tried = _best_fit(design, stats, struct, reml, start)
     theta = np.asarray(opt.x)
     sol, lams = _solution(_host(theta), stats, struct, reml)  # uncommitted, as _prefetch's
     sigma = float(sol.sigma)
     vc = inference.variance_components(design, stats, struct, theta, sigma, reml, variance, level,
                                         lams=[np.asarray(lam) for lam in lams], hessian_program=_hessian_eta,
-                                        # a residual structure's fit replaces this table: no Hessian
-                                        standard_errors=residuals is None or residuals.is_default)
+                                        standard_errors=independent)
     singular = inference.is_singular(theta, struct, design.theta_scale)
     converged = bool(opt.converged) and (singular or vc.hessian_ok)
     loglik = -0.5 * float(opt.fun)
@@ -216,7 +218,7 @@ def _fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str, *, variance: boo
         notes.append(f"convergence not achieved ({what}; starts tried: θ₀ × {', '.join(map(str, tried))})")
     table = vc.table
     panel = None
-    if residuals is not None and not residuals.is_default:
+    if not independent:
         from .panel import fit_panel
 
         pf = fit_panel(spec, data, design, residuals, reml, variance, level, theta, sigma, display)
