@@ -17,29 +17,29 @@ import jax as _jax  # noqa: E402
 _jax.config.update("jax_enable_x64", True)
 
 # Persistent compilation cache on (JAXMIXED_NO_CACHE=1 to leave it off): see jaxmixed.runtime.
-from . import runtime  # noqa: E402
+from jaxmixed import runtime  # noqa: E402
 
 runtime.configure_from_environment()
 
 __version__ = "0.1.0"
 
-from . import datasets  # noqa: E402
-from .compare import LRTest, lrtest  # noqa: E402
-from .errors import DataError, FormulaError, JaxmixedError, JaxmixedWarning, ModelError  # noqa: E402
-from .fitting import fit, fit_spec, mixed, xtmixed  # noqa: E402
-from .formula import parse_formula  # noqa: E402
-from .residuals import ar, banded, exchangeable, exponential, independent, ma, toeplitz, unstructured  # noqa: E402
-from .results import FitResult  # noqa: E402
+from jaxmixed.data import datasets  # noqa: E402
+from jaxmixed.inference.compare import LRTest, lrtest  # noqa: E402
+from jaxmixed.errors import DataError, FormulaError, JaxmixedError, JaxmixedWarning, ModelError  # noqa: E402
+from jaxmixed.api.fit import fit, fit_spec, mixed, xtmixed  # noqa: E402
+from jaxmixed.syntax.formula import parse_formula  # noqa: E402
+from jaxmixed.model.residuals import ar, banded, exchangeable, exponential, independent, ma, toeplitz, unstructured  # noqa: E402
+from jaxmixed.results.fitresult import FitResult  # noqa: E402
 
 # Imported at first use (PEP 562), so that ``import jaxmixed`` and a first fit do not pay for them.
 _LAZY = {
     "functional": ("functional", None),
-    "BootstrapLRTest": ("bootstrap", "BootstrapLRTest"),
-    "BootstrapResult": ("bootstrap", "BootstrapResult"),
-    "bootstrap_lrtest": ("bootstrap", "bootstrap_lrtest"),
-    "ManyResult": ("many", "ManyResult"),
-    "fit_many": ("many", "fit_many"),
-    "parse_stata": ("stata", "parse_stata"),
+    "BootstrapLRTest": ("inference.bootstrap", "BootstrapLRTest"),
+    "BootstrapResult": ("inference.bootstrap", "BootstrapResult"),
+    "bootstrap_lrtest": ("inference.bootstrap", "bootstrap_lrtest"),
+    "ManyResult": ("fit.batched", "ManyResult"),
+    "fit_many": ("fit.batched", "fit_many"),
+    "parse_stata": ("syntax.stata", "parse_stata"),
 }
 
 

@@ -55,11 +55,11 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from . import covariance
-from . import objective as _objective
-from .errors import DataError, ModelError
-from .optimize import minimize_bounded
-from .stats import Stats, Structure, TermStruct
+from jaxmixed.model import covariance
+from jaxmixed.engine import dense as _objective
+from jaxmixed.errors import DataError, ModelError
+from jaxmixed.fit.optimizers import minimize_bounded
+from jaxmixed.data.crossprod import Stats, Structure, TermStruct
 
 __all__ = ["ModelStats", "Estimates", "stats_from_arrays", "deviance", "solve", "fit_stats", "fit_arrays",
            "without_lapack", "structure"]

@@ -401,7 +401,9 @@ def scaling_case(opts, results):
     import jax.numpy as jnp
 
     import jaxmixed as jm
-    from jaxmixed import design, objective, stats
+    from jaxmixed.data import design
+    from jaxmixed.engine import dense as objective
+    from jaxmixed.data import crossprod as stats
 
     print("\n== scaling: one objective evaluation vs n (fixed grouping structure)")
     out = {}

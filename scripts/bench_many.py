@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 import jaxmixed as jm
-from jaxmixed.bootstrap import simulate
+from jaxmixed.inference.bootstrap import simulate
 
 FORMULA = "math5 ~ math3c + (1 + math3c || school)"
 R_FORMULA = "y ~ math3c + (1 + math3c || school)"

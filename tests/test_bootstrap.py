@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import jaxmixed as jm
-from jaxmixed.bootstrap import simulate
+from jaxmixed.inference.bootstrap import simulate
 
 from conftest import cached_fit
 

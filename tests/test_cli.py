@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import jaxmixed as jm
-from jaxmixed.cli import main
+from jaxmixed.app.cli import main
 
 LOGLIK = -1015.4214
 CROSSED = "weight ~ week + (1|id) + (1|week)"
@@ -50,7 +50,7 @@ def test_fit_json(pig_csv, capsys):
 
 def test_json_nan_is_null(capsys):
     # singular ML fit: variance-component SEs are NaN -> null
-    from jaxmixed.cli import to_json
+    from jaxmixed.app.cli import to_json
     from conftest import cached_fit
 
     r = cached_fit("xtmixed", "math5 math3c || school: math3c, cov(unstructured) variance mle", "jsp")  # shared with test_reference
@@ -97,7 +97,7 @@ def test_usage_errors(capsys):
 
 
 def test_tour(tmp_path, capsys, monkeypatch):
-    tour = pytest.importorskip("jaxmixed.tour")
+    tour = pytest.importorskip("jaxmixed.app.tour")
     monkeypatch.setattr(tour, "run", lambda out_dir: f"TOUR TEXT {out_dir}")  # the real tour takes ~1 min
     assert main(["tour", "--out", str(tmp_path / "t")]) == 0
     assert capsys.readouterr().out.strip() == f"TOUR TEXT {tmp_path / 't'}"

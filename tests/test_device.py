@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import jaxmixed as jm
-from jaxmixed.bootstrap import simulate
-from jaxmixed.many import resolve_device
+from jaxmixed.inference.bootstrap import simulate
+from jaxmixed.fit.batched import resolve_device
 
 from conftest import cached_fit
 

@@ -10,7 +10,13 @@ import pandas as pd
 import pytest
 
 import jaxmixed as jm
-from jaxmixed import blocked, design, objective, optimize, predict, runtime, stats
+from jaxmixed import runtime
+from jaxmixed.engine import sparse as blocked
+from jaxmixed.data import design
+from jaxmixed.engine import dense as objective
+from jaxmixed.fit import optimizers as optimize
+from jaxmixed.results import predict
+from jaxmixed.data import crossprod as stats
 
 MODELS = [
     ("weight ~ week + (1|id) + (1|week)", "pig"),  # crossed: one dense panel
@@ -122,7 +128,7 @@ def test_auto_engine_picks_sparse_for_large_crossed_and_matches_dense():
 def test_large_panel_inverse_gradient_and_hessian_match_dense():
     """A dense panel of 340 columns (above blocked.INV_BASE, so S⁻¹ comes from the block
     recursions ``_tri_inv``/``_gram_lower``): gradient and η-Hessian equal the dense engine's."""
-    from jaxmixed import inference
+    from jaxmixed.inference import tables as inference
 
     rng = np.random.default_rng(5)
     n = 6000
@@ -236,7 +242,8 @@ def test_connected_components_match_scipy():
 def test_eta_hessian_with_k_columns_equals_the_full_autodiff_hessian(text, reml):
     """inference.hessian_eta (k θ columns, ln σ by the chain rule) equals forward-over-reverse
     in all k + 1 η directions, at the estimate and away from it."""
-    from jaxmixed import inference, numerics
+    from jaxmixed.inference import tables as inference
+    from jaxmixed.engine import numerics
 
     r = jm.fit(text, jm.datasets.load("pig"), method="reml" if reml else "ml")
     eta0 = inference.eta_hat(r.theta, r.sigma, r.structure)

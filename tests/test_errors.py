@@ -505,7 +505,7 @@ def crossed_data():
 @pytest.mark.parametrize("method,c", [("ml", 1e-4), ("reml", 1e6)])
 def test_crossed_random_slope_far_from_unit_scale(crossed_data, engine, method, c, monkeypatch):
     """The slope on the second (crossed) factor, in the dense and in the blocked engine."""
-    from jaxmixed import stats
+    from jaxmixed.data import crossprod as stats
 
     monkeypatch.setattr(stats, "DEFAULT_ENGINE", engine)
     f = "y ~ x + x2 + (1 | g) + (1 + x | h)"

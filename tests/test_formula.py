@@ -3,8 +3,8 @@
 import pytest
 
 from jaxmixed.errors import FormulaError
-from jaxmixed.formula import parse_formula
-from jaxmixed.terms import CONS, Factor, FixedTerm, Level, ModelSpec, RandomTerm
+from jaxmixed.syntax.formula import parse_formula
+from jaxmixed.model.spec import CONS, Factor, FixedTerm, Level, ModelSpec, RandomTerm
 
 
 def fx(*names):

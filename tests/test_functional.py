@@ -7,7 +7,7 @@ import pytest
 
 import jaxmixed as jm
 from jaxmixed import functional as F
-from jaxmixed.stats import cross_products
+from jaxmixed.data.crossprod import cross_products
 
 from conftest import cached_fit
 
@@ -151,7 +151,7 @@ def test_vmap_over_responses_and_grad_of_deviance(jsp_arrays):
     # the functional deviance's gradient is the engine's
     _, a = jsp_arrays
     st = F.stats_from_arrays(a["y"], a["X"], a["groups"], a["Z"], cov="independent")
-    from jaxmixed.objective import deviance as engine_deviance
+    from jaxmixed.engine.dense import deviance as engine_deviance
 
     th = jnp.array([0.05, 0.4])
     np.testing.assert_allclose(jax.grad(F.deviance)(th, st, True),

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 import jaxmixed as jm
 from jaxmixed import FitResult, JaxmixedError, JaxmixedWarning
-from jaxmixed.design import build_design
-from jaxmixed.stats import structure_of
+from jaxmixed.data.design import build_design
+from jaxmixed.data.crossprod import structure_of
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import jaxmixed as jm
-from jaxmixed.bootstrap import simulate
+from jaxmixed.inference.bootstrap import simulate
 
 from conftest import cached_fit
 
@@ -119,8 +119,8 @@ def test_bad_input(jsp_many):
 def test_vc_values_overflowing_bound_is_nan_like_the_fit_table():
     """A huge se on the ln-sd scale: the upper bound overflows; fit_many's table says NaN, as
     ``inference._transform`` (FitResult.random) does, never inf."""
-    from jaxmixed import inference
-    from jaxmixed.many import VCRow, vc_values
+    from jaxmixed.inference import tables as inference
+    from jaxmixed.fit.batched import VCRow, vc_values
 
     layout = [VCRow("g", "sd(_cons)", "sd", (0,)), VCRow("Residual", "sd(Residual)", "sd", (1,))]
     eta, cov = np.array([[0.1, 0.0]]), np.array([[[1e6, 0.0], [0.0, 0.01]]])

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 import jaxmixed as jm
-from jaxmixed import design, fitting, objective, stats
-from jaxmixed.inference import loglik_eta
+from jaxmixed.data import design
+from jaxmixed.api import fit as fitting
+from jaxmixed.engine import dense as objective
+from jaxmixed.data import crossprod as stats
+from jaxmixed.inference.tables import loglik_eta
 
 
 def _model(text, data_name, transform=None):

@@ -5,7 +5,7 @@ import pytest
 
 import jaxmixed as jm
 from conftest import cached_fit
-from jaxmixed import plots
+from jaxmixed.results import plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SLOPE = "math5 ~ math3c + (1 + math3c || school)"

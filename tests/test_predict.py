@@ -9,7 +9,7 @@ import pytest
 
 import jaxmixed as jm
 from conftest import REF, cached_fit
-from jaxmixed.tour import school_lines
+from jaxmixed.app.tour import school_lines
 from test_reference import agree
 
 LME4 = json.loads((REF / "lme4_reference.json").read_text())

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jaxmixed import distributions, programs, runtime
+from jaxmixed import runtime
+from jaxmixed.inference import distributions
+from jaxmixed.runtime import programs
 
 
 def _same(a, b):
@@ -107,7 +109,7 @@ from jaxmixed import fitting, programs
 r = jm.fit("weight ~ week + (1|id)", jm.datasets.load("pig"))
 print(json.dumps(dict(loglik=r.loglik, fixed=r.fixed.to_numpy().tolist(), random=r.random.estimate.tolist(),
                       se=r.random.se.tolist(), traced=fitting.TRACE_COUNT["optimize"], stats=programs.STATS,
-                      lazy=[m for m in ("scipy.stats", "jaxmixed.many", "jaxmixed.functional", "jaxmixed.bootstrap")
+                      lazy=[m for m in ("scipy.stats", "jaxmixed.fit.batched", "jaxmixed.functional", "jaxmixed.inference.bootstrap")
                             if m in sys.modules])))
 """
 

@@ -9,8 +9,10 @@ import pytest
 
 import jaxmixed as jm
 from conftest import REF
-from jaxmixed import design, panel, stats
-from jaxmixed.residuals import ResidualStructure
+from jaxmixed.data import design
+from jaxmixed.engine import marginal as panel
+from jaxmixed.data import crossprod as stats
+from jaxmixed.model.residuals import ResidualStructure
 from test_reference import agree
 
 NLME = json.loads((REF / "lme4_reference.json").read_text())["nlme"]
@@ -89,7 +91,7 @@ def test_panel_engine_equals_cross_product_engine_for_iid_errors():
     theta = np.array([1.3, -0.2, 0.4, 2.1])
     sigma = 0.04
     x = np.concatenate([theta * sigma, [np.log(sigma)]])
-    from jaxmixed.objective import deviance_at_sigma
+    from jaxmixed.engine.dense import deviance_at_sigma
     for reml in (True, False):
         a = float(deviance_at_sigma(jnp.asarray(theta), np.log(sigma), st, struct, reml))
         b = float(panel.deviance(jnp.asarray(x), buckets, float(des.nobs), ps, reml))

@@ -3,8 +3,8 @@
 import pytest
 
 from jaxmixed.errors import FormulaError
-from jaxmixed.stata import parse_stata
-from jaxmixed.terms import CONS, Factor, FixedTerm, Level, ModelSpec, RandomTerm
+from jaxmixed.syntax.stata import parse_stata
+from jaxmixed.model.spec import CONS, Factor, FixedTerm, Level, ModelSpec, RandomTerm
 
 
 def cont(*names):

@@ -1,0 +1,448 @@
+"""From a ModelSpec and a DataFrame to arrays: y, X, and one block per grouping factor.
+
+Rows with a missing value in any variable the model reads are dropped and counted (Stata's rule);
+collinear fixed-effect columns are omitted with a JaxmixedWarning. Anything the engine cannot use
+(±inf, non-scalar cells, complex numbers, a constant or exactly fitted response, magnitudes beyond
+double precision, too few observations for the fixed or the random effects, collinear
+random-effects columns) raises a DataError that names the variable.
+Random-effects terms that share a grouping factor are merged into one *factor block* whose Λ is
+block-diagonal over its terms (Stata's repeated equations at one level, lme4's ``(x||g)``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+
+from jaxmixed.model import covariance
+from jaxmixed.errors import DataError, ModelError, warn
+from jaxmixed.model.spec import CONS, ModelSpec, RandomTerm
+
+
+@dataclass(frozen=True)
+class TermBlock:
+    """Where one random-effects term sits: its factor, its columns inside it, its θ entries."""
+
+    term: RandomTerm
+    structure: object  # a covariance.* instance
+    factor: int  # index into Design.factors
+    cols: tuple[int, int]  # column slice inside the factor block
+    theta: tuple[int, int]  # slice of the full θ vector
+
+
+@dataclass(frozen=True)
+class FactorBlock:
+    """A grouping factor with all the random-effects columns that vary over its levels.
+
+    codes[i] is the level of row i (0..L-1); Z[i] its q random-effects covariates;
+    levels the level values (tuples for interaction groups) in code order.
+    """
+
+    group: tuple[str, ...]
+    codes: np.ndarray
+    n_levels: int
+    Z: np.ndarray
+    colnames: tuple[str, ...]
+    levels: pd.Index
+
+    @property
+    def q(self) -> int:
+        return self.Z.shape[1]
+
+
+@dataclass(frozen=True)
+class Design:
+    y: np.ndarray
+    X: np.ndarray
+    xnames: tuple[str, ...]
+    factors: tuple[FactorBlock, ...]  # ordered for the engine: most levels first
+    terms: tuple[TermBlock, ...]  # in the spec's order
+    n_theta: int
+    group_summary: pd.DataFrame
+    n_dropped: int
+    omitted: tuple[str, ...]  # fixed-effect columns dropped as collinear
+    response: str
+    rows: np.ndarray  # positions (in the input frame) of the rows used
+    fixed_levels: dict  # levels of each categorical fixed-effect variable (for new data)
+
+    @property
+    def nobs(self) -> int:
+        return self.y.shape[0]
+
+    @property
+    def p(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def theta_lower(self) -> np.ndarray:
+        return np.concatenate([t.structure.lower for t in self.terms])
+
+    @cached_property
+    def theta_scale(self) -> np.ndarray:
+        """The optimiser's unit w of each θ entry: θ = w ⊙ θ_s, where θ_s is the θ of the model
+        whose random-effects columns are divided by their root mean square rounded to a power of
+        2 (``covariance.column_scale``; one common scale for identity and exchangeable terms).
+        The optimiser and the boundary test work on θ_s, which is O(1) whatever the scale of the
+        covariates; everything reported stays in the data's units."""
+        parts = []
+        for t in self.terms:
+            Z = self.factors[t.factor].Z[:, t.cols[0]:t.cols[1]]
+            parts.append(np.asarray(t.structure.theta_scale(np.mean(Z ** 2, axis=0)), dtype=float))
+        return np.concatenate(parts)
+
+    @property
+    def theta0(self) -> np.ndarray:
+        """The default start: Λ_s = I in the optimiser's units (``theta_scale``)."""
+        return np.concatenate([t.structure.theta0 for t in self.terms]) * self.theta_scale
+
+
+def _check_columns(spec: ModelSpec, data: pd.DataFrame):
+    if not isinstance(data, pd.DataFrame):
+        raise DataError(f"data must be a pandas DataFrame, not {type(data).__name__}")
+    for v in spec.variables:
+        if v not in data.columns:
+            close = difflib.get_close_matches(v, [str(c) for c in data.columns], n=3)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise DataError(f"variable {v!r} is not a column of the data{hint}")
+    dup = [v for v in spec.variables if int((data.columns == v).sum()) > 1]
+    if dup:
+        raise DataError(f"column {dup[0]!r} appears {int((data.columns == dup[0]).sum())} times in the data; "
+                        "column names must be unique")
+    if len(data) == 0:
+        raise DataError("the data have no rows")
+
+
+def _is_numeric(s: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s)
+
+
+def _numeric(s: pd.Series, what: str) -> np.ndarray:
+    if pd.api.types.is_bool_dtype(s):
+        return s.to_numpy(dtype=float)
+    if not pd.api.types.is_numeric_dtype(s):
+        raise DataError(f"{what} {s.name!r} is not numeric (dtype {s.dtype})")
+    if pd.api.types.is_complex_dtype(s):
+        raise DataError(f"{what} {s.name!r} has complex values; use its real part or modulus as a column")
+    x = s.to_numpy(dtype=float)
+    if not np.all(np.isfinite(x)):
+        bad = int(np.sum(~np.isfinite(x)))
+        raise DataError(f"{what} {s.name!r} has {bad} infinite value(s)")
+    return x
+
+
+#: the largest magnitude a numeric column may hold: its squares and cross-products must stay
+#: finite (and accurate) in double precision
+MAX_ABS = 1e150
+#: the smallest root mean square of a non-constant response the engine resolves
+MIN_RESPONSE_RMS = 1e-60
+
+
+def _role(spec: ModelSpec, v: str) -> str:
+    if v == spec.response:
+        return "response"
+    if any(v in t.group for t in spec.random):
+        return "grouping variable"
+    if any(v in t.columns for t in spec.random):
+        return "random-effects covariate"
+    return "variable"
+
+
+def _term(t: RandomTerm) -> str:
+    return f"({', '.join(t.display)} | {t.label or '_all'})"
+
+
+def _short(names, k: int = 6) -> str:
+    names = list(names)
+    return ", ".join(names) if len(names) <= k else ", ".join(names[:k]) + f", … ({len(names)} in all)"
+
+
+def _check_values(spec: ModelSpec, df: pd.DataFrame) -> None:
+    """Cells the model cannot use (in the rows it keeps): non-scalar objects, ±inf anywhere."""
+    for v in spec.variables:
+        s = df[v]
+        what = _role(spec, v)
+        if s.dtype == object:
+            try:
+                pd.unique(s.to_numpy())  # a C-speed pass that fails on unhashable cells
+            except TypeError:
+                bad = next(x for x in s if not pd.api.types.is_hashable(x))
+                raise DataError(f"{what} {v!r} holds values that are not scalars "
+                                f"(a {type(bad).__name__}); each cell must be a number or a label") from None
+        if _is_numeric(s) and not pd.api.types.is_complex_dtype(s):
+            x = s.to_numpy(dtype=float)
+            bad = int(np.sum(np.isinf(x)))
+            if bad:
+                raise DataError(f"{what} {v!r} has {bad} infinite value(s)")
+
+
+def _check_magnitude(A: np.ndarray, names, what: str) -> None:
+    if not A.size:
+        return
+    big = np.max(np.abs(A), axis=0)
+    for j in np.flatnonzero(~(big <= MAX_ABS)):  # also catches overflow to inf in products
+        raise DataError(f"{what} {names[j]!r} has values as large as {big[j]:.3g}, beyond what "
+                        f"double-precision cross-products can hold (|x| ≤ {MAX_ABS:.0e}); rescale it")
+
+
+def _check_response(y: np.ndarray, X: np.ndarray, xnames, response: str) -> None:
+    """A response the likelihood cannot handle: constant, fitted exactly, or of extreme magnitude."""
+    n = len(y)
+    _check_magnitude(y[:, None], [response], "response")
+    if np.ptp(y) == 0:
+        raise DataError(f"response {response!r} is constant ({y[0]:g} in all {n} observations): "
+                        "there is no variation to model")
+    rms = float(np.sqrt(np.mean(y ** 2)))
+    if rms < MIN_RESPONSE_RMS:
+        raise DataError(f"response {response!r} is on the scale {rms:.3g} (root mean square), too small "
+                        "for double precision; rescale it")
+    if 0 < X.shape[1] < n:
+        beta = np.linalg.lstsq(X, y, rcond=None)[0]
+        resid = float(np.sqrt(np.mean((y - X @ beta) ** 2)))
+        if resid <= 1e-10 * float(np.std(y)) + 1e-13 * float(np.max(np.abs(y))):
+            raise DataError(f"response {response!r} is fitted exactly by the fixed effects "
+                            f"({_short(xnames)}): the residual variance would be zero")
+
+
+def _fixed_columns(spec: ModelSpec, df: pd.DataFrame, known: dict | None = None):
+    """Columns of X with their names: each term is the product of its factors' columns.
+
+    ``known`` maps a categorical variable to the levels seen when the model was fitted, so that
+    new data get the same dummy columns; the levels used are returned for that purpose.
+    """
+    stata = spec.syntax == "stata"
+    used_levels: dict = {}
+    cols: list[np.ndarray] = []
+    names: list[str] = []
+
+    def is_cat(f) -> bool:
+        return f.categorical if f.categorical is not None else not _is_numeric(df[f.var])
+
+    full = set() if stata else _full_dummies(spec, is_cat)
+    for k, term in enumerate(spec.fixed):
+        parts: list[list[tuple[str, np.ndarray]]] = []
+        for f in term.factors:
+            s = df[f.var]
+            categorical = is_cat(f)
+            if not categorical:
+                parts.append([(f"c.{f.var}" if stata and len(term.factors) > 1 else f.var,
+                               _numeric(s, "variable"))])
+                continue
+            if known is not None and f.var in known:
+                levels = known[f.var]
+            else:
+                levels = pd.unique(s)
+                try:
+                    levels = np.sort(levels)
+                except TypeError:
+                    levels = np.array(sorted(levels, key=str), dtype=object)
+            used_levels[f.var] = levels
+            base = levels[0]
+            if f.base == "last":
+                base = levels[-1]
+            elif f.base not in (None, "first"):
+                match = [lv for lv in levels if lv == f.base or str(lv) == str(f.base)]
+                if not match:
+                    raise DataError(f"base level {f.base!r} of {f.var!r} does not occur in the data")
+                base = match[0]
+            dummies = []
+            every = (k, f.var) in full
+            for lv in levels:
+                if lv == base and not every:
+                    continue
+                name = f"{lv}.{f.var}" if stata else (f"{f.var}[{lv}]" if every else f"{f.var}[T.{lv}]")
+                dummies.append((name, (s == lv).to_numpy(dtype=float)))
+            parts.append(dummies)
+        combos: list[tuple[str, np.ndarray]] = [("", np.ones(len(df)))]
+        for part in parts:
+            combos = [((a + ("#" if stata else ":") + b) if a else b, x * z)
+                      for a, x in combos for b, z in part]
+        for name, x in combos:
+            if name not in names:
+                names.append(name)
+                cols.append(x)
+    if spec.intercept:
+        names.append(CONS)
+        cols.append(np.ones(len(df)))
+    X = np.column_stack(cols) if cols else np.zeros((len(df), 0))
+    return X, names, used_levels
+
+
+def _full_dummies(spec: ModelSpec, is_cat) -> set[tuple[int, str]]:
+    """R's coding rule for lme4-style formulas: the (term index, variable) pairs whose
+    categorical variable gets a column for every level instead of treatment contrasts.
+
+    Terms are taken in R's order (by degree). A categorical variable in a term is coded by
+    contrasts when the term without it is contained in an earlier term, the empty term being the
+    intercept; otherwise every level gets a column (``y ~ x + x:f``, a slope per level of f).
+    Without an intercept, the first categorical variable of the first term that has one gets
+    every level (``y ~ 0 + f``: one mean per level, as in R).
+    """
+    sets = [frozenset(f.var for f in t.factors) for t in spec.fixed]
+    order = sorted(range(len(sets)), key=lambda k: (len(sets[k]), k))
+    full: set[tuple[int, str]] = set()
+    if not spec.intercept:
+        for k in order:
+            cats = [f.var for f in spec.fixed[k].factors if is_cat(f)]
+            if cats:
+                full.add((k, cats[0]))
+                break
+    for pos, k in enumerate(order):
+        for f in spec.fixed[k].factors:
+            rest = sets[k] - {f.var}
+            if rest and is_cat(f) and not any(rest <= sets[j] for j in order[:pos]):
+                full.add((k, f.var))
+    return full
+
+
+def fixed_matrix(spec: ModelSpec, design: "Design", df: pd.DataFrame) -> np.ndarray:
+    """X for new data, with the fitted model's columns (same dummies, collinear ones omitted)."""
+    X, names, _ = _fixed_columns(spec, df, design.fixed_levels)
+    return X[:, [names.index(n) for n in design.xnames]]
+
+
+def _drop_collinear(X: np.ndarray, names: list[str]):
+    """Omit columns that are (numerically) linear combinations of earlier ones, as Stata does.
+
+    The constant is checked first so that a covariate, not ``_cons``, is the one omitted.
+    """
+    order = list(range(X.shape[1]))
+    if names and names[-1] == CONS:
+        order = [len(names) - 1] + order[:-1]
+    keep: list[int] = []
+    scale = np.sqrt(np.sum(X**2, axis=0))
+    scale[scale == 0] = 1.0
+    Xs = X / scale
+    for j in order:
+        cand = keep + [j]
+        if np.linalg.matrix_rank(Xs[:, cand], tol=1e-9 * np.sqrt(X.shape[0])) == len(cand):
+            keep.append(j)
+    keep_sorted = sorted(keep)
+    omitted = tuple(names[j] for j in range(len(names)) if j not in keep)
+    return X[:, keep_sorted], [names[j] for j in keep_sorted], omitted
+
+
+def _group_codes(df: pd.DataFrame, group: tuple[str, ...]):
+    if not group:
+        return np.zeros(len(df), dtype=np.int64), pd.Index(["_all"])
+    if len(group) == 1 and not isinstance(df[group[0]].dtype, pd.CategoricalDtype):
+        # one plain column: factorize it directly (5× faster than through a MultiIndex)
+        codes, uniques = pd.factorize(df[group[0]], sort=True)
+        return codes.astype(np.int64), pd.Index(list(uniques), name=group[0])
+    keys = df[list(group)]
+    codes, uniques = pd.MultiIndex.from_frame(keys).factorize(sort=True)
+    if len(group) == 1:
+        uniques = pd.Index([u[0] for u in uniques], name=group[0])
+    return codes.astype(np.int64), uniques
+
+
+def _summary(spec: ModelSpec, df: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for lev in spec.levels:
+        codes, uniques = _group_codes(df, lev.group)
+        counts = np.bincount(codes, minlength=len(uniques))
+        rows.append((lev.label, len(uniques), int(counts.min()), float(counts.mean()), int(counts.max())))
+    out = pd.DataFrame(rows, columns=["level", "n_groups", "min", "mean", "max"]).set_index("level")
+    return out
+
+
+def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
+    """Turn a model description and a data frame into the arrays the engine needs."""
+    _check_columns(spec, data)
+    if not spec.random:
+        raise ModelError("the model has no random-effects term; add one such as (1|g) or || g:")
+    used = data[spec.variables]
+    complete = used.notna().all(axis=1).to_numpy()
+    n_dropped = int((~complete).sum())
+    for v in spec.variables:
+        if data[v].isna().all():
+            raise DataError(f"{_role(spec, v)} {v!r} is missing in every row")
+    if not complete.any():
+        raise DataError("no observations left after dropping rows with missing values")
+    rows = np.flatnonzero(complete)
+    df = used.iloc[rows].reset_index(drop=True)
+    _check_values(spec, df)
+
+    y = _numeric(df[spec.response], "response")
+    X, xnames, fixed_levels = _fixed_columns(spec, df)
+    _check_magnitude(X, xnames, "fixed-effect column")
+    X, xnames, omitted = _drop_collinear(X, xnames)
+    if spec.syntax and len(y) <= X.shape[1]:
+        after = f" (after dropping {n_dropped} with missing values)" if n_dropped else ""
+        many = [f"{v} has {len(lv)} levels" for v, lv in fixed_levels.items() if len(lv) > 2]
+        if omitted:
+            many.append(f"{_short(omitted)} omitted because of collinearity")
+        raise DataError(f"too few observations: {len(y)}{after} for {X.shape[1]} fixed effects "
+                        f"({_short(xnames)})" + (f"; {'; '.join(many)}" if many else "")
+                        + "; the model needs more observations than fixed effects")
+    if omitted:
+        warn(f"{', '.join(omitted)} omitted because of collinearity")
+    _check_response(y, X, xnames, spec.response)
+
+    # One factor block per distinct grouping; terms sharing it are concatenated in spec order.
+    groups: list[tuple[str, ...]] = []
+    for t in spec.random:
+        if t.group not in groups:
+            groups.append(t.group)
+    blocks: dict[tuple[str, ...], dict] = {}
+    for g in groups:
+        codes, levels = _group_codes(df, g)
+        if len(levels) < 2:
+            if not g:
+                raise DataError("level '_all' is a single group: a variance needs at least two groups "
+                                "(write _all: R.varname for random effects over the levels of a variable)")
+            raise DataError(
+                f"grouping {':'.join(g)!r} has {len(levels)} level(s): a variance needs at least two groups")
+        blocks[g] = dict(codes=codes, levels=levels, cols=[], names=[])
+    placed = []
+    for t in spec.random:
+        b = blocks[t.group]
+        start = len(b["names"])
+        for c in t.columns:
+            b["cols"].append(np.ones(len(df)) if c == CONS else _numeric(df[c], "random-effects covariate"))
+            b["names"].append(c)
+        placed.append((t, start, len(b["names"])))
+
+    for t, start, stop in placed:
+        n_re = len(blocks[t.group]["levels"]) * t.q
+        if n_re >= len(y):
+            raise DataError(
+                f"{len(y)} observations for {n_re} random effects in the term {_term(t)} "
+                f"({len(blocks[t.group]['levels'])} groups × {t.q}): "
+                "its variance cannot be told apart from the residual variance; the model needs more "
+                "observations than random effects in each term")
+        Zt = np.column_stack(blocks[t.group]["cols"][start:stop])
+        _, kept, dependent = _drop_collinear(Zt, list(t.columns))
+        if dependent:
+            raise DataError(
+                f"the random-effects columns of the term {_term(t)} are collinear: {', '.join(dependent)} "
+                f"{'is' if len(dependent) == 1 else 'are'} zero, constant or a linear combination of "
+                f"{', '.join(kept) if kept else 'nothing'} in every row; remove "
+                f"{'it' if len(dependent) == 1 else 'them'} from the term")
+        for c, z in zip(t.columns, blocks[t.group]["cols"][start:stop]):
+            if c != CONS:  # (any other scale is fine: the optimiser works in Design.theta_scale units)
+                _check_magnitude(z[:, None], [c], "random-effects covariate")
+
+    # Engine order: the factor with most levels first (its block of ZᵀZ stays block-diagonal).
+    order = sorted(range(len(groups)), key=lambda k: (-len(blocks[groups[k]]["levels"]), k))
+    factors = []
+    for k in order:
+        b = blocks[groups[k]]
+        factors.append(FactorBlock(group=groups[k], codes=b["codes"], n_levels=len(b["levels"]),
+                                   Z=np.column_stack(b["cols"]), colnames=tuple(b["names"]),
+                                   levels=b["levels"]))
+    index = {groups[k]: i for i, k in enumerate(order)}
+    terms = []
+    pos = 0
+    for t, start, stop in placed:
+        s = covariance.make(t.cov, t.q)
+        terms.append(TermBlock(term=t, structure=s, factor=index[t.group], cols=(start, stop),
+                               theta=(pos, pos + s.n_theta)))
+        pos += s.n_theta
+    return Design(y=y, X=X, xnames=tuple(xnames), factors=tuple(factors), terms=tuple(terms),
+                  n_theta=pos, group_summary=_summary(spec, df), n_dropped=n_dropped,
+                  omitted=omitted, response=spec.response, rows=rows,
+                  fixed_levels=fixed_levels)

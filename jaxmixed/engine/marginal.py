@@ -1,0 +1,509 @@
+"""The per-panel engine: correlated and heteroskedastic residuals (Stata's ``residuals()``).
+
+For each top-level group (panel) i, with all random-effects terms nested in it,
+
+    V_i = Σ_k M_k ∘ (Z_ik Σ_k Z_ikᵀ) + R_i,     M_k[j, l] = [row j and l share term k's level]
+
+and R_i from a :mod:`jaxmixed.residuals` structure. With β profiled (GLS),
+
+    ML:   -2ℓ   = Σ log|V_i| + rᵀV⁻¹r + n log 2π
+    REML: -2ℓ_R = Σ log|V_i| + log|XᵀV⁻¹X| + rᵀV⁻¹r + (n−p) log 2π
+
+computed from A = Σ_i [X y]_iᵀ V_i⁻¹ [X y]_i: its Cholesky gives log|XᵀV⁻¹X| and, in the last
+diagonal entry, rᵀV⁻¹r at β̂. Panels are vmapped in buckets of equal padded size; a padded row
+has V = 1 on its diagonal, 0 elsewhere, and zero data, so it changes nothing.
+
+The parameters x = (θ, ln s, c): θ the absolute Cholesky factors of each Σ_k (as in
+:mod:`jaxmixed.covariance`), ln s the residual sds of the variance groups, c the correlation
+parameters (atanh of correlations or partial autocorrelations; MA coefficients as they are;
+the exponential structure's logit r).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from jaxmixed.engine import kernels as xla
+from jaxmixed.data.design import Design, _numeric
+from jaxmixed.errors import DataError, ModelError
+from jaxmixed.engine.numerics import LOG_2PI, hessian, logdet_from_chol_diag
+from jaxmixed.fit.optimizers import minimize_bounded
+from jaxmixed.model.residuals import ResidualStructure
+
+MAX_BUCKETS = 6
+
+
+@dataclass(frozen=True)
+class PanelStruct:
+    """Static description of a per-panel model (hashable; jit's static argument)."""
+
+    structures: tuple  # covariance.* of each random-effects term
+    kind: str
+    order: int
+    n_vgroups: int  # residual variance groups
+    n_cgroups: int  # correlation-parameter groups (by levels)
+    n_times: int  # time levels (unstructured / banded)
+    max_lag: int
+    p: int
+
+    @property
+    def n_theta(self) -> int:
+        return sum(s.n_theta for s in self.structures)
+
+    @property
+    def n_corr(self) -> int:
+        """Correlation parameters per correlation group."""
+        k, T = self.kind, self.n_times
+        if k in ("exchangeable", "exponential"):
+            return 1
+        if k in ("ar", "ma", "toeplitz"):
+            return self.order
+        if k == "unstructured":
+            return T * (T - 1) // 2
+        if k == "banded":
+            return len(_band_pairs(T, self.order))
+        return 0
+
+    @property
+    def n_params(self) -> int:
+        return self.n_theta + self.n_vgroups + self.n_cgroups * self.n_corr
+
+
+def _band_pairs(T: int, q: int | None):
+    return [(a, b) for a in range(T) for b in range(a + 1, T) if q is None or b - a <= q]
+
+
+class Bucket(NamedTuple):
+    """Panels padded to one size m: every array is (P, m, ...)."""
+
+    W: jnp.ndarray  # (P, m, p+1) = [X y], zero on padded rows
+    valid: jnp.ndarray  # (P, m) bool
+    low: jnp.ndarray  # (P, m) lowest-level group code (padded rows: unique negatives)
+    t: jnp.ndarray  # (P, m) time
+    tl: jnp.ndarray  # (P, m) time level
+    vg: jnp.ndarray  # (P, m) variance group
+    cg: jnp.ndarray  # (P, m) correlation group
+    Z: tuple  # per term (P, m, q_k)
+    codes: tuple  # per term (P, m) level codes (padded rows: unique negatives)
+    rows: jnp.ndarray  # (P, m) original row (−1 padded)
+
+
+# ---- correlation ------------------------------------------------------------------------------
+
+def _acf_ar(c, max_lag: int):
+    """AR(p) autocorrelations at lags 0..max_lag from partial autocorrelations tanh(c)
+    (Durbin–Levinson)."""
+    pac = jnp.tanh(c)
+    p = pac.shape[0]
+    rho = [jnp.ones(()), pac[0]]
+    phi = [pac[0]]
+    for k in range(2, p + 1):
+        pk = pac[k - 1]
+        rk = sum(phi[j] * rho[k - 1 - j] for j in range(k - 1)) + pk * (
+            1 - sum(phi[j] * rho[j + 1] for j in range(k - 1)))
+        phi = [phi[j] - pk * phi[k - 2 - j] for j in range(k - 1)] + [pk]
+        rho.append(rk)
+    for k in range(len(rho), max_lag + 1):
+        rho.append(sum(phi[j] * rho[k - 1 - j] for j in range(p)))
+    return jnp.stack(rho[: max_lag + 1])
+
+
+def _acf_ma(theta, max_lag: int):
+    th = jnp.concatenate([jnp.ones(1), theta])
+    q = theta.shape[0]
+    g = [jnp.sum(th[: q + 1 - k] * th[k:]) for k in range(q + 1)]
+    acf = jnp.stack(g) / g[0]
+    return jnp.concatenate([acf, jnp.zeros(max(0, max_lag - q))])[: max_lag + 1]
+
+
+def _acf_toeplitz(c, max_lag: int):
+    q = c.shape[0]
+    return jnp.concatenate([jnp.ones(1), jnp.tanh(c), jnp.zeros(max(0, max_lag - q))])[: max_lag + 1]
+
+
+def _corr_matrix(c, T: int, q):
+    C = jnp.eye(T)
+    for k, (a, b) in enumerate(_band_pairs(T, q)):
+        C = C.at[a, b].set(jnp.tanh(c[k])).at[b, a].set(jnp.tanh(c[k]))
+    return C
+
+
+def _rho(cpar, bk: Bucket, ps: PanelStruct):
+    """(P, m, m) correlation of the residuals within each panel (before the same-group mask)."""
+    m = bk.valid.shape[1]
+    eye = jnp.eye(m, dtype=bool)
+    k = ps.kind
+    if k == "independent":
+        return jnp.broadcast_to(eye, bk.low.shape + (m,)).astype(float)
+    cg = bk.cg[:, :, None]
+    lag = jnp.abs(bk.t[:, :, None] - bk.t[:, None, :])
+    if k == "exchangeable":
+        r = jnp.tanh(cpar[:, 0])[cg]
+        return jnp.where(eye, 1.0, r)
+    if k == "exponential":
+        r = jax.nn.sigmoid(cpar[:, 0])[cg]
+        return jnp.where(eye, 1.0, r ** lag)
+    if k in ("ar", "ma", "toeplitz"):
+        fn = {"ar": _acf_ar, "ma": _acf_ma, "toeplitz": _acf_toeplitz}[k]
+        table = jax.vmap(lambda c: fn(c, ps.max_lag))(cpar)  # (n_cgroups, max_lag+1)
+        idx = jnp.clip(jnp.round(lag).astype(int), 0, ps.max_lag)
+        return jnp.where(eye, 1.0, table[cg, idx])
+    q = ps.order if k == "banded" else None
+    Cs = jax.vmap(lambda c: _corr_matrix(c, ps.n_times, q))(cpar)  # (n_cgroups, T, T)
+    return Cs[cg, bk.tl[:, :, None], bk.tl[:, None, :]]
+
+
+def split_params(x, ps: PanelStruct):
+    th = x[: ps.n_theta]
+    logs = x[ps.n_theta: ps.n_theta + ps.n_vgroups]
+    cpar = x[ps.n_theta + ps.n_vgroups:].reshape(ps.n_cgroups, ps.n_corr)
+    return th, logs, cpar
+
+
+def marginal_V(x, bk: Bucket, ps: PanelStruct):
+    """V_i for every panel of a bucket, padded rows set to the identity."""
+    th, logs, cpar = split_params(x, ps)
+    pos = 0
+    V = 0.0
+    for s, Z, codes in zip(ps.structures, bk.Z, bk.codes):
+        lam = s.lam(th[pos:pos + s.n_theta])
+        pos += s.n_theta
+        S = lam @ lam.T
+        same = codes[:, :, None] == codes[:, None, :]
+        V = V + same * jnp.einsum("pjq,qr,plr->pjl", Z, S, Z)
+    sd = jnp.exp(logs)[bk.vg]
+    same_low = bk.low[:, :, None] == bk.low[:, None, :]
+    V = V + same_low * sd[:, :, None] * sd[:, None, :] * _rho(cpar, bk, ps)
+    both = bk.valid[:, :, None] & bk.valid[:, None, :]
+    return jnp.where(both, V, jnp.eye(V.shape[-1]))
+
+
+def _gls_parts(x, buckets, ps: PanelStruct):
+    A = 0.0
+    logdet = 0.0
+    for bk in buckets:
+        L = xla.cholesky(marginal_V(x, bk, ps))
+        Y = xla.solve_lower(L, bk.W)
+        A = A + jnp.einsum("pjr,pjs->rs", Y, Y)
+        logdet = logdet + logdet_from_chol_diag(jnp.diagonal(L, axis1=1, axis2=2))
+    LA = xla.cholesky(A)
+    return LA, logdet
+
+
+@partial(jax.jit, static_argnames=("ps",))
+def deviance(x, buckets, n, ps: PanelStruct, reml):
+    """-2 × (restricted) log likelihood with β profiled out (see the module docstring)."""
+    LA, logdet = _gls_parts(x, buckets, ps)
+    p = ps.p
+    rss = LA[p, p] ** 2
+    ld_X = logdet_from_chol_diag(jnp.diagonal(LA)[:p])
+    dev = logdet + rss
+    return jnp.where(reml, dev + ld_X + (n - p) * LOG_2PI, dev + n * LOG_2PI)
+
+
+def _scaled_deviance(xs, buckets, n, ps: PanelStruct, reml, unit):
+    return deviance(xs * unit, buckets, n, ps, reml)
+
+
+@partial(jax.jit, static_argnames=("ps", "max_iter"))
+def optimize(x0, lower, buckets, n, ps: PanelStruct, reml, max_iter: int = 300, unit=None):
+    """Minimise the deviance over x ≥ lower, working on x / ``unit`` (None: 1); x₀, the bounds
+    and the result are in x's units."""
+    unit = jnp.ones_like(x0) if unit is None else unit
+    opt = minimize_bounded(_scaled_deviance, x0 / unit, lower / unit, (buckets, n, ps, reml, unit),
+                           max_iter=max_iter)
+    return opt._replace(x=opt.x * unit, grad=opt.grad / unit)
+
+
+@partial(jax.jit, static_argnames=("ps",))
+def gls_solution(x, buckets, ps: PanelStruct):
+    """β̂, Cov(β̂) = (XᵀV⁻¹X)⁻¹ and, per bucket, V⁻¹(y − Xβ̂) and V⁻¹."""
+    LA, _ = _gls_parts(x, buckets, ps)
+    p = ps.p
+    RXt = LA[:p, :p]
+    beta = xla.solve_lower_t(RXt, LA[p, :p][:, None])[:, 0]
+    RXt_inv = xla.solve_lower(RXt, jnp.eye(p))
+    cov_beta = RXt_inv.T @ RXt_inv
+    ws, Vinvs = [], []
+    for bk in buckets:
+        L = xla.cholesky(marginal_V(x, bk, ps))
+        Linv = xla.solve_lower(L, jnp.broadcast_to(jnp.eye(L.shape[-1]), L.shape))
+        Vinv = jnp.einsum("pkj,pkl->pjl", Linv, Linv)
+        r = (bk.W[..., p] - bk.W[..., :p] @ beta) * bk.valid
+        ws.append(jnp.einsum("pjl,pl->pj", Vinv, r))
+        Vinvs.append(Vinv)
+    return beta, cov_beta, ws, Vinvs
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+def _panel_factor(design: Design) -> int:
+    """The outermost factor: every other factor's group must extend its group (nesting)."""
+    k = min(range(len(design.factors)), key=lambda i: (len(design.factors[i].group), design.factors[i].n_levels))
+    outer = design.factors[k].group
+    for f in design.factors:
+        if f.group[: len(outer)] != outer:
+            raise ModelError("residual structures need nested random effects (one top-level group whose "
+                             f"panels contain every other level); {':'.join(f.group)!r} is crossed with "
+                             f"{':'.join(outer)!r}")
+    return k
+
+
+def _codes(values) -> tuple[np.ndarray, pd.Index]:
+    codes, uniques = pd.factorize(pd.Series(values), sort=True)
+    return codes.astype(np.int64), pd.Index(uniques)
+
+
+def build_panels(design: Design, data: pd.DataFrame, res: ResidualStructure):
+    """Bucketed panel arrays, the static PanelStruct, and labels for the report."""
+    df = data.iloc[design.rows].reset_index(drop=True)
+    n = design.nobs
+    outer = _panel_factor(design)
+    panel = design.factors[outer].codes
+    lowest = max(design.factors, key=lambda f: (len(f.group), f.n_levels))
+    low = lowest.codes
+    t = _numeric(df[res.time], "time variable") if res.time else np.zeros(n)
+    if res.time:
+        key = pd.DataFrame({"low": low, "t": t})
+        if key.duplicated().any():
+            raise DataError(f"time variable {res.time!r} repeats a value within a "
+                            f"{':'.join(lowest.group)} panel; residual structures need distinct times")
+        if res.kind in ("ar", "ma", "toeplitz") and not np.allclose(t, np.round(t)):
+            raise DataError(f"residuals({res.kind}) needs integer times in {res.time!r}; use exponential for "
+                            "continuous time")
+    tl, tlevels = _codes(t)
+    by_codes, by_levels = _codes(df[res.by].to_numpy()) if res.by else (np.zeros(n, np.int64), pd.Index([""]))
+    if res.by and res.kind != "independent":
+        per_low = pd.DataFrame({"low": low, "by": by_codes}).groupby("low").by.nunique()
+        if (per_low > 1).any():
+            raise DataError(f"by({res.by}) must be constant within each {':'.join(lowest.group)} panel for "
+                            f"residuals({res.kind})")
+    if res.kind in ("unstructured", "banded"):
+        vg = by_codes * len(tlevels) + tl
+        n_vgroups = len(by_levels) * len(tlevels)
+    else:
+        vg = by_codes
+        n_vgroups = len(by_levels)
+    cg = by_codes if res.kind != "independent" else np.zeros(n, np.int64)
+    n_cgroups = len(by_levels) if res.kind != "independent" else 1
+    max_lag = int(np.max(t) - np.min(t)) if res.kind in ("ar", "ma", "toeplitz") else 0
+
+    # rows of each panel, panels bucketed by size (a few padded sizes)
+    order = np.argsort(panel, kind="stable")
+    sizes = np.bincount(panel)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    uniq = np.unique(sizes)
+    if len(uniq) > MAX_BUCKETS:
+        edges = np.unique(np.quantile(sizes, np.linspace(0, 1, MAX_BUCKETS + 1)[1:], method="higher"))
+    else:
+        edges = uniq
+    bucket_of = np.searchsorted(edges, sizes)
+    W = np.column_stack([design.X, design.y])
+    term_codes = [design.factors[tb.factor].codes for tb in design.terms]
+    term_Z = [design.factors[tb.factor].Z[:, tb.cols[0]:tb.cols[1]] for tb in design.terms]
+    buckets = []
+    for b, m in enumerate(edges):
+        panels = np.flatnonzero(bucket_of == b)
+        if len(panels) == 0:
+            continue
+        m = int(m)
+        idx = -np.ones((len(panels), m), dtype=np.int64)
+        for r, pnl in enumerate(panels):
+            rows = order[starts[pnl]:starts[pnl + 1]]
+            idx[r, : len(rows)] = rows
+        valid = idx >= 0
+        safe = np.where(valid, idx, 0)
+        pad = -1 - np.arange(m)[None, :] - np.zeros_like(idx)
+
+        def take(a, fill=0):
+            out = a[safe]
+            return np.where(valid.reshape(valid.shape + (1,) * (out.ndim - 2)), out, fill)
+
+        buckets.append(Bucket(
+            W=jnp.asarray(take(W)), valid=jnp.asarray(valid), low=jnp.asarray(np.where(valid, low[safe], pad)),
+            t=jnp.asarray(take(t)), tl=jnp.asarray(take(tl)), vg=jnp.asarray(take(vg)), cg=jnp.asarray(take(cg)),
+            Z=tuple(jnp.asarray(take(z)) for z in term_Z),
+            codes=tuple(jnp.asarray(np.where(valid, c[safe], pad)) for c in term_codes),
+            rows=jnp.asarray(idx)))
+    ps = PanelStruct(structures=tuple(tb.structure for tb in design.terms), kind=res.kind, order=res.order,
+                     n_vgroups=n_vgroups, n_cgroups=n_cgroups, n_times=len(tlevels), max_lag=max_lag, p=design.p)
+    labels = dict(by_levels=list(by_levels), time_levels=list(tlevels))
+    return tuple(buckets), ps, labels
+
+
+def residual_param_info(ps: PanelStruct, res: ResidualStructure, labels: dict):
+    """(name, kind) of each residual parameter, kind in sd / corr / free / logit."""
+    by = labels["by_levels"]
+    tls = labels["time_levels"]
+
+    def tag(g):
+        return f"{res.by}={by[g]}: " if res.by else ""
+
+    out = []
+    if ps.kind in ("unstructured", "banded"):
+        for g in range(len(by)):
+            out += [(f"{tag(g)}sd(e{_fmt(t)})", "sd") for t in tls]
+    else:
+        out += [(f"{tag(g)}sd(e)", "sd") for g in range(ps.n_vgroups)]
+    for g in range(ps.n_cgroups if ps.n_corr else 0):
+        k = ps.kind
+        if k in ("exchangeable",):
+            out.append((f"{tag(g)}rho", "corr"))
+        elif k == "exponential":
+            out.append((f"{tag(g)}rho", "logit"))
+        elif k == "ar":
+            out += [(f"{tag(g)}rho", "corr")] if ps.order == 1 else \
+                [(f"{tag(g)}pacf{j + 1}", "corr") for j in range(ps.order)]
+        elif k == "ma":
+            out += [(f"{tag(g)}theta{j + 1}", "free") for j in range(ps.order)]
+        elif k == "toeplitz":
+            out += [(f"{tag(g)}rho{j + 1}", "corr") for j in range(ps.order)]
+        else:
+            q = ps.order if k == "banded" else None
+            out += [(f"{tag(g)}corr(e{_fmt(tls[a])},e{_fmt(tls[b])})", "corr") for a, b in _band_pairs(len(tls), q)]
+    return out
+
+
+def _fmt(v):
+    v = float(v)
+    return str(int(v)) if v.is_integer() else f"{v:g}"
+
+
+# ---- the fit ----------------------------------------------------------------------------------
+
+def eta_to_x(eta, ps: PanelStruct):
+    """Stata-metric η (term parameters, then the residual parameters as they are) → x."""
+    pos, parts = 0, []
+    for s in ps.structures:
+        parts.append(s.theta_from_eta(eta[pos:pos + s.n_eta], 1.0))
+        pos += s.n_eta
+    parts.append(eta[pos:])
+    return jnp.concatenate(parts)
+
+
+@partial(jax.jit, static_argnames=("ps",))
+def hessian_eta(eta, buckets, n, ps: PanelStruct, reml):
+    return hessian(lambda e: -0.5 * deviance(eta_to_x(e, ps), buckets, n, ps, reml))(eta)
+
+
+def fit_panel(spec, data, design: Design, res: ResidualStructure, reml: bool, variance: bool,
+              level: float, start_theta, start_sigma, display):
+    """Fit with a residual structure; returns the pieces FitResult needs."""
+    from jaxmixed.inference import tables as inference
+    from jaxmixed.engine.dense import Solution
+
+    buckets, ps, labels = build_panels(design, data, res)
+    n = float(design.nobs)
+    x0 = np.concatenate([np.asarray(start_theta) * start_sigma,
+                         np.full(ps.n_vgroups, np.log(start_sigma)),
+                         np.zeros(ps.n_cgroups * ps.n_corr)])
+    lower = np.concatenate([np.concatenate([s.lower for s in ps.structures]),
+                            np.full(ps.n_params - ps.n_theta, -np.inf)])
+    # the optimiser's units: the θ part (absolute, θσ) in units of Design.theta_scale × σ₀, so
+    # that it is O(1) for covariates and responses on any scale (as in fitting.optimize_theta)
+    unit = np.concatenate([design.theta_scale * start_sigma, np.ones(ps.n_params - ps.n_theta)])
+    opt = optimize(jnp.asarray(x0), jnp.asarray(lower), buckets, n, ps, reml, unit=jnp.asarray(unit))
+    x = np.asarray(opt.x)
+    th, logs, cpar = (np.asarray(a) for a in split_params(jnp.asarray(x), ps))
+    scale = float(np.exp(np.mean(logs))) * design.theta_scale  # θ relative to σ, in the optimiser's units
+    info = residual_param_info(ps, res, labels)
+    singular = False
+    pos, eta_parts = 0, []
+    for s in ps.structures:
+        t = th[pos:pos + s.n_theta]
+        rel = t / scale[pos:pos + s.n_theta]
+        singular |= s.boundary(rel, inference.SINGULAR_TOL)
+        lam = np.asarray(s.lam(jnp.asarray(t)))
+        eta_parts.append(s.eta_from_sigma(lam @ lam.T) if not s.boundary(rel, 1e-12) else
+                         np.full(s.n_eta, -np.inf))
+        pos += s.n_theta
+    res_eta = np.concatenate([logs, cpar.ravel()])
+    corr_kinds = np.array([k == "corr" for _, k in info])
+    singular |= bool(np.any(np.abs(np.tanh(res_eta[corr_kinds])) > 1 - 1e-6))
+    eta = np.concatenate(eta_parts + [res_eta])
+    cov_eta, hessian_ok = None, False
+    if not singular:
+        H = np.asarray(hessian_eta(jnp.asarray(eta), buckets, n, ps, reml))
+        cov_eta, hessian_ok = inference.covariance_from_hessian(H)
+    table = inference.component_table(design.terms, eta, cov_eta, variance, level, info)
+
+    beta, cov_beta, ws, Vinvs = gls_solution(jnp.asarray(x), buckets, ps)
+    w_row = np.zeros(design.nobs)
+    for bk, w in zip(buckets, ws):
+        idx = np.asarray(bk.rows)
+        w_row[idx[idx >= 0]] = np.asarray(w)[idx >= 0]
+    b = []
+    pos = 0
+    term_S = []
+    for s in ps.structures:
+        lam = np.asarray(s.lam(jnp.asarray(th[pos:pos + s.n_theta])))
+        term_S.append(lam @ lam.T)
+        pos += s.n_theta
+    for k, f in enumerate(design.factors):
+        parts = []
+        for tb, S in zip(design.terms, term_S):
+            if tb.factor != k:
+                continue
+            Z = f.Z[:, tb.cols[0]:tb.cols[1]]
+            sums = np.stack([np.bincount(f.codes, weights=Z[:, j] * w_row, minlength=f.n_levels)
+                             for j in range(Z.shape[1])], axis=1)
+            parts.append(sums @ S)
+        b.append(np.concatenate(parts, axis=1))
+    sigma = float(np.exp(logs[0]))
+    sol = Solution(beta=np.asarray(beta), sigma=sigma, cov_beta=np.asarray(cov_beta), u1=None, u2=None, b=tuple(b))
+    converged = bool(opt.converged) and (singular or hessian_ok)
+    history = np.asarray(opt.history)[: int(opt.n_iter) + 1]
+    panel_info = dict(structure=res, ps=ps, buckets=buckets, x=x, labels=labels, term_S=term_S)
+    return dict(loglik=-0.5 * float(opt.fun), converged=converged, singular=singular, table=table, sol=sol,
+                history=history, cov_eta=cov_eta, n_params=ps.n_params, panel=panel_info)
+
+
+def conditional_variances(result):
+    """Per factor (L_f, q_f, q_f): Var(b | y) = Σ − Σ (Σ_{j,l∈ℓ} z_j (V⁻¹)_{jl} z_lᵀ) Σ at the estimates."""
+    info = result.panel
+    des = result.design
+    _, _, _, Vinvs = gls_solution(jnp.asarray(info["x"]), info["buckets"], info["ps"])
+    out = [np.zeros((f.n_levels, f.q, f.q)) for f in des.factors]
+    for k, (tb, S) in enumerate(zip(des.terms, info["term_S"])):
+        f = des.factors[tb.factor]
+        M = np.zeros((f.n_levels, S.shape[0], S.shape[0]))
+        for bk, Vinv in zip(info["buckets"], Vinvs):
+            Z, codes = np.asarray(bk.Z[k]), np.asarray(bk.codes[k])
+            same = codes[:, :, None] == codes[:, None, :]
+            per_row = np.einsum("pjq,pjl,plr->pjqr", Z, np.asarray(Vinv) * same, Z)
+            ok = codes >= 0
+            np.add.at(M, codes[ok], per_row[ok])
+        V = S[None] - np.einsum("ij,ljk,kh->lih", S, M, S)
+        a, b = tb.cols
+        out[tb.factor][:, a:b, a:b] = V
+    return out
+
+
+def wcorrelation(result, level: int = 0) -> pd.DataFrame:
+    """Marginal correlation of y within one panel (including the residual structure)."""
+    info = result.panel
+    des = result.design
+    outer = des.factors[_panel_factor(des)]
+    if not 0 <= level < outer.n_levels:
+        raise ModelError(f"level must be between 0 and {outer.n_levels - 1}")
+    target = np.flatnonzero(outer.codes == level)[0]
+    for bk in info["buckets"]:
+        rows = np.asarray(bk.rows)
+        hit = np.argwhere(rows == target)
+        if len(hit):
+            p = hit[0, 0]
+            V = np.asarray(marginal_V(jnp.asarray(info["x"]), jax.tree_util.tree_map(lambda a: a[p:p + 1], bk),
+                                      info["ps"]))[0]
+            keep = rows[p] >= 0
+            V = V[np.ix_(keep, keep)]
+            d = np.sqrt(np.diag(V))
+            idx = pd.Index(des.rows[rows[p][keep]], name="obs")
+            return pd.DataFrame(V / np.outer(d, d), index=idx, columns=idx)
+    raise ModelError("panel not found")  # unreachable: every row belongs to a bucket

@@ -1,0 +1,119 @@
+"""FitResult: the immutable record of a fitted model (built once, never patched)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """A fitted linear mixed model (attributes as in the API contract).
+
+    loglik       maximised log likelihood (restricted for REML)
+    method       "reml" or "ml"
+    nobs         observations used, after dropping incomplete rows
+    converged    optimiser met its tolerance and the Hessian is negative definite
+    singular     some variance parameter is on its boundary (sd 0, corr ±1)
+    fixed        DataFrame: coef, se, z, p, ci_lower, ci_upper; index the term names
+    random       DataFrame: group, name, estimate, se, ci_lower, ci_upper
+    wald         (chi2, df, p) for all fixed effects but _cons
+    lr_vs_linear (stat, df, p, kind)
+    groups       DataFrame per grouping level: n_groups, min, mean, max
+    theta, beta, sigma   internal estimates (θ in lme4's parameterisation)
+    """
+
+    loglik: float
+    method: str
+    nobs: int
+    converged: bool
+    singular: bool
+    fixed: pd.DataFrame
+    random: pd.DataFrame
+    wald: tuple
+    lr_vs_linear: tuple
+    groups: pd.DataFrame
+    theta: np.ndarray
+    beta: np.ndarray
+    sigma: float
+    iterations: tuple  # (restricted) log likelihood at each optimiser iteration
+    n_dropped: int
+    notes: tuple
+    level: float
+    variance: bool
+    spec: Any = field(repr=False)
+    design: Any = field(repr=False)
+    stats: Any = field(repr=False)
+    structure: Any = field(repr=False)
+    solution: Any = field(repr=False)
+    cov_eta: Any = field(repr=False)
+    display: dict = field(default_factory=dict, repr=False)
+    panel: Any = field(default=None, repr=False)  # per-panel engine state when residuals() is used
+
+    @property
+    def n_params(self) -> int:
+        """Parameters counted by AIC/BIC: fixed effects, variance parameters, residual."""
+        return len(self.beta) + len(self.random)
+
+    @property
+    def aic(self) -> float:
+        return -2.0 * self.loglik + 2.0 * self.n_params
+
+    @property
+    def bic(self) -> float:
+        return -2.0 * self.loglik + np.log(self.nobs) * self.n_params
+
+    def blups(self, se: bool = False) -> dict:
+        """Predicted random effects: {level: DataFrame indexed by group level, one column per
+        effect}; ``se=True`` gives their conditional standard errors instead."""
+        from jaxmixed.results.predict import blups
+
+        return blups(self, se=se)
+
+    def predict(self, kind: str = "fitted", data: pd.DataFrame | None = None):
+        """xb, fitted, reffects, reses, residuals or rstandard (see ``jaxmixed.predict``)."""
+        from jaxmixed.results.predict import predict
+
+        return predict(self, kind, data)
+
+    def icc(self) -> pd.DataFrame:
+        """Intraclass correlation per level (``estat icc``)."""
+        from jaxmixed.results.estat import icc
+
+        return icc(self)
+
+    def recovariance(self) -> dict:
+        """Fitted covariance matrix of each term's random effects (``estat recovariance``)."""
+        from jaxmixed.results.estat import recovariance
+
+        return recovariance(self)
+
+    def wcorrelation(self, level: int = 0) -> pd.DataFrame:
+        """Marginal within-group correlation of y (``estat wcorrelation``)."""
+        from jaxmixed.results.estat import wcorrelation
+
+        return wcorrelation(self, level)
+
+    def bootstrap(self, n: int = 1000, seed: int = 0, level: float | None = None, **kwargs):
+        """Parametric bootstrap: simulate ``n`` responses from the fitted model, refit them all
+        in one batched program and return percentile intervals for every fixed effect and
+        variance component (``jaxmixed.bootstrap.BootstrapResult``; ``level`` defaults to the
+        fit's). Reproducible: the same ``seed`` and ``n`` give the same draws. Keyword
+        arguments: chunk_size, progress, device (as for ``jm.fit_many``)."""
+        from jaxmixed.inference.bootstrap import bootstrap
+
+        return bootstrap(self, n=n, seed=seed, level=level, **kwargs)
+
+    def __str__(self) -> str:
+        from jaxmixed.results.report import format_result
+
+        return format_result(self)
+
+    def summary(self, **display) -> str:
+        """The Stata-style report; display options: log, group, fetable, retable, header, lrtest."""
+        from jaxmixed.results.report import format_result
+
+        return format_result(self, **display)

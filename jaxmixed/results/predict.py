@@ -1,0 +1,164 @@
+"""BLUPs, their conditional standard errors, and predictions (Stata's ``predict`` after ``mixed``).
+
+The conditional covariance of the random effects given y at the estimates is
+
+    Var(b | y) = σ² Λ (LLᵀ)⁻¹ Λᵀ,
+
+whose diagonal blocks are all we need. With L = [[L₁, 0], [Wᵀ, L₂₂]],
+(LLᵀ)⁻¹'s first-factor block for level ℓ is AᵀA + KᵀK with A = L₁ℓ⁻¹ and K = L₂₂⁻¹ Wℓᵀ A, and
+the rest's block is L₂₂⁻ᵀ L₂₂⁻¹. These are lme4's ``condVar`` and Stata's ``reses``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from jaxmixed.engine import kernels as xla
+from jaxmixed.data.design import _group_codes, _numeric, fixed_matrix
+from jaxmixed.errors import DataError, JaxmixedWarning
+from jaxmixed.engine import sparse as blocked
+from jaxmixed.engine.dense import factor_lambdas, factorize
+from jaxmixed.data.crossprod import Stats, Structure
+from jaxmixed.model.spec import CONS
+
+KINDS = ("xb", "fitted", "reffects", "reses", "residuals", "rstandard")
+
+
+@partial(jax.jit, static_argnames=("struct",))
+def conditional_variances(theta, sigma, stats: Stats, struct: Structure):
+    """Per factor, (L_f, q_f, q_f) blocks of Var(b | y) (see the module docstring)."""
+    lams = factor_lambdas(theta, struct)
+    if struct.engine is not None:  # blocked engine: same blocks, from its panels
+        out = blocked.conditional_blocks(theta, stats, struct, lams)
+        return [sigma**2 * jnp.einsum("ij,ljk,hk->lih", lam, V, lam) for lam, V in zip(lams, out)]
+    f = factorize(theta, stats, struct)
+    L1n, q1 = struct.L[0], struct.q[0]
+    A = xla.solve_lower(f.L1, jnp.broadcast_to(jnp.eye(q1), (L1n, q1, q1)))
+    V1 = jnp.einsum("lki,lkj->lij", A, A)
+    out = []
+    if struct.m2:
+        m2 = struct.m2
+        WtA = jnp.einsum("lim,lij->mlj", f.W, A).reshape(m2, L1n * q1)
+        K = xla.solve_lower(f.L22, WtA).reshape(m2, L1n, q1)
+        V1 = V1 + jnp.einsum("mli,mlj->lij", K, K)
+        Linv = xla.solve_lower(f.L22, jnp.eye(m2))
+        V2 = Linv.T @ Linv
+    out.append(V1)
+    for off, L, q in zip(struct.offsets, struct.L[1:], struct.q[1:]):
+        blk = V2[off:off + L * q, off:off + L * q].reshape(L, q, L, q)
+        out.append(jnp.einsum("lilj->lij", blk))
+    return [sigma**2 * jnp.einsum("ij,ljk,hk->lih", lam, V, lam) for lam, V in zip(lams, out)]
+
+
+def blup_key(factor_group, terms) -> str:
+    """Name of a factor's BLUP table: the level label (``school``, ``state``); for factor
+    notation at ``_all`` (``_all: R.id``) the variable (``id``)."""
+    labels = [t.term.label for t in terms]
+    label = labels[0]
+    return ":".join(factor_group) if label == "_all" else label
+
+
+def blups(result, se: bool = False) -> dict:
+    """{level: DataFrame indexed by group level, one column per random effect}."""
+    des = result.design
+    b = result.solution.b
+    V = None
+    if se and result.panel is not None:
+        from jaxmixed.engine.marginal import conditional_variances as panel_variances
+
+        V = panel_variances(result)
+    elif se:
+        V = conditional_variances(jnp.asarray(result.theta), result.sigma, result.stats, result.structure)
+    out = {}
+    for k, fac in enumerate(des.factors):
+        terms = [t for t in des.terms if t.factor == k]
+        names = [d for t in terms for d in t.term.display]
+        key = blup_key(fac.group, terms)
+        if se:
+            vals = np.sqrt(np.diagonal(np.asarray(V[k]), axis1=1, axis2=2))
+        else:
+            vals = np.asarray(b[k])
+        out[key] = pd.DataFrame(vals, index=fac.levels, columns=names)
+    return out
+
+
+def _row_effects(result, df: pd.DataFrame | None):
+    """For each factor: codes of the rows (−1 for unseen levels) and their Z columns."""
+    des = result.design
+    rows = []
+    n_unseen = 0
+    for fac in des.factors:
+        if df is None:
+            rows.append((fac.codes, fac.Z))
+            continue
+        codes_new, levels_new = _group_codes(df, fac.group)
+        lookup = fac.levels.get_indexer(levels_new)
+        codes = lookup[codes_new]
+        n_unseen += int(np.sum(codes < 0))
+        Z = np.column_stack([np.ones(len(df)) if c == CONS else _numeric(df[c], "random-effects covariate")
+                             for c in fac.colnames])
+        rows.append((codes, Z))
+    return rows, n_unseen
+
+
+def predict(result, kind: str = "fitted", data: pd.DataFrame | None = None):
+    """Stata's predict: xb, fitted (xb + Zb), reffects, reses, residuals, rstandard.
+
+    ``data``: new rows; levels not seen in the fit get zero random effects (and missing reses),
+    with a warning that says how many rows that concerned. Returns a Series (xb, fitted,
+    residuals, rstandard) or a DataFrame with one column per random effect (reffects, reses),
+    indexed like the rows used.
+    """
+    if kind not in KINDS:
+        raise DataError(f"predict kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    des = result.design
+    spec = result.spec
+    if data is None:
+        X, y, index = des.X, des.y, des.rows
+        df = None
+    else:
+        need = [v for v in spec.variables if v != spec.response or kind in ("residuals", "rstandard")]
+        missing = [v for v in need if v not in data.columns]
+        if missing:
+            raise DataError(f"new data lack column(s) {', '.join(map(repr, missing))}")
+        ok = data[need].notna().all(axis=1).to_numpy()
+        df = data.loc[ok, need].reset_index(drop=True)
+        index = np.flatnonzero(ok)
+        X = fixed_matrix(spec, des, df)
+        y = _numeric(df[spec.response], "response") if spec.response in df else None
+    xb = X @ result.beta
+    if kind == "xb":
+        return pd.Series(xb, index=index, name="xb")
+    rows, n_unseen = _row_effects(result, df)
+    if n_unseen:
+        warnings.warn(f"{n_unseen} row-level group memberships are levels not seen in the fit; "
+                      "their random effects are set to 0", JaxmixedWarning, stacklevel=3)
+    if kind in ("reffects", "reses"):
+        tables = blups(result, se=(kind == "reses"))
+        cols = {}
+        for k, (codes, _) in enumerate(rows):
+            key = list(tables)[k]
+            t = tables[key].to_numpy()
+            for j, name in enumerate(tables[key].columns):
+                vals = np.where(codes >= 0, t[np.maximum(codes, 0), j], 0.0 if kind == "reffects" else np.nan)
+                cols[f"{key}: {name}"] = vals
+        return pd.DataFrame(cols, index=index)
+    zb = np.zeros(len(xb))
+    for k, (codes, Z) in enumerate(rows):
+        bk = np.asarray(result.solution.b[k])
+        zb += np.where(codes >= 0, np.sum(Z * bk[np.maximum(codes, 0)], axis=1), 0.0)
+    fitted = xb + zb
+    if kind == "fitted":
+        return pd.Series(fitted, index=index, name="fitted")
+    if y is None:
+        raise DataError(f"predict(kind={kind!r}) needs the response {spec.response!r} in the data")
+    resid = y - fitted
+    if kind == "residuals":
+        return pd.Series(resid, index=index, name="residuals")
+    return pd.Series(resid / result.sigma, index=index, name="rstandard")

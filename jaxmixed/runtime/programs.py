@@ -1,0 +1,278 @@
+"""Compiled programs that outlive the process: ``jax.jit`` plus a disk cache of traced programs.
+
+JAX's persistent compilation cache (:mod:`jaxmixed.runtime`) stores compiled executables, but
+it is consulted only after a program has been traced and lowered, and for a small model's first
+fit in a fresh process that tracing is most of the time (≈ 0.3 s for the optimiser of a
+random-slope model, as much again for the η-Hessian). :func:`cached` wraps a function like
+``jax.jit(fun, static_argnames=...)`` and also keeps each traced program on disk as a
+:mod:`jax.export` artefact (StableHLO), keyed by
+
+- the function, the values of its static arguments (their ``repr``, e.g. the model's
+  ``Structure``) and the shapes and dtypes of its array arguments;
+- the source of the jaxmixed package (a hash of its ``.py`` files: an edited package never
+  loads a program traced from the old code), the JAX and jaxlib versions, the backend, the
+  ``jax_enable_x64`` setting and ``XLA_FLAGS``.
+
+A fresh process then loads the program instead of tracing it; calling it still goes through
+XLA's compile step, where the persistent compilation cache supplies the executable. The
+programs are exactly those ``jax.jit`` would run (same StableHLO, same XLA compile), so results
+are identical. Within a process each program is loaded or traced once per key, as with
+``jax.jit``.
+
+The cache lives in ``<compilation cache dir>/jaxmixed-programs`` and is on exactly when the
+persistent compilation cache is on (``JAXMIXED_NO_CACHE=1`` turns both off). Like that cache it
+is trusted code (the artefacts are pickles). Anything unusual falls back to plain ``jax.jit``:
+arguments committed to a device other than JAX's default one, ``jax_disable_jit``, a static
+argument without a stable ``repr``, a program that ``jax.export`` refuses, an unreadable file.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import inspect
+import os
+import pickle
+import tempfile
+import threading
+from concurrent.futures import Future
+
+import jax
+
+try:
+    _typeof = jax.typeof
+except AttributeError:  # jax < 0.4.36
+    from jax.core import get_aval as _typeof
+
+SUBDIR = "jaxmixed-programs"
+_source_hash: str | None = None
+#: programs loaded from disk / traced and written in this process (tests and benchmarks read it)
+STATS = {"loaded": 0, "exported": 0, "fallback": 0}
+_pool_lock = threading.Lock()
+
+
+def cache_dir() -> str | None:
+    """Where programs are kept, or None when the persistent compilation cache is off."""
+    from jaxmixed.runtime import compilation_cache_dir
+
+    base = compilation_cache_dir()
+    return os.path.join(base, SUBDIR) if base else None
+
+
+def _package_hash() -> str:
+    global _source_hash
+    if _source_hash is None:
+        h = hashlib.sha256()
+        root = os.path.dirname(os.path.abspath(__file__))
+        for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+            h.update(os.path.relpath(path, root).encode())
+            with open(path, "rb") as fh:
+                h.update(fh.read())
+        _source_hash = h.hexdigest()
+    return _source_hash
+
+
+def _environment() -> tuple:
+    import jaxlib
+
+    backend = jax.devices()[0].client
+    return (jax.__version__, jaxlib.__version__, backend.platform, backend.platform_version,
+            bool(jax.config.jax_enable_x64), os.environ.get("XLA_FLAGS", ""),
+            str(jax.config.jax_default_matmul_precision), _package_hash())
+
+
+def _on_default_device(leaves) -> bool:
+    default = jax.devices()[0]
+    for x in leaves:
+        if isinstance(x, jax.Array):
+            try:
+                if x.devices() != {default}:
+                    return False
+            except Exception:  # noqa: BLE001 - a tracer or an array without devices: no caching
+                return False
+    return True
+
+
+def _aval(x):
+    a = x if isinstance(x, jax.ShapeDtypeStruct) else _typeof(x)
+    return (tuple(a.shape), str(a.dtype), bool(getattr(a, "weak_type", False)))
+
+
+def cached(fun=None, *, static_argnames=()):
+    """``jax.jit(fun, static_argnames=static_argnames)`` whose traced programs are also kept on
+    disk (see the module docstring). Usable as ``@cached(static_argnames=(...))``; the result
+    is a :class:`Program`."""
+    if fun is None:
+        return functools.partial(cached, static_argnames=static_argnames)
+    return Program(fun, tuple(static_argnames))
+
+
+class Program:
+    """A function compiled like ``jax.jit``, its traced programs kept on disk (module docstring).
+
+    ``program(*args)`` runs it; ``program.prefetch(*args)`` (arrays, or ``jax.ShapeDtypeStruct``
+    for arrays not computed yet) loads a program kept on disk and compiles it in a background
+    thread, so that a later call with arguments of those shapes finds it ready: XLA's loading of
+    an executable (≈ 0.1 s for a Hessian program) then overlaps with other work.
+    ``program.jitted`` is the plain ``jax.jit`` function."""
+
+    def __init__(self, fun, static_argnames: tuple):
+        functools.update_wrapper(self, fun)
+        self.static_argnames = static_argnames
+        self.jitted = jax.jit(fun, static_argnames=static_argnames)
+        self._sig = inspect.signature(fun)
+        self._dynamic = [n for n in self._sig.parameters if n not in static_argnames]
+        self._name = f"{getattr(fun, '__module__', '?')}.{getattr(fun, '__qualname__', repr(fun))}"
+        self._programs: dict = {}  # key -> callable, or a Future while a prefetch is under way
+        self._lock = threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        split = self._split(args, kwargs)
+        if split is None:
+            return self.jitted(*args, **kwargs)
+        key, statics, dyn = split
+        with self._lock:
+            entry = self._programs.get(key)
+        if isinstance(entry, Future):
+            entry = entry.result()
+        if entry is None:
+            entry = self._make(statics, dyn, key) or self._by_position(statics)
+            with self._lock:
+                self._programs[key] = entry
+        return entry(*dyn)
+
+    def prefetch(self, *args, **kwargs) -> None:
+        """Start loading and compiling, in the background, the program kept on disk for
+        arguments like these; nothing when there is none (it is traced at the call instead)."""
+        split = self._split(args, kwargs)
+        if split is None:
+            return
+        key, statics, dyn = split
+        path = self._path(statics, key)
+        if path is None or not os.path.exists(path):
+            return
+        with self._lock:
+            if key in self._programs:
+                return
+            future = Future()
+            self._programs[key] = future
+
+        def work():
+            try:
+                prog = _load(path)
+                future.set_result(None if prog is None else prog.lower(*dyn).compile())
+            except BaseException:  # noqa: BLE001 - the call then loads or traces it itself
+                future.set_result(None)
+
+        _executor().submit(work)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _split(self, args, kwargs):
+        """(key, statics, dynamic arguments), or None where plain ``jax.jit`` should run it."""
+        if jax.config.jax_disable_jit:
+            return None
+        try:
+            bound = self._sig.bind(*args, **kwargs)
+        except TypeError:
+            return None  # let jax.jit report the mistake
+        bound.apply_defaults()
+        arguments = bound.arguments
+        if len(arguments) != len(self._sig.parameters):
+            return None  # *args / **kwargs signatures: not handled here
+        try:
+            statics = tuple((n, arguments[n]) for n in self.static_argnames)
+            hash(statics)
+        except TypeError:
+            return None
+        dyn = tuple(arguments[n] for n in self._dynamic)
+        leaves, treedef = jax.tree_util.tree_flatten(dyn)
+        if not _on_default_device(leaves):
+            return None
+        return (statics, treedef, tuple(_aval(x) for x in leaves)), statics, dyn
+
+    def _path(self, statics, key) -> str | None:
+        directory = cache_dir()
+        if directory is None:
+            return None
+        text = repr((self._name, statics, str(key[1]), key[2], _environment()))
+        if " at 0x" in text or "..." in text:  # no stable repr: not kept on disk
+            return None
+        return os.path.join(directory, hashlib.sha256(text.encode()).hexdigest() + ".pkl")
+
+    def _by_position(self, statics):
+        statics_kw = dict(statics)
+        names, jitted = self._dynamic, self.jitted
+
+        def by_position(*a):  # the dynamic arguments in signature order, the statics bound
+            return jitted(**dict(zip(names, a)), **statics_kw)
+
+        return by_position
+
+    def _make(self, statics, dyn, key):
+        path = self._path(statics, key)
+        if path is None:
+            STATS["fallback"] += 1
+            return None
+        prog = _load(path) or _export(self._by_position(statics), dyn, path)
+        if prog is None:
+            STATS["fallback"] += 1
+        return prog
+
+
+_pool = None
+_pool_pid = None
+
+
+def _executor():
+    """One background thread for prefetches (a new one in a forked child, whose copy of the
+    parent's pool has no thread)."""
+    global _pool, _pool_pid
+    with _pool_lock:
+        if _pool is None or _pool_pid != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor
+
+            _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxmixed-programs")
+            _pool_pid = os.getpid()
+        return _pool
+
+
+def in_background(fn, *args) -> Future:
+    """Run ``fn(*args)`` on the thread that does the prefetches, after those queued before it."""
+    return _executor().submit(fn, *args)
+
+
+def _load(path: str):
+    try:
+        with open(path, "rb") as fh:
+            exported = pickle.load(fh)
+    except FileNotFoundError:
+        return None
+    except Exception:  # noqa: BLE001 - a damaged or foreign file: trace again and overwrite it
+        return None
+    STATS["loaded"] += 1
+    return jax.jit(exported.call)
+
+
+def _export(fun, dyn, path: str):
+    from dataclasses import replace
+
+    from jax import export
+
+    try:
+        exported = export.export(jax.jit(fun))(*dyn)
+        # the reverse-mode rule is a closure (not picklable) and these programs are not differentiated
+        blob = pickle.dumps(replace(exported, _get_vjp=None), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - jax.export refuses some programs: plain jax.jit for these
+        return None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(blob)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache: the program still runs
+    STATS["exported"] += 1
+    return jax.jit(exported.call)
