@@ -1,14 +1,13 @@
 """jaxmixed: linear mixed models with JAX, Stata's and lme4's numbers."""
 
-import os as _os
+# XLA's CPU runtime in jaxlib 0.10 can wedge its Eigen thread pool and never return a result
+# (seen here in while_loop programs; jax-ml/jax#25861 and others). On those versions only,
+# jaxmixed runs Eigen ops on the calling thread (--xla_cpu_multi_thread_eigen=false in XLA_FLAGS,
+# said once on the "jaxmixed" logger) unless you set that flag yourself or JAXMIXED_KEEP_XLA_FLAGS=1.
+# Must happen before JAX's backend starts: see jaxmixed.settings (which does not import JAX).
+from jaxmixed import settings as _settings
 
-# XLA's CPU runtime can wedge its Eigen thread pool and never return a result (seen here in
-# while_loop programs; jax-ml/jax#25861 and others). Running Eigen ops on the calling thread
-# avoids it. Must be set before the backend starts; opt out with JAXMIXED_KEEP_XLA_FLAGS=1.
-if not _os.environ.get("JAXMIXED_KEEP_XLA_FLAGS"):
-    _flags = _os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_multi_thread_eigen" not in _flags:
-        _os.environ["XLA_FLAGS"] = (_flags + " --xla_cpu_multi_thread_eigen=false").strip()
+_settings.apply_xla_flags()
 
 import jax as _jax  # noqa: E402
 
@@ -17,6 +16,7 @@ import jax as _jax  # noqa: E402
 _jax.config.update("jax_enable_x64", True)
 
 # Persistent compilation cache on (JAXMIXED_NO_CACHE=1 to leave it off): see jaxmixed.runtime.
+# Nothing else process-wide happens at import (BLAS threads only inside a fit, no exit hook).
 from jaxmixed import runtime  # noqa: E402
 
 runtime.configure_from_environment()
@@ -37,8 +37,8 @@ _LAZY = {
     "BootstrapLRTest": ("inference.bootstrap", "BootstrapLRTest"),
     "BootstrapResult": ("inference.bootstrap", "BootstrapResult"),
     "bootstrap_lrtest": ("inference.bootstrap", "bootstrap_lrtest"),
-    "ManyResult": ("fit.batched", "ManyResult"),
-    "fit_many": ("fit.batched", "fit_many"),
+    "ManyResult": ("results.many", "ManyResult"),
+    "fit_many": ("api.many", "fit_many"),
     "parse_stata": ("syntax.stata", "parse_stata"),
 }
 

@@ -10,20 +10,18 @@ Everything here is a pure function of arrays, usable under ``jax.jit``, ``jax.gr
 ``deviance(theta, stats, reml=True)``
     the profiled deviance −2ℓ(θ) (restricted for REML), β and σ profiled out.
 ``solve(theta, stats, reml=True)``
-    β̂(θ), σ̂(θ), Var(β̂), conditional modes u and b (a ``Solution``).
+    β̂(θ), σ̂(θ), Var(β̂), conditional modes u and b (a ``Solution``: β, σ, Var(β̂), b).
 ``fit_stats(stats, reml=True)`` / ``fit_arrays(y, X, groups, ...)``
     the fit: :class:`Estimates` (θ̂, β̂, σ̂, Var(β̂), b, deviance, converged, iterations).
     θ̂ is differentiable with respect to the statistics, hence to y, X and the weights, by
     implicit differentiation (a ``jax.custom_vjp`` on the map stats ↦ θ̂: at the optimum
     ∇_θD(θ̂, s) = 0, so dθ̂/ds = −H⁻¹ ∂²D/∂θ∂s with H the Hessian of the deviance; θ entries held
     at their bound get zero derivative). β̂, σ̂ and the deviance follow by ordinary autodiff.
-``without_lapack(fun)``
-    ``fun`` with its Cholesky factorisations and triangular solves done in plain XLA
-    operations instead of LAPACK calls (fast for the many tiny blocks of a mixed model, and
-    free of the LAPACK thread-pool deadlock jaxlib 0.10 can hit with large vmapped batches on
-    machines with few cores). ``deviance``, ``solve`` and the fits here all use it.
-
-    (``cholesky_xla`` and ``triangular_solve_xla`` are the replacements, usable directly.)
+Every Cholesky factorisation and triangular solve here runs in plain XLA operations (the
+engine's "xla" kernel policy, :mod:`jaxmixed.engine.kernels`: fast for the many tiny blocks of a
+mixed model, and free of the LAPACK thread-pool deadlock jaxlib 0.10 can hit with large vmapped
+batches on machines with few cores); ``cholesky_xla`` and ``triangular_solve_xla`` are usable
+directly.
 
 Prior weights: row i has residual variance σ²/w_i (w_i > 0). The statistics are the weighted
 cross-products and the deviance includes −Σ log w_i, as lme4's ``weights=`` does.
@@ -55,188 +53,21 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from jaxmixed.model import covariance
-from jaxmixed.engine import dense as _objective
+from jaxmixed.data.crossprod import accumulate
+from jaxmixed.data.pattern import dense_block_index
+from jaxmixed.engine import pls
+from jaxmixed.engine.kernels import cholesky_xla, spd_solve_xla, triangular_solve_xla  # noqa: F401 (public)
+from jaxmixed.engine.pls import ModelShape, PLSArrays, TermShape
 from jaxmixed.errors import DataError, ModelError
-from jaxmixed.fit.optimizers import minimize_bounded
-from jaxmixed.data.crossprod import Stats, Structure, TermStruct
+from jaxmixed.fit.optimizers import minimize_scaled
+from jaxmixed.model import covariance
 
 __all__ = ["ModelStats", "Estimates", "stats_from_arrays", "deviance", "solve", "fit_stats", "fit_arrays",
-           "without_lapack", "structure"]
+           "structure", "cholesky_xla", "triangular_solve_xla"]
 
-UNROLL_MAX = 8  # matrices up to this order are factorised / solved fully unrolled
-
-
-# --------------------------------------------------------------------------------------------
-# LAPACK-free Cholesky and triangular solves
-
-
-def cholesky_xla(a):
-    """Lower Cholesky factor of (..., n, n) ``a`` (NaN where not positive definite), in plain
-    XLA ops: unrolled for n ≤ UNROLL_MAX, a column loop otherwise."""
-    n = a.shape[-1]
-    if n == 0:
-        return a
-    if n <= UNROLL_MAX:
-        # entries as contiguous leading slices: (n, n, ...) layout, one stack for the result
-        at = jnp.moveaxis(a, (-2, -1), (0, 1))
-        L = {}
-        for j in range(n):
-            s = at[j, j]
-            for k in range(j):
-                s = s - L[j, k] * L[j, k]
-            d = jnp.sqrt(s)
-            L[j, j] = d
-            for i in range(j + 1, n):
-                s = at[i, j]
-                for k in range(j):
-                    s = s - L[i, k] * L[j, k]
-                L[i, j] = s / d
-        zero = jnp.zeros_like(at[0, 0])
-        out = jnp.stack([L.get((i, j), zero) for i in range(n) for j in range(n)])
-        return jnp.moveaxis(out.reshape((n, n) + at.shape[2:]), (0, 1), (-2, -1))
-    idx = jnp.arange(n)
-
-    def body(j, L):
-        # left-looking: column j from A[:, j] minus the contributions of columns < j
-        Lj = lax.dynamic_index_in_dim(L, j, axis=-2, keepdims=False)  # row j of L (..., n)
-        Lj = jnp.where(idx < j, Lj, 0.0)
-        col = lax.dynamic_index_in_dim(a, j, axis=-1, keepdims=False) - jnp.einsum("...ik,...k->...i", L, Lj)
-        d = jnp.sqrt(lax.dynamic_index_in_dim(col, j, axis=-1, keepdims=False))
-        newcol = jnp.where(idx > j, col / d[..., None], jnp.where(idx == j, d[..., None], 0.0))
-        return jnp.where(idx == j, newcol[..., :, None], L)
-
-    return lax.fori_loop(0, n, body, jnp.zeros_like(a))
-
-
-def _solve_lower(T, B, unit):
-    """T X = B with T (..., n, n) lower triangular, B (..., n, k)."""
-    n = T.shape[-1]
-    if n <= UNROLL_MAX:
-        if n == 0:
-            return B
-        Tt = jnp.moveaxis(T, (-2, -1), (0, 1))  # (n, n, ...)
-        Bt = jnp.moveaxis(B, -2, 0)  # (n, ..., k)
-        xs = []
-        for i in range(n):
-            s = Bt[i]
-            for k in range(i):
-                s = s - Tt[i, k][..., None] * xs[k]
-            xs.append(s if unit else s / Tt[i, i][..., None])
-        return jnp.moveaxis(jnp.stack(xs), 0, -2)
-    idx = jnp.arange(n)
-
-    def body(i, X):
-        Ti = lax.dynamic_index_in_dim(T, i, axis=-2, keepdims=False)  # (..., n)
-        Ti = jnp.where(idx < i, Ti, 0.0)
-        s = lax.dynamic_index_in_dim(B, i, axis=-2, keepdims=False) - jnp.einsum("...k,...kj->...j", Ti, X)
-        if not unit:
-            s = s / lax.dynamic_index_in_dim(lax.dynamic_index_in_dim(T, i, axis=-2, keepdims=False), i,
-                                             axis=-1, keepdims=True)
-        return jnp.where((idx == i)[:, None], s[..., None, :], X)
-
-    return lax.fori_loop(0, n, body, jnp.zeros_like(B))
-
-
-def triangular_solve_xla(a, b, *, left_side=False, lower=False, transpose_a=False, conjugate_a=False,
-                         unit_diagonal=False):
-    """``lax.linalg.triangular_solve`` in plain XLA ops (real matrices)."""
-    if not left_side:  # X op(A) = B  ⇔  op(A)ᵀ Xᵀ = Bᵀ
-        x = triangular_solve_xla(a, jnp.swapaxes(b, -1, -2), left_side=True, lower=lower,
-                                 transpose_a=not transpose_a, unit_diagonal=unit_diagonal)
-        return jnp.swapaxes(x, -1, -2)
-    T = jnp.swapaxes(a, -1, -2) if transpose_a else a
-    low = lower != bool(transpose_a)
-    if low:
-        return _solve_lower(T, b, unit_diagonal)
-    # upper: reverse the order of rows and columns to make it lower
-    Tr = T[..., ::-1, ::-1]
-    return _solve_lower(Tr, b[..., ::-1, :], unit_diagonal)[..., ::-1, :]
-
-
-def spd_solve_xla(A, b):
-    """A⁻¹b for symmetric positive definite A (..., n, n), b (..., n): Cholesky, two solves."""
-    L = cholesky_xla(0.5 * (A + jnp.swapaxes(A, -1, -2)))
-    z = _solve_lower(L, b[..., None], False)
-    return triangular_solve_xla(L, z, left_side=True, lower=True, transpose_a=True)[..., 0]
-
-
-def _read(env, v):
-    return v.val if isinstance(v, jcore.Literal) else env[v]
-
-
-def _small(eqn, large) -> bool:
-    return large or eqn.invars[0].aval.shape[-1] <= UNROLL_MAX
-
-
-def _eval(large, jaxpr, consts, *args):
-    """Evaluate a jaxpr with cholesky and triangular_solve replaced (recursing into nested
-    jit, cond and custom_jvp/vjp calls)."""
-    env = {}
-    for v, c in zip(jaxpr.constvars, consts):
-        env[v] = c
-    for v, a in zip(jaxpr.invars, args):
-        env[v] = a
-    for eqn in jaxpr.eqns:
-        invals = [_read(env, v) for v in eqn.invars]
-        name = eqn.primitive.name
-        if name == "cholesky" and _small(eqn, large):
-            outs = [cholesky_xla(invals[0])]
-        elif name == "triangular_solve" and _small(eqn, large):
-            outs = [triangular_solve_xla(*invals, **eqn.params)]
-        elif name in ("jit", "pjit", "closed_call", "core_call"):
-            cj = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-            outs = _eval_closed(large, cj, *invals)
-        elif name == "custom_jvp_call":
-            outs = _eval_closed(large, eqn.params["call_jaxpr"], *invals)
-        elif name == "custom_vjp_call":
-            outs = _eval_closed(large, eqn.params["call_jaxpr"], *invals)
-        elif name == "cond":
-            branches = [partial(_eval_closed, large, b) for b in eqn.params["branches"]]
-            outs = lax.switch(invals[0], branches, *invals[1:])
-        else:
-            outs = eqn.primitive.bind(*invals, **eqn.params)
-            if not eqn.primitive.multiple_results:
-                outs = [outs]
-        for v, o in zip(eqn.outvars, outs):
-            env[v] = o
-    return [_read(env, v) for v in jaxpr.outvars]
-
-
-def _eval_closed(large, cj, *args):
-    if isinstance(cj, jcore.ClosedJaxpr):
-        return _eval(large, cj.jaxpr, cj.consts, *args)
-    return _eval(large, cj, (), *args)
-
-
-def without_lapack(fun, large: bool = True):
-    """``fun`` evaluated with Cholesky factorisations and triangular solves in plain XLA ops.
-
-    The result is an ordinary JAX-traceable function (jit, grad, vmap all apply). Arguments
-    that are not arrays (static configuration) must be closed over, not passed. With
-    ``large=False`` only matrices of order ≤ UNROLL_MAX are replaced (unrolled, fused by XLA;
-    far faster than LAPACK calls on many tiny blocks) and larger ones stay with LAPACK (faster
-    to compile, and faster for large orders).
-    """
-
-    def wrapped(*args):
-        leaves, tree = jax.tree_util.tree_flatten(args)
-        closed, out_shape = jax.make_jaxpr(lambda *lv: fun(*jax.tree_util.tree_unflatten(tree, lv)),
-                                           return_shape=True)(*leaves)
-        outs = _eval(large, closed.jaxpr, closed.consts, *leaves)
-        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
-
-    return wrapped
-
-
-def deviance_free(theta, stats: Stats, struct: Structure, reml, large: bool = True):
-    """``objective.deviance`` without LAPACK (same signature; ``large`` as in without_lapack)."""
-    return without_lapack(lambda t, s, r: _objective.deviance(t, s, struct, r), large)(theta, stats, reml)
-
-
-def solve_free(theta, stats: Stats, struct: Structure, reml, large: bool = True):
-    """``objective.solve`` without LAPACK (same signature; ``large`` as in without_lapack)."""
-    return without_lapack(lambda t, s, r: _objective.solve(t, s, struct, r), large)(theta, stats, reml)
+#: the kernel policy of the functional core: every factorisation in plain XLA operations, so
+#: that no LAPACK call lands inside a user's (possibly vmapped) program
+KERNELS = "xla"
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,9 +77,9 @@ def solve_free(theta, stats: Stats, struct: Structure, reml, large: bool = True)
 @jax.tree_util.register_pytree_node_class
 class ModelStats:
     """Sufficient statistics of a model (a PyTree: ``stats`` and ``log_det_w`` are its
-    leaves, the static :class:`~jaxmixed.stats.Structure` ``struct`` its auxiliary data)."""
+    leaves, the static :class:`~jaxmixed.engine.pls.ModelShape` ``struct`` its auxiliary data)."""
 
-    def __init__(self, stats: Stats, log_det_w, struct: Structure):
+    def __init__(self, stats: PLSArrays, log_det_w, struct: ModelShape):
         self.stats = stats
         self.log_det_w = log_det_w
         self.struct = struct
@@ -277,7 +108,7 @@ class ModelStats:
         ZᵀZ / n (weighted, with prior weights). A jax array, traceable; no gradient flows."""
         st, struct = self.stats, self.struct
         ms = [jnp.sum(jnp.diagonal(st.D11, axis1=1, axis2=2), axis=0) / st.n]
-        d22 = jnp.diagonal(st.A22) if struct.engine is None else None
+        d22 = jnp.diagonal(st.A22)
         for off, L, q in zip(struct.offsets, struct.L[1:], struct.q[1:]):
             ms.append(jnp.sum(d22[off:off + L * q].reshape(L, q), axis=0) / st.n)
         parts = [t.structure.theta_scale(ms[t.factor][t.cols[0]:t.cols[1]], jnp) for t in struct.terms]
@@ -287,8 +118,8 @@ class ModelStats:
         return f"ModelStats(L={self.struct.L}, q={self.struct.q}, p={self.struct.p}, n={self.stats.n})"
 
 
-def structure(n_groups, q, p: int, cov="unstructured") -> Structure:
-    """The static Structure of a model with factors of ``n_groups`` levels and ``q`` columns
+def structure(n_groups, q, p: int, cov="unstructured") -> ModelShape:
+    """The static shape of a model with factors of ``n_groups`` levels and ``q`` columns
     each (ints or tuples, one entry per factor) and ``p`` fixed effects; ``cov`` one of
     unstructured, independent, exchangeable, identity (or a tuple, one per factor)."""
     n_groups = (n_groups,) if np.ndim(n_groups) == 0 else tuple(n_groups)
@@ -301,10 +132,10 @@ def structure(n_groups, q, p: int, cov="unstructured") -> Structure:
         if c not in covariance.STRUCTURES:
             raise ModelError(f"cov must be one of {', '.join(covariance.STRUCTURES)}, not {c!r}")
         s = covariance.make(c, int(qf))
-        terms.append(TermStruct(s, f, (0, int(qf)), (pos, pos + s.n_theta)))
+        terms.append(TermShape(s, f, (0, int(qf)), (pos, pos + s.n_theta)))
         pos += s.n_theta
-    return Structure(L=tuple(int(x) for x in n_groups), q=tuple(int(x) for x in q), terms=tuple(terms),
-                     p=int(p), n_theta=pos)
+    return ModelShape(L=tuple(int(x) for x in n_groups), q=tuple(int(x) for x in q), terms=tuple(terms),
+                      p=int(p), n_theta=pos, kernels=KERNELS)
 
 
 def _as_tuple(x):
@@ -355,37 +186,18 @@ def stats_from_arrays(y, X, groups, Z=None, weights=None, *, n_groups=None, cov=
     struct = structure(n_groups, tuple(z.shape[1] for z in Zs), X.shape[1], cov)
 
     if weights is None:
-        sw = None
+        w = None
         log_det_w = jnp.zeros((), dtype=y.dtype)
     else:
         w = jnp.asarray(weights, dtype=y.dtype)
         if w.shape != (n,):
             raise DataError(f"weights must have shape ({n},), not {w.shape}")
-        sw = jnp.sqrt(w)
         log_det_w = jnp.sum(jnp.log(w))
     W = jnp.concatenate([X, y[:, None]], axis=1)
-    if sw is not None:
-        W = W * sw[:, None]
-        Zs = tuple(z * sw[:, None] for z in Zs)
-    c1, Z1 = codes[0], Zs[0]
-    L1 = struct.L[0]
-    D11 = jax.ops.segment_sum(Z1[:, :, None] * Z1[:, None, :], c1, num_segments=L1)
-    Z1W = jax.ops.segment_sum(Z1[:, :, None] * W[:, None, :], c1, num_segments=L1)
-    if len(codes) > 1:
-        parts = []
-        for c, z, L in zip(codes[1:], Zs[1:], struct.L[1:]):
-            onehot = jax.nn.one_hot(c, L, dtype=y.dtype)  # (n, L)
-            parts.append((onehot[:, :, None] * z[:, None, :]).reshape(n, -1))  # level-major
-        Z2 = jnp.concatenate(parts, axis=1)
-        A21 = jax.ops.segment_sum(Z1[:, :, None] * Z2[:, None, :], c1, num_segments=L1)
-        A22 = Z2.T @ Z2
-        Z2W = Z2.T @ W
-    else:
-        A21 = jnp.zeros((L1, struct.q[0], 0), dtype=y.dtype)
-        A22 = jnp.zeros((0, 0), dtype=y.dtype)
-        Z2W = jnp.zeros((0, W.shape[1]), dtype=y.dtype)
-    stats = Stats(D11=D11, A21=A21, A22=A22, Z1W=Z1W, Z2W=Z2W, WW=W.T @ W,
-                  n=jnp.asarray(float(n), dtype=y.dtype))
+    # the cross-products of the full pattern (every pair of levels a block: the codes may be
+    # traced), by the same accumulation as jm.fit's, in JAX; then the dense layout
+    cp = accumulate(W, codes, Zs, struct.L, dense_block_index(codes, struct.L, jnp), w, xp=jnp)
+    stats = pls.arrange(cp._replace(n=jnp.asarray(float(n), dtype=y.dtype)), struct, None, xp=jnp)
     return ModelStats(stats, log_det_w, struct)
 
 
@@ -397,13 +209,13 @@ def stats_from_arrays(y, X, groups, Z=None, weights=None, *, n_groups=None, cov=
 def deviance(theta, stats: ModelStats, reml=True):
     """Profiled deviance −2ℓ(θ) (restricted when ``reml``), β and σ profiled out; includes
     −Σ log w_i for prior weights. Differentiable in θ and in the statistics."""
-    return deviance_free(jnp.asarray(theta), stats.stats, stats.struct, reml) - stats.log_det_w
+    return pls.deviance(jnp.asarray(theta), stats.stats, stats.struct, reml) - stats.log_det_w
 
 
 @jax.jit
-def solve(theta, stats: ModelStats, reml=True) -> _objective.Solution:
-    """β̂, σ̂ (σ at unit weight), Var(β̂) and the conditional modes u and b = Λu at θ."""
-    return solve_free(jnp.asarray(theta), stats.stats, stats.struct, reml)
+def solve(theta, stats: ModelStats, reml=True) -> pls.Solution:
+    """β̂, σ̂ (σ at unit weight), Var(β̂) and the conditional modes b = Λu at θ."""
+    return pls.solve(jnp.asarray(theta), stats.stats, stats.struct, reml)
 
 
 class Estimates(NamedTuple):
@@ -423,10 +235,6 @@ def _dev_grad_theta(theta, stats: ModelStats, reml):
     return jax.grad(deviance)(theta, stats, reml)
 
 
-def _scaled_deviance(theta_s, stats: ModelStats, reml, unit):
-    return deviance(theta_s * unit, stats, reml)
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _argmin(theta0, stats: ModelStats, reml, max_iter):
     """(θ̂, converged, iterations): the optimiser from θ₀ (``reml`` a float flag), working on
@@ -434,8 +242,8 @@ def _argmin(theta0, stats: ModelStats, reml, max_iter):
     lower = jnp.asarray(stats.lower)
     unit = stats.theta_scale
     r = reml > 0.5
-    opt = minimize_bounded(_scaled_deviance, theta0 / unit, lower / unit, (stats, r, unit), max_iter=max_iter)
-    return _polish(opt.x * unit, stats, r, lower), opt.converged, opt.n_iter
+    opt = minimize_scaled(deviance, theta0, lower, unit, (stats, r), max_iter=max_iter)
+    return _polish(opt.x, stats, r, lower), opt.converged, opt.n_iter
 
 
 POLISH_STEPS = 2

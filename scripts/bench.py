@@ -149,7 +149,7 @@ def worker_jaxmixed(case: str, refit: bool):
     r = jm.fit(spec["formula"], d, method=spec["method"])
     wall = time.perf_counter() - t
     out = dict(tool="jaxmixed", wall=wall, loglik=r.loglik, converged=r.converged, import_s=t_import,
-               engine="sparse" if r.structure.engine is not None else "dense")
+               engine=r.engine.shape.kind)
     if refit:
         t = time.perf_counter()
         r2 = jm.fit(spec["formula"], d, method=spec["method"])
@@ -402,8 +402,7 @@ def scaling_case(opts, results):
 
     import jaxmixed as jm
     from jaxmixed.data import design
-    from jaxmixed.engine import dense as objective
-    from jaxmixed.data import crossprod as stats
+    from jaxmixed.engine import pls as objective
 
     print("\n== scaling: one objective evaluation vs n (fixed grouping structure)")
     out = {}
@@ -421,10 +420,10 @@ def scaling_case(opts, results):
             cols = gen(rng, n)
             d = pd.DataFrame({"y": rng.normal(size=n), "x": rng.normal(size=n), **cols})
             des = design.build_design(jm.parse_formula(formula), d)
-            st, struct = stats.cross_products(des), stats.structure_of(des)
+            st, struct = objective.from_design(des)
             th = jnp.asarray(des.theta0 * 0.7)
-            dev = jax.jit(objective.deviance, static_argnames="struct")
-            vg = jax.jit(jax.value_and_grad(objective.deviance), static_argnames="struct")
+            dev = jax.jit(objective.deviance, static_argnames="shape")
+            vg = jax.jit(jax.value_and_grad(objective.deviance), static_argnames="shape")
             res = []
             for f in (dev, vg):
                 jax.block_until_ready(f(th, st, struct, True))

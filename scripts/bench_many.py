@@ -1,7 +1,7 @@
 """Benchmark: jm.fit_many on many responses vs looping lme4 (one warm R session) vs looping jm.fit.
 
 The JSP model ``math5 ~ math3c + (1 + math3c || school)`` (REML) is fitted to the real data;
-``--n`` responses are simulated from the fitted model (``jaxmixed.bootstrap.simulate``) and
+``--n`` responses are simulated from the fitted model (``jaxmixed.inference.bootstrap.simulate``) and
 fitted
 
 - by ``jm.fit_many`` (compiled once: the first call's time is reported apart; the figure is the

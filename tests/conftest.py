@@ -43,3 +43,34 @@ def cached_fit(kind, text, data_name, **kw):
         fn = {"fit": jm.fit, "xtmixed": jm.xtmixed}[kind]
         _CACHE[key] = fn(text, data, **kw)
     return _CACHE[key]
+
+
+class _Traces:
+    """Counts JAX traces (jaxpr tracing events of ``jax.monitoring``) while active: tests watch
+    compilations this way instead of a counter inside traced code."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.active = False
+
+    def __call__(self, event, duration, **kw):
+        if self.active and event == "/jax/core/compile/jaxpr_trace_duration":
+            self.names.append(str(kw.get("fun_name", "?")))
+
+    def __enter__(self):
+        self.names.clear()
+        self.active = True
+        return self
+
+    def __exit__(self, *exc):
+        self.active = False
+
+
+_TRACES = _Traces()
+jax.monitoring.register_event_duration_secs_listener(_TRACES)
+
+
+@pytest.fixture
+def traces():
+    """``with traces as t: ...`` then ``t.names``: the functions JAX traced inside the block."""
+    return _TRACES

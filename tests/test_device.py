@@ -6,7 +6,7 @@ import pytest
 
 import jaxmixed as jm
 from jaxmixed.inference.bootstrap import simulate
-from jaxmixed.fit.batched import resolve_device
+from jaxmixed.runtime.devices import resolve_device
 
 from conftest import cached_fit
 
@@ -20,7 +20,7 @@ def test_fit_on_cpu_device_equals_default():
         r = jm.fit(PIG, d, device=dev)
         assert r.loglik == pytest.approx(ref.loglik, rel=1e-12)
         np.testing.assert_allclose(r.beta, ref.beta, rtol=1e-10)
-        assert {dv.platform for dv in r.stats.WW.devices()} == {"cpu"}
+        assert {dv.platform for dv in r.data.WW.devices()} == {"cpu"}
     r = jm.xtmixed("weight week || _all: R.id || _all: R.week", d, device="cpu")
     assert r.loglik == pytest.approx(ref.loglik, rel=1e-9)
 

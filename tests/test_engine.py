@@ -11,12 +11,15 @@ import pytest
 
 import jaxmixed as jm
 from jaxmixed import runtime
-from jaxmixed.engine import sparse as blocked
+from jaxmixed.engine import pls_sparse as blocked
+from jaxmixed.data import pattern as patterns
+from jaxmixed.engine import pls
+from jaxmixed.fit import search
 from jaxmixed.data import design
-from jaxmixed.engine import dense as objective
+from jaxmixed.engine import pls as objective
 from jaxmixed.fit import optimizers as optimize
 from jaxmixed.results import predict
-from jaxmixed.data import crossprod as stats
+from jaxmixed.data import crossprod
 
 MODELS = [
     ("weight ~ week + (1|id) + (1|week)", "pig"),  # crossed: one dense panel
@@ -33,7 +36,7 @@ def _design(text, data):
 
 
 def _both(des):
-    return {eng: (stats.cross_products(des, engine=eng), stats.structure_of(des, engine=eng))
+    return {eng: pls.from_design(des, eng)
             for eng in ("dense", "sparse")}
 
 
@@ -46,7 +49,7 @@ def _theta(des, seed=0):
 def test_sparse_engine_matches_dense(text, data):
     des = _design(text, data)
     both = _both(des)
-    assert both["sparse"][1].engine is not None and both["dense"][1].engine is None
+    assert both["sparse"][1].layout is not None and both["dense"][1].layout is None
     th = _theta(des)
     out = {}
     for eng, (st, struct) in both.items():
@@ -54,7 +57,7 @@ def test_sparse_engine_matches_dense(text, data):
         g = jax.grad(objective.deviance)(th, st, struct, False)
         H = jax.hessian(objective.deviance)(th, st, struct, True) if data == "pig" else jnp.zeros(())
         sol = objective.solve(th, st, struct, True)
-        cv = predict.conditional_variances(th, 1.7, st, struct)
+        cv = objective.conditional_variances(th, 1.7, st, struct)
         out[eng] = (dev, g, H, sol, cv)
     (d0, g0, H0, s0, c0), (d1, g1, H1, s1, c1) = out["dense"], out["sparse"]
     np.testing.assert_allclose(d1, d0, rtol=1e-11)
@@ -79,12 +82,11 @@ def test_sparse_gradient_matches_finite_differences():
 
 
 @pytest.mark.parametrize("text,data", [MODELS[0]])
-def test_fit_with_sparse_engine_forced(text, data, monkeypatch):
+def test_fit_with_sparse_engine_forced(text, data):
     d = jm.datasets.load(data)
     dense = jm.fit(text, d)
-    monkeypatch.setattr(stats, "DEFAULT_ENGINE", "sparse")
-    sparse = jm.fit(text, d)
-    assert sparse.structure.engine is not None
+    sparse = jm.fit(text, d, engine="sparse")
+    assert sparse.engine.shape.layout is not None
     assert abs(sparse.loglik - dense.loglik) <= 1e-9 * abs(dense.loglik)
     np.testing.assert_allclose(sparse.beta, dense.beta, rtol=1e-6)
     np.testing.assert_allclose(sparse.random.estimate, dense.random.estimate, rtol=1e-5)
@@ -96,8 +98,10 @@ def test_fit_with_sparse_engine_forced(text, data, monkeypatch):
 @pytest.mark.parametrize("engine", ["dense", "sparse"])
 def test_streamed_cross_products_equal_one_shot(engine):
     des = _design(MODELS[2][0], MODELS[2][1])
-    a = stats.cross_products(des, engine=engine, batch_rows=10**9)
-    b = stats.cross_products(des, engine=engine, batch_rows=37)
+    pat = patterns.build_pattern(des)
+    shape = pls.shape_of(des, pat, engine)
+    a = pls.arrange(crossprod.cross_products(des, pat, batch_rows=10**9), shape, pat)
+    b = pls.arrange(crossprod.cross_products(des, pat, batch_rows=37), shape, pat)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-12, atol=1e-9)
 
@@ -115,8 +119,8 @@ def _crossed(n=3000, seed=0):
 def test_auto_engine_picks_sparse_for_large_crossed_and_matches_dense():
     data = _crossed()
     des = _design("y ~ x + (1|s) + (1|d) + (1|dept)", data)
-    assert blocked.choose_engine(des) == "sparse"
-    lay = stats.structure_of(des).engine
+    assert patterns.choose_engine(des, patterns.build_pattern(des)) == "sparse"
+    lay = pls.from_design(des)[1].layout
     assert lay.max_panel == 127  # lecturers and departments: one dense panel
     both = _both(des)
     th = _theta(des, 1)
@@ -128,7 +132,6 @@ def test_auto_engine_picks_sparse_for_large_crossed_and_matches_dense():
 def test_large_panel_inverse_gradient_and_hessian_match_dense():
     """A dense panel of 340 columns (above blocked.INV_BASE, so S⁻¹ comes from the block
     recursions ``_tri_inv``/``_gram_lower``): gradient and η-Hessian equal the dense engine's."""
-    from jaxmixed.inference import tables as inference
 
     rng = np.random.default_rng(5)
     n = 6000
@@ -137,14 +140,14 @@ def test_large_panel_inverse_gradient_and_hessian_match_dense():
     y = rng.normal(size=n) + 0.5 * rng.normal(size=500)[s] + 0.3 * rng.normal(size=333)[dd] + 0.2 * rng.normal(size=7)[dept]
     des = _design("y ~ 1 + (1|s) + (1|d) + (1|dept)", pd.DataFrame({"y": y, "s": s, "d": dd, "dept": dept}))
     both = _both(des)
-    assert both["sparse"][1].engine.max_panel == 340 > 2 * blocked.INV_BASE
+    assert both["sparse"][1].layout.max_panel == 340 > 2 * blocked.INV_BASE
     th = jnp.asarray([0.6, 0.4, 0.3])
     g0 = jax.grad(objective.deviance)(th, *both["dense"], False)
     g1 = jax.grad(objective.deviance)(th, *both["sparse"], False)
     np.testing.assert_allclose(g1, g0, rtol=1e-9)
     eta = jnp.asarray([-0.6, -1.0, -1.3, 0.05])
-    H0 = inference.hessian_eta(eta, *both["dense"], False)
-    H1 = inference.hessian_eta(eta, *both["sparse"], False)
+    H0 = pls.hessian_eta(eta, *both["dense"], False)
+    H1 = pls.hessian_eta(eta, *both["sparse"], False)
     np.testing.assert_allclose(H1, H0, rtol=1e-8, atol=1e-8 * float(jnp.max(jnp.abs(H0))))
 
 
@@ -155,8 +158,8 @@ def test_nested_panels_are_block_diagonal():
     y = rng.normal(size=len(school)) + rng.normal(size=60)[school] + rng.normal(size=240)[klass]
     data = pd.DataFrame({"y": y, "school": school, "klass": klass})
     des = _design("y ~ 1 + (1|school) + (1|school:klass)", data)
-    struct = stats.structure_of(des, engine="sparse")
-    assert struct.engine.buckets == (blocked.Bucket(n=60, P=1, slot0=0, flat0=0),)
+    struct = pls.from_design(des, "sparse")[1]
+    assert struct.layout.buckets == (patterns.Bucket(n=60, P=1, slot0=0, flat0=0),)
     both = _both(des)
     th = _theta(des)
     np.testing.assert_allclose(objective.deviance(th, *both["sparse"], True),
@@ -180,8 +183,9 @@ def test_quasi_newton_reaches_the_newton_optimum():
 def test_moment_start_is_near_the_optimum_for_random_intercepts():
     data = _crossed(n=20000, seed=3)  # simulated with sd 0.5 (s), 0.3 (d), 0.2 (dept), residual 1
     des = _design("y ~ x + (1|s) + (1|d) + (1|dept)", data)
-    st, struct = stats.cross_products(des), stats.structure_of(des)
-    th0 = stats.moment_start(des, st, struct)
+    pat = patterns.build_pattern(des)
+    st, struct = pls.from_design(des, pattern=pat)
+    th0 = search.moment_start(des, crossprod.cross_products(des, pat))
     np.testing.assert_allclose(th0[:2], [0.5, 0.3], rtol=0.3)
 
 
@@ -230,7 +234,7 @@ def test_connected_components_match_scipy():
         else:
             m = int(rng.integers(0, 3 * n))
             r, c = rng.integers(0, n, m), rng.integers(0, n, m)
-        label = blocked.connected_components(n, r, c)
+        label = patterns.connected_components(n, r, c)
         _, ref = connected_components(coo_matrix((np.ones(len(r)), (r, c)), shape=(n, n)), directed=False)
         # scipy numbers components by their smallest node, in order; ours labels them by it
         np.testing.assert_array_equal(np.unique(label, return_inverse=True)[1].ravel(), ref)
@@ -242,33 +246,33 @@ def test_connected_components_match_scipy():
 def test_eta_hessian_with_k_columns_equals_the_full_autodiff_hessian(text, reml):
     """inference.hessian_eta (k θ columns, ln σ by the chain rule) equals forward-over-reverse
     in all k + 1 η directions, at the estimate and away from it."""
-    from jaxmixed.inference import tables as inference
     from jaxmixed.engine import numerics
 
     r = jm.fit(text, jm.datasets.load("pig"), method="reml" if reml else "ml")
-    eta0 = inference.eta_hat(r.theta, r.sigma, r.structure)
-    full = jax.jit(lambda e: numerics.hessian(inference.loglik_eta)(e, r.stats, r.structure, reml))
+    eta0 = r.engine.eta(r.params, r.sigma)
+    full = jax.jit(lambda e: numerics.hessian(pls.loglik_eta)(e, r.data, r.engine.shape, reml))
     for eta in (eta0, eta0 + 0.1 * np.random.default_rng(0).normal(size=eta0.shape)):
-        H = inference.hessian_eta(jnp.asarray(eta), r.stats, r.structure, reml)
+        H = pls.hessian_eta(jnp.asarray(eta), r.data, r.engine.shape, reml)
         H0 = full(jnp.asarray(eta))
         np.testing.assert_allclose(H, H0, rtol=1e-9, atol=1e-10 * float(jnp.max(jnp.abs(H0))))
 
 
 def test_fit_runs_openblas_at_one_thread_and_restores_the_callers_setting():
-    handles = runtime._handles()
-    if not handles or runtime.FIT_BLAS_THREADS is None:
-        pytest.skip("no SciPy OpenBLAS with get/set symbols here, or JAXMIXED_BLAS_THREADS set")
-    get, put = handles[0]
-    before = int(get())
-    try:
-        put(2)
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    paths = {i["filepath"] for i in runtime.blas_libraries()}
+    if not paths or runtime.fit_threads() != 1:
+        pytest.skip("threadpoolctl finds no BLAS here, or JAXMIXED_BLAS_THREADS set")
+
+    def threads():
+        return {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info() if i["filepath"] in paths}
+
+    with threadpoolctl.threadpool_limits(2):
+        before = threads()
         with runtime.fit_blas_threads():
-            inside = int(get())
+            inside = threads()
             with runtime.fit_blas_threads():  # nested: still one thread, restored only at the end
                 pass
-            assert int(get()) == 1
-        assert inside == 1 and int(get()) == 2
+            assert threads() == inside
+        assert set(inside.values()) == {1} and threads() == before
         r = jm.fit("weight ~ week + (1|id)", jm.datasets.load("pig"))
-        assert int(get()) == 2 and r.converged
-    finally:
-        put(before)
+        assert threads() == before and r.converged

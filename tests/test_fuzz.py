@@ -5,7 +5,7 @@ numbers or raise a :class:`JaxmixedError`; nothing else escapes, and the only wa
 :class:`JaxmixedWarning`.
 
 Most random inputs fail while parsing or building the design, before any JIT compile. Inputs that
-would reach the optimiser with a model shape (``stats.Structure``) not seen before are fitted
+would reach the optimiser with a model shape (``engine.pls.ModelShape``) not seen before are fitted
 only while a small compile budget lasts; the rest stop after the design is built (which still
 checks everything up to the optimiser).
 """
@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 import jaxmixed as jm
 from jaxmixed import FitResult, JaxmixedError, JaxmixedWarning
 from jaxmixed.data.design import build_design
-from jaxmixed.data.crossprod import structure_of
+from jaxmixed.data.pattern import build_pattern
+from jaxmixed.engine.pls import shape_of
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
@@ -169,7 +170,7 @@ def _would_compile_new_shape(parse, text, data) -> bool:
     """Whether fitting would reach the optimiser with a model shape the budget cannot afford."""
     try:
         design = build_design(parse(text), data)
-        key = structure_of(design)
+        key = shape_of(design, build_pattern(design))
     except Exception:  # noqa: BLE001 - the real call below reports whatever this was
         return False
     if key in SEEN:

@@ -117,15 +117,15 @@ def test_bad_input(jsp_many):
 
 
 def test_vc_values_overflowing_bound_is_nan_like_the_fit_table():
-    """A huge se on the ln-sd scale: the upper bound overflows; fit_many's table says NaN, as
-    ``inference._transform`` (FitResult.random) does, never inf."""
-    from jaxmixed.inference import tables as inference
-    from jaxmixed.fit.batched import VCRow, vc_values
+    """A huge se on the ln-sd scale: the upper bound overflows; the component table (one rule
+    for fit_many's table and FitResult.random) says NaN, never inf; the rest are the delta
+    method's values."""
+    from jaxmixed.inference.tables import ComponentRow, component_values
 
-    layout = [VCRow("g", "sd(_cons)", "sd", (0,)), VCRow("Residual", "sd(Residual)", "sd", (1,))]
+    layout = [ComponentRow("g", "sd(_cons)", "sd", (0,), 0), ComponentRow("", "sd(Residual)", "sd", (1,), -1)]
     eta, cov = np.array([[0.1, 0.0]]), np.array([[[1e6, 0.0], [0.0, 0.01]]])
-    est, se, lo, hi = vc_values(eta, layout, cov)
-    one = inference._transform("sd", 0.1, 1e6, 1.96)
-    assert np.isnan(hi[0, 0]) and np.isnan(one[2])
-    np.testing.assert_allclose([est[0, 0], lo[0, 0], se[0, 0]], [one[0], one[1], one[3]], rtol=1e-12)
-    assert np.isfinite(hi[0, 1])
+    est, se, lo, hi = component_values(eta, layout, cov)
+    assert np.isnan(hi[0, 0])
+    np.testing.assert_allclose([est[0, 0], lo[0, 0], se[0, 0]],
+                               [np.exp(0.1), np.exp(0.1 - 1.96 * 1e3), np.exp(0.1) * 1e3], rtol=1e-12)
+    np.testing.assert_allclose([lo[0, 1], hi[0, 1], se[0, 1]], [np.exp(-0.196), np.exp(0.196), 0.1], rtol=1e-12)

@@ -3,8 +3,12 @@ stand-in (jaxmixed.distributions), lazy imports. Results must be exactly those o
 
 import json
 import os
+import pickle
+import shutil
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -69,8 +73,14 @@ def test_cached_program_is_kept_loaded_and_exact(cache_dir):
     before = dict(programs.STATS)
     got = first(x, y, 0.5, n=3)
     assert programs.STATS["exported"] == before["exported"] + 1
-    assert len(os.listdir(cache_dir / programs.SUBDIR)) == 1
+    (path,) = (cache_dir / programs.SUBDIR).iterdir()
+    assert path.suffix == programs.SUFFIX and path.read_bytes().startswith(programs.MAGIC)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
     jax.tree_util.tree_map(_same, got, expected)
+    key = first._split((x, y, 0.5), {"n": 3})[0]
+    other_key = first._split((x[:2], y, 0.5), {"n": 3})[0]
+    assert programs._decode(path.read_bytes(), key) is not None
+    assert programs._decode(path.read_bytes(), other_key) is None  # another call's program: a miss
     first(x, y, 0.25, n=3)  # same shapes and statics: the same program, no new export
     assert programs.STATS["exported"] == before["exported"] + 1
 
@@ -105,7 +115,9 @@ def test_cached_program_without_cache_or_jit_is_plain_jax():
 FRESH = """
 import json, sys
 import jaxmixed as jm
-from jaxmixed import fitting, programs
+import jaxmixed.api.fit
+from jaxmixed.runtime import programs
+fitting = sys.modules["jaxmixed.api.fit"]
 r = jm.fit("weight ~ week + (1|id)", jm.datasets.load("pig"))
 print(json.dumps(dict(loglik=r.loglik, fixed=r.fixed.to_numpy().tolist(), random=r.random.estimate.tolist(),
                       se=r.random.se.tolist(), traced=fitting.TRACE_COUNT["optimize"], stats=programs.STATS,
@@ -114,16 +126,92 @@ print(json.dumps(dict(loglik=r.loglik, fixed=r.fixed.to_numpy().tolist(), random
 """
 
 
-def test_fresh_process_with_warm_cache_traces_nothing(tmp_path):
-    env = {**os.environ, "JAXMIXED_CACHE_DIR": str(tmp_path)}
+def _fresh(directory):
+    """FRESH in a new process with its caches in ``directory``: its JSON line."""
+    env = {**os.environ, "JAXMIXED_CACHE_DIR": str(directory)}
     env.pop("JAXMIXED_NO_CACHE", None)
-    runs = []
-    for _ in range(2):
-        p = subprocess.run([sys.executable, "-c", FRESH], env=env, capture_output=True, text=True, check=True)
-        runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
-    cold, warm = runs
+    p = subprocess.run([sys.executable, "-c", FRESH], env=env, capture_output=True, text=True, check=True)
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def cold(tmp_path_factory):
+    """A cache directory (not there before: the fit creates it) after one fit, and that fit."""
+    directory = tmp_path_factory.mktemp("programs") / "new" / "cache"
+    return directory, _fresh(directory)
+
+
+def test_fresh_process_with_warm_cache_traces_nothing(cold):
+    directory, cold = cold
+    warm = _fresh(directory)
     assert cold["traced"] == 1 and cold["stats"]["exported"] == 3
     assert warm["traced"] == 0 and warm["stats"] == {"loaded": 3, "exported": 0, "fallback": 0}
     for key in ("loglik", "fixed", "random", "se"):
         assert warm[key] == cold[key]
     assert warm["lazy"] == [], "a fit imported modules it does not need"
+
+
+def test_cache_directories_are_owner_only(cold):
+    directory, _ = cold
+    for d in (directory, directory / programs.SUBDIR):
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700, d
+    files = list((directory / programs.SUBDIR).iterdir())
+    assert len(files) == 3
+    for f in files:
+        assert f.suffix == programs.SUFFIX and stat.S_IMODE(f.stat().st_mode) == 0o600, f
+
+
+class _Marker:
+    """Unpickled, it creates a file: proof that a cache file was (or was not) unpickled."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_damaged_cache_file_is_ignored(cold, tmp_path):
+    source, cold = cold
+    directory = tmp_path / "cache"
+    shutil.copytree(source, directory)
+    sub = directory / programs.SUBDIR
+    files = sorted(sub.iterdir())
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps(_Marker(marker))
+    files[0].write_bytes(payload)  # foreign: no header (a pickle, as earlier versions wrote)
+    files[1].write_bytes(programs.MAGIC + b"1\n" + b'{"types":[]}\n' + os.urandom(2000))  # garbage payload
+    files[2].write_bytes(files[2].read_bytes()[: files[2].stat().st_size // 2])  # truncated
+    files[2].with_suffix(".pkl").write_bytes(payload)  # an earlier version's file: never opened
+    damaged = {f: f.read_bytes() for f in files}
+
+    run = _fresh(directory)
+    assert run["loglik"] == cold["loglik"] and run["fixed"] == cold["fixed"] and run["se"] == cold["se"]
+    assert run["stats"] == {"loaded": 0, "exported": 3, "fallback": 0}
+    assert not marker.exists(), "a cache file was unpickled"
+    for f in files:  # each replaced by a valid file, which the next process loads
+        assert f.read_bytes() != damaged[f] and f.read_bytes().startswith(programs.MAGIC)
+    again = _fresh(directory)
+    assert again["stats"] == {"loaded": 3, "exported": 0, "fallback": 0} and again["loglik"] == cold["loglik"]
+
+
+def test_unreadable_or_foreign_bytes_are_a_miss():
+    header = programs.MAGIC + b"%d\n" % programs.FORMAT
+    for blob in [b"", b"\x00" * 64, programs.MAGIC, programs.MAGIC + b"999\n{}\n", header,
+                 header + b"not json\n", header + b'{"types":[["os","system"]]}\nxx',
+                 header + b'{"types":[["antigravity","X"]]}\nxx', header + b'{"types":[]}\n',
+                 header + b'{"types":[]}\n' + os.urandom(500), pickle.dumps({"a": 1})]:
+        assert programs._decode(blob) is None, blob
+    assert "antigravity" not in sys.modules  # a header never makes a module outside jaxmixed be imported
+    assert programs._load("/nonexistent/file" + programs.SUFFIX) is None
+
+
+def test_no_pickle_in_the_package():
+    root = Path(programs.__file__).resolve().parents[1]
+    assert root.name == "jaxmixed"
+    sources = sorted(root.rglob("*.py"))
+    assert len(sources) > 10
+    for path in sources:
+        text = path.read_text(encoding="utf-8")
+        for word in ("import pickle", "pickle.", "cloudpickle"):
+            assert word not in text, f"{word!r} in {path}"

@@ -10,8 +10,9 @@ import pytest
 import jaxmixed as jm
 from conftest import REF
 from jaxmixed.data import design
-from jaxmixed.engine import marginal as panel
-from jaxmixed.data import crossprod as stats
+from jaxmixed.engine import gls_panels as panel
+from jaxmixed.engine import pls
+
 from jaxmixed.model.residuals import ResidualStructure
 from test_reference import agree
 
@@ -86,12 +87,12 @@ def test_panel_engine_equals_cross_product_engine_for_iid_errors():
     d = jm.datasets.load("productivity")
     spec = jm.parse_formula("gsp ~ private + emp + unemp + (1 + unemp | region) + (1 | region:state)")
     des = design.build_design(spec, d)
-    st, struct = stats.cross_products(des), stats.structure_of(des)
+    st, struct = pls.from_design(des)
     buckets, ps, _ = panel.build_panels(des, d, ResidualStructure("independent"))
     theta = np.array([1.3, -0.2, 0.4, 2.1])
     sigma = 0.04
     x = np.concatenate([theta * sigma, [np.log(sigma)]])
-    from jaxmixed.engine.dense import deviance_at_sigma
+    from jaxmixed.engine.pls import deviance_at_sigma
     for reml in (True, False):
         a = float(deviance_at_sigma(jnp.asarray(theta), np.log(sigma), st, struct, reml))
         b = float(panel.deviance(jnp.asarray(x), buckets, float(des.nobs), ps, reml))

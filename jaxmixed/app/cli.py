@@ -173,7 +173,14 @@ def cmd_tour(args) -> int:
 
 
 def main(argv=None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 usage or input error)."""
+    """Run the command line; returns the exit status (0 ok, 2 usage or input error).
+
+    Also registers the exit hook that skips the collector's passes at shutdown (``gc.freeze()``,
+    see :mod:`jaxmixed.runtime`; ``JAXMIXED_EXIT_GC=1`` leaves shutdown alone): the command's
+    process ends when it returns, unlike a program that imports jaxmixed."""
+    from jaxmixed import runtime
+
+    runtime.freeze_gc_at_exit()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

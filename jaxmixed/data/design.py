@@ -100,6 +100,12 @@ class Design:
         return np.concatenate([t.structure.theta0 for t in self.terms]) * self.theta_scale
 
 
+def outer_factor(design: Design) -> int:
+    """Index of the outermost grouping factor (fewest grouping variables, then fewest levels):
+    the panels of the marginal engine and of ``wcorrelation``."""
+    return min(range(len(design.factors)), key=lambda k: (len(design.factors[k].group), design.factors[k].n_levels))
+
+
 def _check_columns(spec: ModelSpec, data: pd.DataFrame):
     if not isinstance(data, pd.DataFrame):
         raise DataError(f"data must be a pandas DataFrame, not {type(data).__name__}")
@@ -188,23 +194,41 @@ def _check_magnitude(A: np.ndarray, names, what: str) -> None:
                         f"double-precision cross-products can hold (|x| ≤ {MAX_ABS:.0e}); rescale it")
 
 
+def response_problems(Y: np.ndarray, X: np.ndarray) -> dict:
+    """Per column of Y (n × k), what the likelihood cannot handle: ``large`` (beyond
+    MAX_ABS), ``constant``, ``small`` (root mean square below MIN_RESPONSE_RMS), ``exact``
+    (fitted exactly by X, which has full column rank). The one set of response checks (jm.fit,
+    fit_many)."""
+    Y = np.asarray(Y, dtype=float).reshape(len(Y), -1)
+    big = np.max(np.abs(Y), axis=0)
+    out = {"large": ~(big <= MAX_ABS), "constant": np.ptp(Y, axis=0) == 0}
+    with np.errstate(over="ignore", invalid="ignore"):  # (columns beyond MAX_ABS are flagged as large)
+        out["small"] = ~out["constant"] & (np.sqrt(np.mean(Y ** 2, axis=0)) < MIN_RESPONSE_RMS)
+        exact = np.zeros(Y.shape[1], dtype=bool)
+        if 0 < X.shape[1] < X.shape[0]:
+            Q = np.linalg.qr(X)[0]
+            resid = np.sqrt(np.mean((Y - Q @ (Q.T @ Y)) ** 2, axis=0))
+            exact = resid <= 1e-10 * np.std(Y, axis=0) + 1e-13 * big
+    out["exact"] = exact & ~out["constant"] & ~out["large"]
+    return out
+
+
 def _check_response(y: np.ndarray, X: np.ndarray, xnames, response: str) -> None:
     """A response the likelihood cannot handle: constant, fitted exactly, or of extreme magnitude."""
     n = len(y)
-    _check_magnitude(y[:, None], [response], "response")
-    if np.ptp(y) == 0:
+    bad = response_problems(y[:, None], X)
+    if bad["large"][0]:
+        _check_magnitude(y[:, None], [response], "response")
+    if bad["constant"][0]:
         raise DataError(f"response {response!r} is constant ({y[0]:g} in all {n} observations): "
                         "there is no variation to model")
-    rms = float(np.sqrt(np.mean(y ** 2)))
-    if rms < MIN_RESPONSE_RMS:
+    if bad["small"][0]:
+        rms = float(np.sqrt(np.mean(y ** 2)))
         raise DataError(f"response {response!r} is on the scale {rms:.3g} (root mean square), too small "
                         "for double precision; rescale it")
-    if 0 < X.shape[1] < n:
-        beta = np.linalg.lstsq(X, y, rcond=None)[0]
-        resid = float(np.sqrt(np.mean((y - X @ beta) ** 2)))
-        if resid <= 1e-10 * float(np.std(y)) + 1e-13 * float(np.max(np.abs(y))):
-            raise DataError(f"response {response!r} is fitted exactly by the fixed effects "
-                            f"({_short(xnames)}): the residual variance would be zero")
+    if bad["exact"][0]:
+        raise DataError(f"response {response!r} is fitted exactly by the fixed effects "
+                        f"({_short(xnames)}): the residual variance would be zero")
 
 
 def _fixed_columns(spec: ModelSpec, df: pd.DataFrame, known: dict | None = None):

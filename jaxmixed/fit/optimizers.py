@@ -268,3 +268,24 @@ def minimize_quasi_newton(fun, x0, lower, args=(), max_iter: int = 200, gtol: fl
     out = jax.lax.while_loop(lambda s: ~s["done"], body, init)
     return OptResult(out["x"], out["f"], out["g"], out["k"], out["conv"] & jnp.isfinite(out["f"]),
                      out["history"])
+
+
+def minimize_scaled(fun, x0, lower, unit, args=(), *, quasi_newton: bool = False, max_iter: int = 200,
+                    hessian: str = "map") -> OptResult:
+    """Minimise ``fun(x, *args)`` over x ≥ lower working on x / ``unit`` (the optimiser's units,
+    e.g. ``Design.theta_scale``: O(1) whatever the scale of the data, so that the tolerances
+    mean the same everywhere). x₀, the bounds and the returned x and gradient are in x's own
+    units. Projected Newton (:func:`minimize_bounded`, ``hessian`` as there), or projected BFGS
+    on exact gradients (:func:`minimize_quasi_newton`) where Hessians are costly. The one
+    implementation of optimising in scaled units (jm.fit, the per-panel engine, fit_many and
+    the functional core)."""
+    unit = jnp.asarray(unit, dtype=x0.dtype)
+
+    def scaled(xs, *a):
+        return fun(xs * unit, *a)
+
+    if quasi_newton:
+        opt = minimize_quasi_newton(scaled, x0 / unit, lower / unit, args, max_iter=max_iter)
+    else:
+        opt = minimize_bounded(scaled, x0 / unit, lower / unit, args, max_iter=max_iter, hessian=hessian)
+    return opt._replace(x=opt.x * unit, grad=opt.grad / unit)

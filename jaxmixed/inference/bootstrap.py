@@ -4,7 +4,7 @@ Draws are simulated from the fitted model,
 
     y* = Xβ̂ + Σ_f Z_f b*_f + ε*,   b*_f ~ N(0, σ̂² Λ̂_f Λ̂_fᵀ) per level,   ε* ~ N(0, σ̂² I),
 
-on the observations the fit used, and refitted with the batched fitter of :mod:`jaxmixed.many`
+on the observations the fit used, and refitted with the batched fitter of :mod:`jaxmixed.fit.batched`
 (one vmapped program; each draw fitted as ``jm.fit`` would, started from the fit's θ̂). Draw d
 uses the key ``jax.random.split(jax.random.key(seed), n)[d]``, so results depend only on
 ``seed`` and ``n`` (not on chunking or the device).
@@ -27,9 +27,10 @@ import pandas as pd
 from jaxmixed.inference import distributions as sps
 from jaxmixed.inference.compare import LRTest, lrtest
 from jaxmixed.errors import ModelError, integer_argument
-from jaxmixed.fit.batched import fit_responses, put, resolve_device, vc_layout, vc_values
-from jaxmixed.engine.dense import factor_lambdas
-from jaxmixed.data.crossprod import structure_of
+from jaxmixed.engine.pls import factor_lambdas
+from jaxmixed.fit.batched import fit_responses
+from jaxmixed.inference.tables import component_layout, component_values
+from jaxmixed.runtime.devices import put, resolve_device
 
 __all__ = ["BootstrapResult", "BootstrapLRTest", "bootstrap", "bootstrap_lrtest", "simulate"]
 
@@ -60,7 +61,7 @@ class _Simulator:
         _check_simulable(result)
         des = result.design
         dev = resolve_device(device)
-        struct = structure_of(des)
+        struct = result.engine.shape
         self.keys = jax.random.split(jax.random.key(int(seed)), int(n))
         lams = tuple(factor_lambdas(jnp.asarray(result.theta), struct))
         self.args = put((jnp.asarray(des.X @ np.asarray(result.beta)), jnp.asarray(float(result.sigma)), lams,
@@ -82,7 +83,7 @@ class _Simulator:
 
 
 def _check_simulable(result):
-    if getattr(result, "panel", None) is not None:
+    if not result.engine.supports_batched:
         raise ModelError("bootstrap supports models with independent, homoskedastic residuals only "
                          "(this fit has a residuals() structure)")
     if not np.all(np.isfinite(np.asarray(result.theta))) or not np.isfinite(result.sigma):
@@ -132,8 +133,9 @@ class BootstrapResult:
 
 def _params(result, raw) -> np.ndarray:
     """(k × parameters) in the fit's metric: β then the random-effects rows."""
-    layout = vc_layout(result.design, structure_of(result.design), bool(result.variance))
-    est, *_ = vc_values(raw["eta"], layout)
+    layout = component_layout(result.design.terms, bool(result.variance),
+                              result.engine.residual_rows(bool(result.variance)))
+    est, *_ = component_values(raw["eta"], layout)
     return np.concatenate([raw["beta"], est], axis=1)
 
 
@@ -153,6 +155,7 @@ def bootstrap(result, n: int = 1000, seed: int = 0, level: float | None = None, 
     sim = _Simulator(result, n, seed, device)
     reml = result.method == "reml"
     raw = fit_responses(result.design, sim, n, reml, chunk_size=chunk_size, progress=progress, device=device,
+                        engine=result.engine.shape.kind,
                         hessian=False, label="bootstrap", warm_start=np.asarray(result.theta))
     P = _params(result, raw)
     ok = np.isfinite(raw["fun"]) & np.all(np.isfinite(raw["beta"]), axis=1)
@@ -214,8 +217,10 @@ def bootstrap_lrtest(a, b, n: int = 1000, seed: int = 0, *, chunk_size: int | No
     reml = small.method == "reml"
     kw = dict(chunk_size=chunk_size, progress=progress, device=device, hessian=False)
     r_small = fit_responses(small.design, sim, n, reml, label="bootstrap_lrtest (null model)",
+                            engine=small.engine.shape.kind,
                             warm_start=np.asarray(small.theta), **kw)
     r_big = fit_responses(big.design, sim, n, reml, label="bootstrap_lrtest (alternative)",
+                          engine=big.engine.shape.kind,
                           warm_start=np.asarray(big.theta), **kw)
     lr = r_small["fun"] - r_big["fun"]  # 2(ℓ_big − ℓ_small): fun is −2ℓ
     ok = np.isfinite(lr)

@@ -11,101 +11,13 @@ scale and transformed back, except covariances, whose CIs are symmetric on their
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
 from jaxmixed.inference import distributions as sps
-from jaxmixed.engine.numerics import LOG_2PI, hessian
-from jaxmixed.engine.dense import _dof, deviance_at_sigma, deviance_parts
-from jaxmixed.data.crossprod import Stats, Structure
-
-#: θ entries closer than this to their lower bound: boundary (lme4's rule), applied to θ in the
-#: optimiser's units, θ / Design.theta_scale (as if each random-effects column had unit scale)
-SINGULAR_TOL = 1e-4
-
-
-def term_lambdas(theta, struct: Structure):
-    return [t.structure.lam(theta[t.theta[0]:t.theta[1]]) for t in struct.terms]
-
-
-def eta_hat(theta, sigma, struct: Structure, lams=None) -> np.ndarray:
-    """η at the estimate: each term's Stata parameters, then ln σ (``lams``: each term's Λ at
-    θ when already computed, e.g. by the solve program, so that no eager JAX operation runs)."""
-    parts = []
-    for t, lam in zip(struct.terms, term_lambdas(theta, struct) if lams is None else lams):
-        lam = np.asarray(lam)
-        parts.append(t.structure.eta_from_sigma(sigma**2 * lam @ lam.T))
-    parts.append(np.array([np.log(sigma)]))
-    return np.concatenate(parts)
-
-
-def theta_from_eta(eta, struct: Structure):
-    """θ and ln σ for a Stata-metric parameter vector η."""
-    log_sigma = eta[-1]
-    sigma = jnp.exp(log_sigma)
-    pos, parts = 0, []
-    for t in struct.terms:
-        k = t.structure.n_eta
-        parts.append(t.structure.theta_from_eta(eta[pos:pos + k], sigma))
-        pos += k
-    return jnp.concatenate(parts), log_sigma
-
-
-def loglik_eta(eta, stats: Stats, struct: Structure, reml: bool):
-    """(Restricted) log likelihood as a function of η = (ln sd, atanh corr, …, ln σ)."""
-    theta, log_sigma = theta_from_eta(eta, struct)
-    return -0.5 * deviance_at_sigma(theta, log_sigma, stats, struct, reml)
-
-
-@partial(jax.jit, static_argnames=("struct",))
-def hessian_eta(eta, stats: Stats, struct: Structure, reml):
-    """∇²_η of :func:`loglik_eta`, with k expensive columns for k θ entries, not k + 1.
-
-    In x = (θ, s = ln σ) the deviance is D = P₀(θ) + ν(log 2π + 2s) + P₁(θ)e^{−2s}
-    (:func:`objective.deviance_at_sigma`: P₀ = log|L|² (+ log|R_X|² for REML), P₁ = r²), so s
-    enters only through scalars: one forward-over-reverse column per θ direction gives ∇²_θθ D,
-    ∂²D/∂θ∂s (the s entry of that column) and ∇D; ∂²D/∂s² = 2(2ν − ∂D/∂s). The chain rule
-    through the cheap map η → x then gives the Hessian in η: Jᵀ(∇²_x D)J + Σᵢ ∂D/∂xᵢ ∇²xᵢ(η).
-    Equal to ``numerics.hessian(loglik_eta)`` to rounding (tests/test_engine.py)."""
-    theta, s = theta_from_eta(eta, struct)
-    nu = _dof(stats, struct, reml)
-
-    def dev(th, s_):
-        ld_L, ld_RX, pwrss = deviance_parts(th, stats, struct)
-        return ld_L + jnp.where(reml, ld_RX, 0.0) + nu * (LOG_2PI + 2.0 * s_) + pwrss * jnp.exp(-2.0 * s_)
-
-    grad_x = jax.grad(dev, argnums=(0, 1))
-
-    def column(v):
-        (g_th, g_s), (dg_th, dg_s) = jax.jvp(lambda th: grad_x(th, s), (theta,), (v,))
-        return dg_th, dg_s, g_th, g_s
-
-    k = theta.shape[0]
-    H_tt, H_ts, g_th, g_s = jax.lax.map(column, jnp.eye(k, dtype=theta.dtype))
-    H_tt = 0.5 * (H_tt + H_tt.T)
-    H_ss = 2.0 * (2.0 * nu - g_s[0])
-    H_x = jnp.block([[H_tt, H_ts[:, None]], [H_ts[None, :], H_ss[None, None]]])
-    G = jnp.concatenate([g_th[0], g_s[:1]])
-
-    def x_of(e):
-        th, s_ = theta_from_eta(e, struct)
-        return jnp.concatenate([th, s_[None]])
-
-    J = jax.jacfwd(x_of)(eta)
-    curvature = hessian(lambda e: G @ x_of(e))(eta)
-    return -0.5 * (J.T @ H_x @ J + curvature)
-
-
-def is_singular(theta, struct: Structure, scale=None) -> bool:
-    """Some θ entry within SINGULAR_TOL of its bound, measured in the optimiser's units
-    θ / ``scale`` (``Design.theta_scale``; None: θ as it is)."""
-    th = np.asarray(theta) if scale is None else np.asarray(theta) / np.asarray(scale)
-    return any(t.structure.boundary(th[t.theta[0]:t.theta[1]], SINGULAR_TOL) for t in struct.terms)
-
+from jaxmixed.engine.numerics import LOG_2PI
 
 @dataclass(frozen=True)
 class VarianceComponents:
@@ -113,67 +25,73 @@ class VarianceComponents:
     eta: np.ndarray
     cov_eta: np.ndarray | None  # None where undefined (boundary fit, Hessian not negative definite)
     hessian_ok: bool
+    singular: bool
 
 
-def variance_components(design, stats, struct, theta, sigma, reml, variance, level,
-                        lams=None, hessian_program=None, standard_errors=True) -> VarianceComponents:
-    """The random-effects table in Stata's order and metric (cross-product engine).
-
-    ``lams``: each term's Λ at θ if already at hand (see ``eta_hat``); ``hessian_program``: a
-    compiled form of :func:`hessian_eta` to use (``fitting`` passes the one kept on disk by
-    ``programs.cached``); ``standard_errors=False``: no Hessian (NaN standard errors), for a fit
-    whose table is replaced by another engine's (the start of a residual-structure fit)."""
-    eta = eta_hat(theta, sigma, struct, lams)
+def variance_components(engine, data, design, params, sigma, reml, variance, level, lams=None,
+                        hessian_program=None, standard_errors=True) -> VarianceComponents:
+    """The random-effects table in Stata's order and metric, for any engine: η from
+    ``engine.eta``, Cov(η) from the inverse of −``engine.hessian_eta`` (or ``hessian_program``,
+    a compiled form of it, e.g. the one kept on disk by ``programs.cached``), the residual rows
+    from ``engine.residual_rows``. No Hessian (NaN standard errors) on a boundary fit or with
+    ``standard_errors=False``."""
+    eta = engine.eta(params, sigma, design.theta_scale, lams)
+    singular = engine.singular(params, design.theta_scale)
     cov_eta, hessian_ok = None, False
-    if standard_errors and not is_singular(theta, struct, design.theta_scale):
-        H = np.asarray((hessian_program or hessian_eta)(jax.device_put(eta), stats, struct, reml))
+    if standard_errors and not singular:
+        hess = hessian_program or engine.hessian_eta
+        H = np.asarray(hess(jax.device_put(eta), data, reml))
         cov_eta, hessian_ok = covariance_from_hessian(H)
-    residual = [("var(Residual)" if variance else "sd(Residual)", "sd")]
-    table = component_table(design.terms, eta, cov_eta, variance, level, residual)
-    return VarianceComponents(table=table, eta=eta, cov_eta=cov_eta, hessian_ok=hessian_ok)
+    table = component_table(design.terms, eta, cov_eta, variance, level, engine.residual_rows(variance))
+    return VarianceComponents(table=table, eta=eta, cov_eta=cov_eta, hessian_ok=hessian_ok, singular=singular)
+
+
+def covariances_from_hessians(H, usable=None):
+    """Cov(η) = (−H)⁻¹ for each Hessian of a batch H (k × m × m) where −H is finite and
+    positive definite (and ``usable``), NaN elsewhere; and the mask of those where it is."""
+    H = np.asarray(H, dtype=float)
+    k = H.shape[0]
+    cov = np.full_like(H, np.nan)
+    ok = np.zeros(k, dtype=bool)
+    finite = np.all(np.isfinite(H), axis=(1, 2)) & (np.ones(k, dtype=bool) if usable is None else usable)
+    if finite.any():
+        w = np.linalg.eigvalsh(-H[finite])
+        good = w[:, 0] > 1e-10 * np.maximum(w[:, -1], 1.0)
+        idx = np.flatnonzero(finite)[good]
+        if idx.size:
+            inv = np.linalg.inv(-H[idx])
+            cov[idx] = 0.5 * (inv + np.swapaxes(inv, 1, 2))
+        ok[idx] = True
+    return cov, ok
 
 
 def covariance_from_hessian(H):
     """(inverse of −H, True) where −H is finite and positive definite, else (None, False)."""
-    if not np.all(np.isfinite(H)):
-        return None, False
-    w = np.linalg.eigvalsh(-H)
-    if w[0] <= 1e-10 * max(w[-1], 1.0):
-        return None, False
-    cov = np.linalg.inv(-H)
-    return 0.5 * (cov + cov.T), True
+    cov, ok = covariances_from_hessians(np.asarray(H)[None])
+    return (cov[0], True) if ok[0] else (None, False)
 
 
-def component_table(terms, eta, cov_eta, variance, level, residual) -> pd.DataFrame:
-    """Rows for each term's η entries, then the residual parameters.
+@dataclass(frozen=True)
+class ComponentRow:
+    """One row of the random-effects table: its group and name, how it is computed from η
+    (kind sd, var, corr, cov, free or logit), the η entries it uses ((i,), or (sd_i, sd_j,
+    corr) for a covariance) and its term (−1 for residual rows)."""
+
+    group: str
+    name: str
+    kind: str
+    idx: tuple
+    term: int
+
+
+def component_layout(terms, variance: bool, residual) -> list[ComponentRow]:
+    """The rows of FitResult.random in Stata's order and metric.
 
     ``terms``: the design's TermBlocks (their η entries come first, in order); ``residual``:
     (name, kind) for the remaining η entries, kind "sd" (ln sd), "corr" (atanh), "free"
     (reported as is) or "logit" (reported as 1/(1+e^-η)). With ``variance`` sds are reported
-    as variances and correlations of random effects as covariances.
-    """
-    z = sps.norm.ppf(0.5 + level / 200.0)
+    as variances and correlations of random effects as covariances."""
     rows = []
-
-    def add(group, name, kind, idx, term):
-        e = eta[idx[0]]
-        if kind != "cov":
-            est, lo, hi, dg = _transform(kind, e, cov_eta[idx[0], idx[0]] if cov_eta is not None else np.nan, z)
-            rows.append((group, name, est, dg, lo, hi, kind, term))
-        else:  # cov from (ln sd_i, ln sd_j, atanh rho) or (ln sd, atanh rho) for exchangeable
-            sds = [np.exp(eta[i]) for i in idx[:-1]]
-            rho = np.tanh(eta[idx[-1]])
-            sdi, sdj = (sds[0], sds[0]) if len(sds) == 1 else sds
-            est = rho * sdi * sdj
-            grad = np.zeros(len(eta))
-            for i in idx[:-1]:
-                grad[i] += est
-            if len(sds) == 1:  # exchangeable: cov = ρ sd², so ∂cov/∂ln sd = 2 cov
-                grad[idx[0]] += est
-            grad[idx[-1]] = sdi * sdj * (1 - rho**2)
-            se = float(np.sqrt(grad @ cov_eta @ grad)) if cov_eta is not None else np.nan
-            rows.append((group, name, est, se, est - z * se, est + z * se, kind, term))
-
     pos = 0
     for k, tb in enumerate(terms):
         spec_term, s = tb.term, tb.structure
@@ -182,55 +100,88 @@ def component_table(terms, eta, cov_eta, variance, level, residual) -> pd.DataFr
         idx_sd = [pos + i for i, kd in enumerate(kinds) if kd == "sd"]
         for i, (lab, kd) in enumerate(zip(labels, kinds)):
             if kd == "sd":
-                add(spec_term.label, ("var" + lab[2:]) if variance else lab, "var" if variance else "sd", [pos + i], k)
-            elif variance:
-                # which sds: unstructured pair (i, j) or the common sd of an exchangeable term
-                if len(idx_sd) == 1:
-                    add(spec_term.label, "cov" + lab[4:], "cov", idx_sd + [pos + i], k)
-                else:
-                    a, b = _pair_of(lab, names)
-                    add(spec_term.label, "cov" + lab[4:], "cov", [idx_sd[a], idx_sd[b], pos + i], k)
+                rows.append(ComponentRow(spec_term.label, ("var" + lab[2:]) if variance else lab,
+                                         "var" if variance else "sd", (pos + i,), k))
+            elif not variance:
+                rows.append(ComponentRow(spec_term.label, lab, "corr", (pos + i,), k))
+            elif len(idx_sd) == 1:  # exchangeable: cov = ρ sd²
+                rows.append(ComponentRow(spec_term.label, "cov" + lab[4:], "cov", (idx_sd[0], idx_sd[0], pos + i), k))
             else:
-                add(spec_term.label, lab, "corr", [pos + i], k)
+                a, b = _pair_of(lab, names)
+                rows.append(ComponentRow(spec_term.label, "cov" + lab[4:], "cov", (idx_sd[a], idx_sd[b], pos + i), k))
         pos += s.n_eta
     for name, kind in residual:
         if kind == "sd" and variance:
             name, kind = name.replace("sd(", "var(", 1), "var"
-        add("", name, kind, [pos], -1)
+        rows.append(ComponentRow("", name, kind, (pos,), -1))
         pos += 1
-    return pd.DataFrame(rows, columns=["group", "name", "estimate", "se", "ci_lower", "ci_upper", "kind", "term"])
+    return rows
+
+
+_FORWARD = {
+    "sd": (np.exp, np.exp),
+    "var": (lambda x: np.exp(2 * x), lambda x: 2 * np.exp(2 * x)),
+    "corr": (np.tanh, lambda x: 1 - np.tanh(x) ** 2),
+    "free": (lambda x: x, lambda x: np.ones_like(x)),
+    "logit": (lambda x: 0.5 * (1.0 + np.tanh(0.5 * x)),  # 1/(1+e^-x), without overflow
+              lambda x: 0.25 * (1.0 - np.tanh(0.5 * x) ** 2)),
+}
+
+
+def component_values(eta, layout: list[ComponentRow], cov_eta=None, z: float = 1.96):
+    """(estimate, se, ci_lower, ci_upper), each (k × rows), of the layout's rows from η
+    (k × n_eta, or one vector) and Cov(η) (k × n_eta × n_eta, or one matrix; None or NaN
+    where undefined): delta-method standard errors; CIs built on the ln/atanh/logit scale and
+    transformed back, symmetric on their own scale for covariances. A bound or se beyond
+    double precision (e^{η + z se} with a huge se: two groups, say) is NaN, not inf."""
+    eta = np.atleast_2d(np.asarray(eta, dtype=float))
+    k, m = eta.shape
+    if cov_eta is None:
+        cov = np.full((k, m, m), np.nan)
+    else:
+        cov = np.asarray(cov_eta, dtype=float).reshape(k, m, m)
+    est = np.empty((k, len(layout)))
+    se = np.full((k, len(layout)), np.nan)
+    lo, hi = se.copy(), se.copy()
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for r, row in enumerate(layout):
+            if row.kind != "cov":
+                f, df = _FORWARD[row.kind]
+                e = eta[:, row.idx[0]]
+                v = cov[:, row.idx[0], row.idx[0]]
+                se_e = np.where(np.isfinite(v), np.sqrt(v), np.nan)
+                est[:, r] = f(e)
+                se[:, r] = np.abs(df(e)) * se_e
+                lo[:, r], hi[:, r] = f(e - z * se_e), f(e + z * se_e)
+            else:  # cov from (ln sd_i, ln sd_j, atanh rho); i = j for exchangeable (∂cov/∂ln sd = 2 cov)
+                i, j, c = row.idx
+                rho = np.tanh(eta[:, c])
+                sdij = np.exp(eta[:, i] + eta[:, j])
+                est[:, r] = rho * sdij
+                g = np.zeros((k, m))
+                g[:, i] += est[:, r]
+                g[:, j] += est[:, r]
+                g[:, c] = sdij * (1 - rho**2)
+                se[:, r] = np.sqrt(np.einsum("ki,kij,kj->k", g, cov, g))
+                lo[:, r], hi[:, r] = est[:, r] - z * se[:, r], est[:, r] + z * se[:, r]
+    se, lo, hi = (np.where(np.isfinite(x), x, np.nan) for x in (se, lo, hi))
+    return est, se, lo, hi
+
+
+def component_table(terms, eta, cov_eta, variance, level, residual) -> pd.DataFrame:
+    """FitResult.random (with kind and term columns) for one fit: :func:`component_layout`
+    and :func:`component_values`."""
+    layout = component_layout(terms, variance, residual)
+    est, se, lo, hi = component_values(eta, layout, cov_eta, sps.norm.ppf(0.5 + level / 200.0))
+    return pd.DataFrame({"group": [r.group for r in layout], "name": [r.name for r in layout],
+                         "estimate": est[0], "se": se[0], "ci_lower": lo[0], "ci_upper": hi[0],
+                         "kind": [r.kind for r in layout], "term": [r.term for r in layout]})
 
 
 def _pair_of(label: str, names):
     inner = label[label.index("(") + 1:-1]
     a, b = inner.split(",")
     return names.index(a), names.index(b)
-
-
-def _transform(kind, e, var_e, z):
-    """Estimate, CI bounds and delta-method se of sd = e^η, var = e^{2η}, corr = tanh η,
-    logit = 1/(1+e^-η), free = η. A bound or se that overflows double precision is NaN (no
-    RuntimeWarning)."""
-    se_e = np.sqrt(var_e) if np.isfinite(var_e) else np.nan
-    if kind == "sd":
-        f, df = np.exp, np.exp
-    elif kind == "var":
-        f, df = (lambda x: np.exp(2 * x)), (lambda x: 2 * np.exp(2 * x))
-    elif kind == "logit":
-        f = (lambda x: 0.5 * (1.0 + np.tanh(0.5 * x)))  # 1/(1+e^-x), without overflow
-        df = (lambda x: f(x) * (1 - f(x)))
-    elif kind == "free":
-        f, df = (lambda x: x), (lambda x: 1.0)
-    else:
-        f, df = np.tanh, (lambda x: 1 - np.tanh(x) ** 2)
-    with np.errstate(over="ignore", invalid="ignore"):
-        est = float(f(e))
-        se = float(abs(df(e)) * se_e)
-        lo, hi = float(f(e - z * se_e)), float(f(e + z * se_e))
-    # a bound or se beyond double precision (e^{η + z se} with a huge se: two groups, say) is
-    # reported as not available rather than as inf
-    se, lo, hi = (v if np.isfinite(v) else np.nan for v in (se, lo, hi))
-    return est, lo, hi, se
 
 
 def fixed_table(names, beta, cov_beta, level) -> pd.DataFrame:
@@ -254,7 +205,7 @@ def wald_test(names, beta, cov_beta):
     return (chi2, len(idx), float(sps.chi2.sf(chi2, len(idx))))
 
 
-def linear_loglik(stats: Stats, p: int, reml: bool) -> float:
+def linear_loglik(stats, p: int, reml: bool) -> float:
     """(Restricted) log likelihood of the linear regression y = Xβ + ε, from WᵀW.
 
     ML:   -n/2 [1 + log(2π RSS/n)]

@@ -12,14 +12,14 @@ Interface (all pure functions of arrays; sizes are static):
     lam(theta)          q × q matrix Λ with ΛΛᵀ = Σ/σ²
     n_eta, eta_names    Stata-metric parameters and the names Stata prints for them
     eta_kinds           "sd" or "corr" for each η entry
-    eta_from_sigma(S)   η from an (absolute) covariance matrix S
+    eta_from_sigma(S, xp)  η from an (absolute) covariance matrix S (xp: numpy or jax.numpy)
     theta_from_eta(eta, sigma)  θ for the same Σ; used to differentiate the log likelihood in η
     theta_scale(ms)     the optimiser's unit for each θ entry, from the mean squares ``ms`` of the
                         term's random-effects columns (see below)
 
 Scale of the random-effects columns. θ is in the units of the data (lme4's θ): with a covariate
 x multiplied by c, the θ entries of x's row of Λ are divided by c. The optimiser's tolerances
-and the boundary test (``inference.SINGULAR_TOL``) are absolute, so they work on θ / w instead,
+and the boundary test (:func:`is_singular`) are absolute, so they work on θ / w instead,
 where w = 1/s and s is the root mean square of the column rounded to a power of 2
 (:func:`column_scale`): the θ of the model whose columns are divided by s, which is O(1) for
 covariates on any scale (an exact reparametrisation: Λ = diag(1/s) Λ_s, so the row of Λ that
@@ -94,9 +94,9 @@ class Identity:
     def eta_kinds(self):
         return ["sd"]
 
-    def eta_from_sigma(self, S):
+    def eta_from_sigma(self, S, xp=np):
         with np.errstate(divide="ignore"):  # a zero variance is a legal boundary: ln sd = -inf
-            return np.array([0.5 * np.log(np.mean(np.diag(S)))])
+            return xp.reshape(0.5 * xp.log(xp.mean(xp.diagonal(S))), (1,))
 
     def theta_from_eta(self, eta, sigma):
         return jnp.exp(eta[:1]) / sigma
@@ -141,9 +141,9 @@ class Independent:
     def eta_kinds(self):
         return ["sd"] * self.q
 
-    def eta_from_sigma(self, S):
+    def eta_from_sigma(self, S, xp=np):
         with np.errstate(divide="ignore"):
-            return 0.5 * np.log(np.diag(S))
+            return 0.5 * xp.log(xp.diagonal(S))
 
     def theta_from_eta(self, eta, sigma):
         return jnp.exp(eta) / sigma
@@ -195,12 +195,12 @@ class Exchangeable:
     def eta_kinds(self):
         return ["sd", "corr"]
 
-    def eta_from_sigma(self, S):
+    def eta_from_sigma(self, S, xp=np):
         q = self.q
-        var = np.mean(np.diag(S))
-        cov = (np.sum(S) - np.trace(S)) / (q * (q - 1))
-        rho = np.clip(cov / var, -1 + 1e-15, 1 - 1e-15)
-        return np.array([0.5 * np.log(var), np.arctanh(rho)])
+        var = xp.mean(xp.diagonal(S))
+        cov = (xp.sum(S) - xp.trace(S)) / (q * (q - 1))
+        rho = xp.clip(cov / var, -1 + 1e-15, 1 - 1e-15)
+        return xp.stack([0.5 * xp.log(var), xp.arctanh(rho)])
 
     def theta_from_eta(self, eta, sigma):
         sd = jnp.exp(eta[0])
@@ -255,13 +255,12 @@ class Unstructured:
     def eta_kinds(self):
         return ["sd"] * self.q + ["corr"] * len(_pairs(self.q))
 
-    def eta_from_sigma(self, S):
-        sd = np.sqrt(np.diag(S))
-        R = S / np.outer(sd, sd)
-        rho = np.array([R[i, j] for i, j in _pairs(self.q)])
-        rho = np.clip(rho, -1 + 1e-15, 1 - 1e-15)
+    def eta_from_sigma(self, S, xp=np):
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.concatenate([np.log(sd), np.arctanh(rho)])
+            sd = xp.sqrt(xp.diagonal(S))
+            R = S / xp.outer(sd, sd)
+            rho = xp.clip(xp.stack([R[i, j] for i, j in _pairs(self.q)]), -1 + 1e-15, 1 - 1e-15)
+            return xp.concatenate([xp.log(sd), xp.arctanh(rho)])
 
     def theta_from_eta(self, eta, sigma):
         q = self.q
@@ -302,3 +301,21 @@ def eta_to_report(kind: str, value: float, variance: bool):
     if kind == "sd":
         return float(np.exp(2 * value)) if variance else float(np.exp(value))
     return float(np.tanh(value))
+
+
+#: θ entries closer than this to their lower bound: boundary (lme4's rule), applied to θ in the
+#: optimiser's units, θ / Design.theta_scale (as if each random-effects column had unit scale)
+SINGULAR_TOL = 1e-4
+
+
+def is_singular(theta, structures, slices, scale=None, tol: float = SINGULAR_TOL) -> bool:
+    """Some θ entry of some term within ``tol`` of its bound (a boundary, "singular" fit),
+    measured in the optimiser's units θ / ``scale`` (``Design.theta_scale``; None: θ as it is).
+    ``structures`` and ``slices``: each term's structure and its (start, stop) in θ. The one
+    singularity test of the package (jm.fit, the per-panel engine, fit_many)."""
+    th = np.asarray(theta, dtype=float)
+    if scale is not None:
+        th = th / np.asarray(scale, dtype=float)
+    if th.ndim == 2:  # a batch of θ (one row per response)
+        return np.array([is_singular(row, structures, slices, None, tol) for row in th], dtype=bool)
+    return any(s.boundary(th[a:b], tol) for s, (a, b) in zip(structures, slices))

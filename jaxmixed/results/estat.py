@@ -6,18 +6,14 @@ import numpy as np
 import pandas as pd
 
 from jaxmixed.errors import ModelError
-from jaxmixed.inference.tables import term_lambdas
+from jaxmixed.data.design import outer_factor
 from jaxmixed.model.spec import CONS
 
 
 def recovariance(result) -> dict:
     """{"level: Structure" or label: DataFrame Σ_k} — the fitted covariance of each term's effects."""
     out = {}
-    if result.panel is not None:
-        covs = result.panel["term_S"]
-    else:
-        lams = term_lambdas(np.asarray(result.theta), result.structure)
-        covs = [result.sigma**2 * np.asarray(lam) @ np.asarray(lam).T for lam in lams]
+    covs = result.engine.term_covariances(result.params, result.sigma)
     for tb, S in zip(result.design.terms, covs):
         names = list(tb.term.display)
         key = tb.term.label
@@ -55,27 +51,15 @@ def icc(result) -> pd.DataFrame:
 def wcorrelation(result, level: int = 0) -> pd.DataFrame:
     """Marginal correlation matrix of y within one top-level group (Stata's ``estat wcorrelation``).
 
-    V = Σ_k Z_k G_k Z_kᵀ + σ²I over the rows of that group; the correlation is D^{-1/2} V D^{-1/2}.
+    V = Σ_k Z_k G_k Z_kᵀ + R over the rows of that group, from the fit's engine (R = σ²I, or the
+    residual structure's); the correlation is D^{-1/2} V D^{-1/2}.
     ``level`` picks the group by its position in the outermost factor's levels (0: the first).
     """
-    if result.panel is not None:
-        from jaxmixed.engine.marginal import wcorrelation as panel_wcorrelation
-
-        return panel_wcorrelation(result, level)
     des = result.design
-    outer = min(range(len(des.factors)), key=lambda k: (len(des.factors[k].group), des.factors[k].n_levels))
-    fac = des.factors[outer]
+    fac = des.factors[outer_factor(des)]
     if not 0 <= level < fac.n_levels:
         raise ModelError(f"level must be between 0 and {fac.n_levels - 1}")
-    rows = np.flatnonzero(fac.codes == level)
-    V = np.eye(len(rows)) * result.sigma**2
-    covs = list(recovariance(result).values())
-    for tb, S in zip(des.terms, covs):
-        f = des.factors[tb.factor]
-        Z = f.Z[rows, tb.cols[0]:tb.cols[1]]
-        codes = f.codes[rows]
-        same = codes[:, None] == codes[None, :]
-        V += same * (Z @ S.to_numpy() @ Z.T)
+    V, rows = result.engine.marginal_covariance(result.params, result.sigma, result.data, des, level)
     d = np.sqrt(np.diag(V))
     idx = pd.Index(des.rows[rows], name="obs")
     return pd.DataFrame(V / np.outer(d, d), index=idx, columns=idx)

@@ -23,7 +23,13 @@ class FitResult:
     wald         (chi2, df, p) for all fixed effects but _cons
     lr_vs_linear (stat, df, p, kind)
     groups       DataFrame per grouping level: n_groups, min, mean, max
-    theta, beta, sigma   internal estimates (θ in lme4's parameterisation)
+    theta, beta, sigma   internal estimates (θ in lme4's parameterisation: the relative
+                 Cholesky factors, Σ_k = σ² Λ_kΛ_kᵀ; with a residual structure relative to the
+                 residual sd of the first variance group, ``sigma``)
+    engine, data, params  the likelihood engine that fitted the model
+                 (:mod:`jaxmixed.engine.interface`), its data (cross-products or panels) and
+                 its parameters at the estimate: ``engine.deviance(params, data, reml)`` is
+                 −2 ``loglik``. Post-estimation asks the engine, never which engine it is.
     """
 
     loglik: float
@@ -46,12 +52,12 @@ class FitResult:
     variance: bool
     spec: Any = field(repr=False)
     design: Any = field(repr=False)
-    stats: Any = field(repr=False)
-    structure: Any = field(repr=False)
+    engine: Any = field(repr=False)
+    data: Any = field(repr=False)
+    params: Any = field(repr=False)
     solution: Any = field(repr=False)
     cov_eta: Any = field(repr=False)
     display: dict = field(default_factory=dict, repr=False)
-    panel: Any = field(default=None, repr=False)  # per-panel engine state when residuals() is used
 
     @property
     def n_params(self) -> int:

@@ -1,59 +1,21 @@
 """BLUPs, their conditional standard errors, and predictions (Stata's ``predict`` after ``mixed``).
 
-The conditional covariance of the random effects given y at the estimates is
-
-    Var(b | y) = σ² Λ (LLᵀ)⁻¹ Λᵀ,
-
-whose diagonal blocks are all we need. With L = [[L₁, 0], [Wᵀ, L₂₂]],
-(LLᵀ)⁻¹'s first-factor block for level ℓ is AᵀA + KᵀK with A = L₁ℓ⁻¹ and K = L₂₂⁻¹ Wℓᵀ A, and
-the rest's block is L₂₂⁻ᵀ L₂₂⁻¹. These are lme4's ``condVar`` and Stata's ``reses``.
+The conditional covariances of the random effects given y (lme4's ``condVar``, Stata's
+``reses``) come from the fit's engine (``engine.conditional_variances``).
 """
 
 from __future__ import annotations
 
 import warnings
-from functools import partial
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from jaxmixed.engine import kernels as xla
 from jaxmixed.data.design import _group_codes, _numeric, fixed_matrix
 from jaxmixed.errors import DataError, JaxmixedWarning
-from jaxmixed.engine import sparse as blocked
-from jaxmixed.engine.dense import factor_lambdas, factorize
-from jaxmixed.data.crossprod import Stats, Structure
 from jaxmixed.model.spec import CONS
 
 KINDS = ("xb", "fitted", "reffects", "reses", "residuals", "rstandard")
-
-
-@partial(jax.jit, static_argnames=("struct",))
-def conditional_variances(theta, sigma, stats: Stats, struct: Structure):
-    """Per factor, (L_f, q_f, q_f) blocks of Var(b | y) (see the module docstring)."""
-    lams = factor_lambdas(theta, struct)
-    if struct.engine is not None:  # blocked engine: same blocks, from its panels
-        out = blocked.conditional_blocks(theta, stats, struct, lams)
-        return [sigma**2 * jnp.einsum("ij,ljk,hk->lih", lam, V, lam) for lam, V in zip(lams, out)]
-    f = factorize(theta, stats, struct)
-    L1n, q1 = struct.L[0], struct.q[0]
-    A = xla.solve_lower(f.L1, jnp.broadcast_to(jnp.eye(q1), (L1n, q1, q1)))
-    V1 = jnp.einsum("lki,lkj->lij", A, A)
-    out = []
-    if struct.m2:
-        m2 = struct.m2
-        WtA = jnp.einsum("lim,lij->mlj", f.W, A).reshape(m2, L1n * q1)
-        K = xla.solve_lower(f.L22, WtA).reshape(m2, L1n, q1)
-        V1 = V1 + jnp.einsum("mli,mlj->lij", K, K)
-        Linv = xla.solve_lower(f.L22, jnp.eye(m2))
-        V2 = Linv.T @ Linv
-    out.append(V1)
-    for off, L, q in zip(struct.offsets, struct.L[1:], struct.q[1:]):
-        blk = V2[off:off + L * q, off:off + L * q].reshape(L, q, L, q)
-        out.append(jnp.einsum("lilj->lij", blk))
-    return [sigma**2 * jnp.einsum("ij,ljk,hk->lih", lam, V, lam) for lam, V in zip(lams, out)]
 
 
 def blup_key(factor_group, terms) -> str:
@@ -68,13 +30,7 @@ def blups(result, se: bool = False) -> dict:
     """{level: DataFrame indexed by group level, one column per random effect}."""
     des = result.design
     b = result.solution.b
-    V = None
-    if se and result.panel is not None:
-        from jaxmixed.engine.marginal import conditional_variances as panel_variances
-
-        V = panel_variances(result)
-    elif se:
-        V = conditional_variances(jnp.asarray(result.theta), result.sigma, result.stats, result.structure)
+    V = result.engine.conditional_variances(result.params, result.sigma, result.data, des) if se else None
     out = {}
     for k, fac in enumerate(des.factors):
         terms = [t for t in des.terms if t.factor == k]

@@ -89,8 +89,8 @@ def _random(r) -> list[str]:
         out += [_re_line(row) for row in rows[pos:pos + tb.structure.n_eta]]
         pos += tb.structure.n_eta
         out.append(sep)
-    if r.panel is not None:
-        title = "Residual: " + r.panel["structure"].title
+    if getattr(r.engine, "residual_title", None):
+        title = "Residual: " + r.engine.residual_title
         out.append(f"{title:<28} |" if len(title) <= 28 else title)
     out += [_re_line(row) for row in rows[pos:]]
     out.append(RULE)

@@ -20,10 +20,19 @@ are identical. Within a process each program is loaded or traced once per key, a
 ``jax.jit``.
 
 The cache lives in ``<compilation cache dir>/jaxmixed-programs`` and is on exactly when the
-persistent compilation cache is on (``JAXMIXED_NO_CACHE=1`` turns both off). Like that cache it
-is trusted code (the artefacts are pickles). Anything unusual falls back to plain ``jax.jit``:
-arguments committed to a device other than JAX's default one, ``jax_disable_jit``, a static
-argument without a stable ``repr``, a program that ``jax.export`` refuses, an unreadable file.
+persistent compilation cache is on (``JAXMIXED_NO_CACHE=1`` turns both off). Directories it
+creates are owner-only (mode 0o700; an existing directory is left as it is), files are written
+with mode 0o600. Each file (``<key hash>.jaxexport``) is a short header (:data:`MAGIC`, the
+format version, the names of the package's NamedTuple types in the program's arguments and
+results) followed by ``Exported.serialize()`` (a flatbuffer holding the StableHLO and the
+calling convention): data, never code, so that loading a file runs nothing that was in it, and
+the only types it can name are NamedTuples of the jaxmixed package (or of modules already
+imported). A file without the header (a foreign file, a damaged one), one that does not
+deserialise, or one whose calling convention differs from the call's is a miss: the program is
+traced again and the file overwritten. Files of earlier versions (``.pkl``) are never opened.
+Anything unusual falls back to plain ``jax.jit``: arguments committed to a device other than
+JAX's default one, ``jax_disable_jit``, a static argument without a stable ``repr``, a program
+that ``jax.export`` refuses or cannot serialise (no file is written then).
 """
 
 from __future__ import annotations
@@ -31,9 +40,11 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
+import importlib
 import inspect
+import json
 import os
-import pickle
+import sys
 import tempfile
 import threading
 from concurrent.futures import Future
@@ -46,10 +57,18 @@ except AttributeError:  # jax < 0.4.36
     from jax.core import get_aval as _typeof
 
 SUBDIR = "jaxmixed-programs"
+SUFFIX = ".jaxexport"
+#: the first bytes of every file this module writes; anything else is not read
+MAGIC = b"JAXMIXED-PROGRAM\n"
+#: format of what follows MAGIC: ``b"<FORMAT>\n"``, one line of JSON, then the serialised program
+FORMAT = 1
+_HEADER = MAGIC + b"%d\n" % FORMAT
 _source_hash: str | None = None
 #: programs loaded from disk / traced and written in this process (tests and benchmarks read it)
 STATS = {"loaded": 0, "exported": 0, "fallback": 0}
 _pool_lock = threading.Lock()
+_types_lock = threading.Lock()
+_registered: set = set()  # NamedTuple types registered for jax.export's serialisation here
 
 
 def cache_dir() -> str | None:
@@ -160,7 +179,7 @@ class Program:
 
         def work():
             try:
-                prog = _load(path)
+                prog = _load(path, key)
                 future.set_result(None if prog is None else prog.lower(*dyn).compile())
             except BaseException:  # noqa: BLE001 - the call then loads or traces it itself
                 future.set_result(None)
@@ -199,7 +218,7 @@ class Program:
         text = repr((self._name, statics, str(key[1]), key[2], _environment()))
         if " at 0x" in text or "..." in text:  # no stable repr: not kept on disk
             return None
-        return os.path.join(directory, hashlib.sha256(text.encode()).hexdigest() + ".pkl")
+        return os.path.join(directory, hashlib.sha256(text.encode()).hexdigest() + SUFFIX)
 
     def _by_position(self, statics):
         statics_kw = dict(statics)
@@ -215,7 +234,7 @@ class Program:
         if path is None:
             STATS["fallback"] += 1
             return None
-        prog = _load(path) or _export(self._by_position(statics), dyn, path)
+        prog = _load(path, key) or _export(self._by_position(statics), dyn, path)
         if prog is None:
             STATS["fallback"] += 1
         return prog
@@ -243,35 +262,148 @@ def in_background(fn, *args) -> Future:
     return _executor().submit(fn, *args)
 
 
-def _load(path: str):
+def _is_namedtuple(t) -> bool:
+    return isinstance(t, type) and issubclass(t, tuple) and hasattr(t, "_fields")
+
+
+def _namedtuples(treedef, out: dict) -> dict:
+    """The NamedTuple types among the nodes of ``treedef``, in order of first appearance."""
+    data = treedef.node_data()
+    if data is not None and _is_namedtuple(data[0]):
+        out.setdefault(data[0], None)
+    for child in treedef.children():
+        _namedtuples(child, out)
+    return out
+
+
+def _register(t) -> None:
+    """Make ``jax.export`` able to (de)serialise pytree nodes of the NamedTuple type ``t``."""
+    from jax import export
+
+    with _types_lock:
+        if t in _registered:
+            return
+        try:
+            export.register_namedtuple_serialization(
+                t, serialized_name=f"jaxmixed-program:{t.__module__}:{t.__qualname__}")
+        except ValueError:
+            pass  # registered already (by its own module or the user): their registration holds
+        _registered.add(t)
+
+
+def _resolve(module: str, qualname: str):
+    """The NamedTuple type ``module.qualname`` named in a file's header, or None. Only modules
+    already imported or of the jaxmixed package are looked at (a header names data types, it
+    never makes arbitrary code be imported)."""
+    mod = sys.modules.get(module)
+    if mod is None:
+        if module != "jaxmixed" and not module.startswith("jaxmixed."):
+            return None
+        mod = importlib.import_module(module)
+    obj = mod
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj if _is_namedtuple(obj) else None
+
+
+def _encode(exported) -> bytes:
+    """Header and ``exported.serialize()``; raises where the program cannot be serialised."""
+    types = _namedtuples(exported.out_tree, _namedtuples(exported.in_tree, {}))
+    names = []
+    for t in types:
+        if "<locals>" in t.__qualname__:
+            raise ValueError(f"{t!r} is not importable: its programs are not kept on disk")
+        _register(t)
+        names.append([t.__module__, t.__qualname__])
+    meta = json.dumps({"types": names}, separators=(",", ":")).encode()
+    # vjp_order=0: these programs are never differentiated, no reverse-mode program is kept
+    return _HEADER + meta + b"\n" + bytes(exported.serialize(vjp_order=0))
+
+
+def _decode(blob: bytes, key=None):
+    """The ``Exported`` in a file's bytes, or None for anything but a file written by
+    :func:`_encode` for a call like ``key`` (see :meth:`Program._split`). Never raises."""
+    from jax import export
+
+    try:
+        if not blob.startswith(_HEADER):
+            return None  # a foreign file, an older format, a damaged one
+        end = blob.index(b"\n", len(_HEADER))
+        meta = json.loads(blob[len(_HEADER):end].decode())
+        for module, qualname in meta["types"]:
+            t = _resolve(str(module), str(qualname))
+            if t is None:
+                return None
+            _register(t)
+        exported = export.deserialize(bytearray(blob[end + 1:]))
+        if key is not None:
+            treedef, avals = key[1], key[2]
+            if exported.in_tree != jax.tree_util.treedef_tuple((treedef, jax.tree_util.tree_structure({}))):
+                return None  # the calling convention is ((dynamic arguments), {})
+            if [(tuple(a.shape), str(a.dtype)) for a in exported.in_avals] != [a[:2] for a in avals]:
+                return None
+            if export.default_export_platform() not in exported.platforms or exported.nr_devices != 1:
+                return None
+        return exported
+    except Exception:  # noqa: BLE001 - a damaged or foreign file: a miss, traced again
+        return None
+
+
+def _load(path: str, key=None):
+    """The program kept in ``path`` (``jax.jit`` of the deserialised ``Exported``), or None when
+    there is none or it is unreadable, foreign or for other arguments than ``key``'s."""
     try:
         with open(path, "rb") as fh:
-            exported = pickle.load(fh)
-    except FileNotFoundError:
+            blob = fh.read()
+    except Exception:  # noqa: BLE001 - missing or unreadable: trace again and overwrite it
         return None
-    except Exception:  # noqa: BLE001 - a damaged or foreign file: trace again and overwrite it
+    exported = _decode(blob, key)
+    if exported is None:
         return None
     STATS["loaded"] += 1
     return jax.jit(exported.call)
 
 
-def _export(fun, dyn, path: str):
-    from dataclasses import replace
+def _private_dirs(directory: str) -> None:
+    """Create ``directory`` and its missing parents owner-only (0o700); existing ones are left
+    as they are (never chmod-ed)."""
+    missing = []
+    d = os.path.abspath(directory)
+    while not os.path.isdir(d):
+        missing.append(d)
+        parent = os.path.dirname(d)
+        if parent == d:
+            break
+        d = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
 
+
+def _export(fun, dyn, path: str):
     from jax import export
 
     try:
         exported = export.export(jax.jit(fun))(*dyn)
-        # the reverse-mode rule is a closure (not picklable) and these programs are not differentiated
-        blob = pickle.dumps(replace(exported, _get_vjp=None), protocol=pickle.HIGHEST_PROTOCOL)
+        blob = _encode(exported)
     except Exception:  # noqa: BLE001 - jax.export refuses some programs: plain jax.jit for these
         return None
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-        os.replace(tmp, path)
+        directory = os.path.dirname(path)
+        _private_dirs(directory)
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")  # mode 0o600
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(blob)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
     except OSError:
         pass  # an unwritable cache: the program still runs
     STATS["exported"] += 1

@@ -31,14 +31,11 @@ import numpy as np
 import pandas as pd
 
 from jaxmixed.engine import kernels as xla
-from jaxmixed.data.design import Design, _numeric
+from jaxmixed.data.design import Design, _numeric, outer_factor
+from jaxmixed.data.pattern import size_buckets
 from jaxmixed.errors import DataError, ModelError
 from jaxmixed.engine.numerics import LOG_2PI, hessian, logdet_from_chol_diag
-from jaxmixed.fit.optimizers import minimize_bounded
 from jaxmixed.model.residuals import ResidualStructure
-
-MAX_BUCKETS = 6
-
 
 @dataclass(frozen=True)
 class PanelStruct:
@@ -52,6 +49,8 @@ class PanelStruct:
     n_times: int  # time levels (unstructured / banded)
     max_lag: int
     p: int
+    term_factor: tuple = ()  # factor (engine order) of each term
+    n_levels: tuple = ()  # levels of each factor
 
     @property
     def n_theta(self) -> int:
@@ -208,20 +207,6 @@ def deviance(x, buckets, n, ps: PanelStruct, reml):
     return jnp.where(reml, dev + ld_X + (n - p) * LOG_2PI, dev + n * LOG_2PI)
 
 
-def _scaled_deviance(xs, buckets, n, ps: PanelStruct, reml, unit):
-    return deviance(xs * unit, buckets, n, ps, reml)
-
-
-@partial(jax.jit, static_argnames=("ps", "max_iter"))
-def optimize(x0, lower, buckets, n, ps: PanelStruct, reml, max_iter: int = 300, unit=None):
-    """Minimise the deviance over x ≥ lower, working on x / ``unit`` (None: 1); x₀, the bounds
-    and the result are in x's units."""
-    unit = jnp.ones_like(x0) if unit is None else unit
-    opt = minimize_bounded(_scaled_deviance, x0 / unit, lower / unit, (buckets, n, ps, reml, unit),
-                           max_iter=max_iter)
-    return opt._replace(x=opt.x * unit, grad=opt.grad / unit)
-
-
 @partial(jax.jit, static_argnames=("ps",))
 def gls_solution(x, buckets, ps: PanelStruct):
     """β̂, Cov(β̂) = (XᵀV⁻¹X)⁻¹ and, per bucket, V⁻¹(y − Xβ̂) and V⁻¹."""
@@ -245,8 +230,9 @@ def gls_solution(x, buckets, ps: PanelStruct):
 # ---- data -------------------------------------------------------------------------------------
 
 def _panel_factor(design: Design) -> int:
-    """The outermost factor: every other factor's group must extend its group (nesting)."""
-    k = min(range(len(design.factors)), key=lambda i: (len(design.factors[i].group), design.factors[i].n_levels))
+    """The outermost factor (:func:`~jaxmixed.data.design.outer_factor`); every other
+    factor's group must extend its group (nesting)."""
+    k = outer_factor(design)
     outer = design.factors[k].group
     for f in design.factors:
         if f.group[: len(outer)] != outer:
@@ -299,12 +285,7 @@ def build_panels(design: Design, data: pd.DataFrame, res: ResidualStructure):
     order = np.argsort(panel, kind="stable")
     sizes = np.bincount(panel)
     starts = np.concatenate([[0], np.cumsum(sizes)])
-    uniq = np.unique(sizes)
-    if len(uniq) > MAX_BUCKETS:
-        edges = np.unique(np.quantile(sizes, np.linspace(0, 1, MAX_BUCKETS + 1)[1:], method="higher"))
-    else:
-        edges = uniq
-    bucket_of = np.searchsorted(edges, sizes)
+    bucket_of, edges = size_buckets(sizes)
     W = np.column_stack([design.X, design.y])
     term_codes = [design.factors[tb.factor].codes for tb in design.terms]
     term_Z = [design.factors[tb.factor].Z[:, tb.cols[0]:tb.cols[1]] for tb in design.terms]
@@ -333,7 +314,9 @@ def build_panels(design: Design, data: pd.DataFrame, res: ResidualStructure):
             codes=tuple(jnp.asarray(np.where(valid, c[safe], pad)) for c in term_codes),
             rows=jnp.asarray(idx)))
     ps = PanelStruct(structures=tuple(tb.structure for tb in design.terms), kind=res.kind, order=res.order,
-                     n_vgroups=n_vgroups, n_cgroups=n_cgroups, n_times=len(tlevels), max_lag=max_lag, p=design.p)
+                     n_vgroups=n_vgroups, n_cgroups=n_cgroups, n_times=len(tlevels), max_lag=max_lag, p=design.p,
+                     term_factor=tuple(tb.factor for tb in design.terms),
+                     n_levels=tuple(f.n_levels for f in design.factors))
     labels = dict(by_levels=list(by_levels), time_levels=list(tlevels))
     return tuple(buckets), ps, labels
 
@@ -393,117 +376,187 @@ def hessian_eta(eta, buckets, n, ps: PanelStruct, reml):
     return hessian(lambda e: -0.5 * deviance(eta_to_x(e, ps), buckets, n, ps, reml))(eta)
 
 
-def fit_panel(spec, data, design: Design, res: ResidualStructure, reml: bool, variance: bool,
-              level: float, start_theta, start_sigma, display):
-    """Fit with a residual structure; returns the pieces FitResult needs."""
-    from jaxmixed.inference import tables as inference
-    from jaxmixed.engine.dense import Solution
-
-    buckets, ps, labels = build_panels(design, data, res)
-    n = float(design.nobs)
-    x0 = np.concatenate([np.asarray(start_theta) * start_sigma,
-                         np.full(ps.n_vgroups, np.log(start_sigma)),
-                         np.zeros(ps.n_cgroups * ps.n_corr)])
-    lower = np.concatenate([np.concatenate([s.lower for s in ps.structures]),
-                            np.full(ps.n_params - ps.n_theta, -np.inf)])
-    # the optimiser's units: the θ part (absolute, θσ) in units of Design.theta_scale × σ₀, so
-    # that it is O(1) for covariates and responses on any scale (as in fitting.optimize_theta)
-    unit = np.concatenate([design.theta_scale * start_sigma, np.ones(ps.n_params - ps.n_theta)])
-    opt = optimize(jnp.asarray(x0), jnp.asarray(lower), buckets, n, ps, reml, unit=jnp.asarray(unit))
-    x = np.asarray(opt.x)
-    th, logs, cpar = (np.asarray(a) for a in split_params(jnp.asarray(x), ps))
-    scale = float(np.exp(np.mean(logs))) * design.theta_scale  # θ relative to σ, in the optimiser's units
-    info = residual_param_info(ps, res, labels)
-    singular = False
-    pos, eta_parts = 0, []
+def _term_covariances(x, ps: PanelStruct):
+    th, _, _ = split_params(x, ps)
+    out, pos = [], 0
     for s in ps.structures:
-        t = th[pos:pos + s.n_theta]
-        rel = t / scale[pos:pos + s.n_theta]
-        singular |= s.boundary(rel, inference.SINGULAR_TOL)
-        lam = np.asarray(s.lam(jnp.asarray(t)))
-        eta_parts.append(s.eta_from_sigma(lam @ lam.T) if not s.boundary(rel, 1e-12) else
-                         np.full(s.n_eta, -np.inf))
+        lam = s.lam(th[pos:pos + s.n_theta])
+        out.append(lam @ lam.T)
         pos += s.n_theta
-    res_eta = np.concatenate([logs, cpar.ravel()])
-    corr_kinds = np.array([k == "corr" for _, k in info])
-    singular |= bool(np.any(np.abs(np.tanh(res_eta[corr_kinds])) > 1 - 1e-6))
-    eta = np.concatenate(eta_parts + [res_eta])
-    cov_eta, hessian_ok = None, False
-    if not singular:
-        H = np.asarray(hessian_eta(jnp.asarray(eta), buckets, n, ps, reml))
-        cov_eta, hessian_ok = inference.covariance_from_hessian(H)
-    table = inference.component_table(design.terms, eta, cov_eta, variance, level, info)
-
-    beta, cov_beta, ws, Vinvs = gls_solution(jnp.asarray(x), buckets, ps)
-    w_row = np.zeros(design.nobs)
-    for bk, w in zip(buckets, ws):
-        idx = np.asarray(bk.rows)
-        w_row[idx[idx >= 0]] = np.asarray(w)[idx >= 0]
-    b = []
-    pos = 0
-    term_S = []
-    for s in ps.structures:
-        lam = np.asarray(s.lam(jnp.asarray(th[pos:pos + s.n_theta])))
-        term_S.append(lam @ lam.T)
-        pos += s.n_theta
-    for k, f in enumerate(design.factors):
-        parts = []
-        for tb, S in zip(design.terms, term_S):
-            if tb.factor != k:
-                continue
-            Z = f.Z[:, tb.cols[0]:tb.cols[1]]
-            sums = np.stack([np.bincount(f.codes, weights=Z[:, j] * w_row, minlength=f.n_levels)
-                             for j in range(Z.shape[1])], axis=1)
-            parts.append(sums @ S)
-        b.append(np.concatenate(parts, axis=1))
-    sigma = float(np.exp(logs[0]))
-    sol = Solution(beta=np.asarray(beta), sigma=sigma, cov_beta=np.asarray(cov_beta), u1=None, u2=None, b=tuple(b))
-    converged = bool(opt.converged) and (singular or hessian_ok)
-    history = np.asarray(opt.history)[: int(opt.n_iter) + 1]
-    panel_info = dict(structure=res, ps=ps, buckets=buckets, x=x, labels=labels, term_S=term_S)
-    return dict(loglik=-0.5 * float(opt.fun), converged=converged, singular=singular, table=table, sol=sol,
-                history=history, cov_eta=cov_eta, n_params=ps.n_params, panel=panel_info)
-
-
-def conditional_variances(result):
-    """Per factor (L_f, q_f, q_f): Var(b | y) = Σ − Σ (Σ_{j,l∈ℓ} z_j (V⁻¹)_{jl} z_lᵀ) Σ at the estimates."""
-    info = result.panel
-    des = result.design
-    _, _, _, Vinvs = gls_solution(jnp.asarray(info["x"]), info["buckets"], info["ps"])
-    out = [np.zeros((f.n_levels, f.q, f.q)) for f in des.factors]
-    for k, (tb, S) in enumerate(zip(des.terms, info["term_S"])):
-        f = des.factors[tb.factor]
-        M = np.zeros((f.n_levels, S.shape[0], S.shape[0]))
-        for bk, Vinv in zip(info["buckets"], Vinvs):
-            Z, codes = np.asarray(bk.Z[k]), np.asarray(bk.codes[k])
-            same = codes[:, :, None] == codes[:, None, :]
-            per_row = np.einsum("pjq,pjl,plr->pjqr", Z, np.asarray(Vinv) * same, Z)
-            ok = codes >= 0
-            np.add.at(M, codes[ok], per_row[ok])
-        V = S[None] - np.einsum("ij,ljk,kh->lih", S, M, S)
-        a, b = tb.cols
-        out[tb.factor][:, a:b, a:b] = V
     return out
 
 
-def wcorrelation(result, level: int = 0) -> pd.DataFrame:
-    """Marginal correlation of y within one panel (including the residual structure)."""
-    info = result.panel
-    des = result.design
-    outer = des.factors[_panel_factor(des)]
-    if not 0 <= level < outer.n_levels:
-        raise ModelError(f"level must be between 0 and {outer.n_levels - 1}")
-    target = np.flatnonzero(outer.codes == level)[0]
-    for bk in info["buckets"]:
-        rows = np.asarray(bk.rows)
-        hit = np.argwhere(rows == target)
-        if len(hit):
-            p = hit[0, 0]
-            V = np.asarray(marginal_V(jnp.asarray(info["x"]), jax.tree_util.tree_map(lambda a: a[p:p + 1], bk),
-                                      info["ps"]))[0]
-            keep = rows[p] >= 0
-            V = V[np.ix_(keep, keep)]
-            d = np.sqrt(np.diag(V))
-            idx = pd.Index(des.rows[rows[p][keep]], name="obs")
-            return pd.DataFrame(V / np.outer(d, d), index=idx, columns=idx)
-    raise ModelError("panel not found")  # unreachable: every row belongs to a bucket
+@partial(jax.jit, static_argnames=("ps",))
+def solve(x, buckets, ps: PanelStruct):
+    """β̂, Cov(β̂) = (XᵀV⁻¹X)⁻¹ and the BLUPs b_f = Σ_k Σ_{rows of a level} Σ_k z V⁻¹(y − Xβ̂), per
+    factor (terms in their column order)."""
+    beta, cov_beta, ws, _ = gls_solution(x, buckets, ps)
+    covs = _term_covariances(x, ps)
+    per_factor = [[] for _ in ps.n_levels]
+    for k, (S, f) in enumerate(zip(covs, ps.term_factor)):
+        sums = 0.0
+        for bk, w in zip(buckets, ws):
+            codes = bk.codes[k]
+            contrib = bk.Z[k] * w[..., None]
+            sums = sums + jax.ops.segment_sum(contrib.reshape(-1, contrib.shape[-1]),
+                                              jnp.where(codes >= 0, codes, ps.n_levels[f]).reshape(-1),
+                                              num_segments=ps.n_levels[f] + 1)[:-1]
+        per_factor[f].append(sums @ S)
+    return beta, cov_beta, tuple(jnp.concatenate(parts, axis=1) for parts in per_factor)
+
+
+class PanelData(NamedTuple):
+    """The marginal engine's data (jit arguments): panels in size buckets, and n."""
+
+    buckets: tuple
+    n: jnp.ndarray
+
+
+@dataclass(frozen=True)
+class MarginalEngine:
+    """The engine interface (:mod:`jaxmixed.engine.interface`) for a residual structure:
+    marginal GLS per panel. Parameters x = (θ absolute, ln s, c) (module docstring); data:
+    :class:`PanelData`. ``residual``: the :mod:`jaxmixed.model.residuals` structure;
+    ``labels``: its by-levels and time levels (tuples), for the report's names."""
+
+    ps: PanelStruct
+    residual: ResidualStructure
+    by_levels: tuple
+    time_levels: tuple
+    name = "marginal"
+    quasi_newton = False
+    supports_batched = False
+
+    @property
+    def n_params(self) -> int:
+        return self.ps.n_params
+
+    @property
+    def residual_title(self) -> str:
+        return self.residual.title
+
+    def deviance(self, params, data, reml):
+        return deviance(params, data.buckets, data.n, self.ps, reml)
+
+    def solve(self, params, data, reml):
+        from jaxmixed.engine.pls import Solution
+
+        beta, cov_beta, b = solve(jnp.asarray(params), data.buckets, self.ps)
+        return Solution(beta=np.asarray(beta), sigma=self.sigma(params), cov_beta=np.asarray(cov_beta),
+                        b=tuple(np.asarray(v) for v in b))
+
+    def sigma(self, params) -> float:
+        """The residual sd of the first variance group (the reference for θ)."""
+        _, logs, _ = split_params(jnp.asarray(params), self.ps)
+        return float(np.exp(np.asarray(logs)[0]))
+
+    def theta(self, params, sigma) -> np.ndarray:
+        """θ relative to ``sigma`` (lme4's parameterisation): the absolute factors / σ (each
+        structure's Λ is linear in θ)."""
+        return np.asarray(params, dtype=float)[: self.ps.n_theta] / sigma
+
+    def start(self, theta, sigma) -> np.ndarray:
+        """x from an independent-errors fit's θ and σ: θσ, ln σ for every variance group,
+        correlations 0."""
+        ps = self.ps
+        return np.concatenate([np.asarray(theta) * sigma, np.full(ps.n_vgroups, np.log(sigma)),
+                               np.zeros(ps.n_cgroups * ps.n_corr)])
+
+    def lower(self) -> np.ndarray:
+        ps = self.ps
+        return np.concatenate([np.concatenate([s.lower for s in ps.structures]),
+                               np.full(ps.n_params - ps.n_theta, -np.inf)])
+
+    def unit(self, theta_scale, sigma) -> np.ndarray:
+        """The optimiser's units: the θ part (absolute, θσ) in units of Design.theta_scale × σ₀,
+        so that it is O(1) for covariates and responses on any scale."""
+        return np.concatenate([np.asarray(theta_scale) * sigma, np.ones(self.ps.n_params - self.ps.n_theta)])
+
+    def _relative(self, params, theta_scale):
+        th, logs, cpar = (np.asarray(a) for a in split_params(jnp.asarray(params), self.ps))
+        scale = float(np.exp(np.mean(logs))) * np.asarray(theta_scale)  # θ relative to σ, optimiser's units
+        return th, logs, cpar, th / scale
+
+    def singular(self, params, theta_scale) -> bool:
+        """A term on its boundary, or a residual correlation within 1e-6 of ±1."""
+        from jaxmixed.model.covariance import is_singular
+
+        ps = self.ps
+        _, logs, cpar, rel = self._relative(params, theta_scale)
+        slices, pos = [], 0
+        for s in ps.structures:
+            slices.append((pos, pos + s.n_theta))
+            pos += s.n_theta
+        if is_singular(rel, ps.structures, slices):
+            return True
+        kinds = np.array([k == "corr" for _, k in self.residual_rows(False)])
+        res_eta = np.concatenate([logs, cpar.ravel()])
+        return bool(np.any(np.abs(np.tanh(res_eta[kinds])) > 1 - 1e-6))
+
+    def eta(self, params, sigma, theta_scale, lams=None) -> np.ndarray:
+        """η: each term's (ln sd, atanh corr) (−inf for a term on its boundary, relative to
+        σ in the optimiser's units), then the residual parameters as they are."""
+        th, logs, cpar, rel = self._relative(params, theta_scale)
+        parts, pos = [], 0
+        for s in self.ps.structures:
+            sl = slice(pos, pos + s.n_theta)
+            lam = np.asarray(s.lam(jnp.asarray(th[sl])))
+            parts.append(np.full(s.n_eta, -np.inf) if s.boundary(rel[sl], 1e-12) else s.eta_from_sigma(lam @ lam.T))
+            pos += s.n_theta
+        return np.concatenate(parts + [logs, cpar.ravel()])
+
+    def hessian_eta(self, eta, data, reml):
+        return hessian_eta(eta, data.buckets, data.n, self.ps, reml)
+
+    def residual_rows(self, variance: bool) -> list[tuple[str, str]]:
+        return residual_param_info(self.ps, self.residual, dict(by_levels=list(self.by_levels),
+                                                                 time_levels=list(self.time_levels)))
+
+    @property
+    def n_variance_params(self) -> int:
+        return self.ps.n_params - 1
+
+    def term_covariances(self, params, sigma) -> list[np.ndarray]:
+        return [np.asarray(S) for S in _term_covariances(jnp.asarray(params), self.ps)]
+
+    def conditional_variances(self, params, sigma, data, design) -> list[np.ndarray]:
+        """Per factor (L_f, q_f, q_f): Var(b | y) = Σ − Σ (Σ_{j,l∈ℓ} z_j (V⁻¹)_{jl} z_lᵀ) Σ."""
+        _, _, _, Vinvs = gls_solution(jnp.asarray(params), data.buckets, self.ps)
+        covs = self.term_covariances(params, sigma)
+        out = [np.zeros((f.n_levels, f.q, f.q)) for f in design.factors]
+        for k, (tb, S) in enumerate(zip(design.terms, covs)):
+            f = design.factors[tb.factor]
+            M = np.zeros((f.n_levels, S.shape[0], S.shape[0]))
+            for bk, Vinv in zip(data.buckets, Vinvs):
+                Z, codes = np.asarray(bk.Z[k]), np.asarray(bk.codes[k])
+                same = codes[:, :, None] == codes[:, None, :]
+                per_row = np.einsum("pjq,pjl,plr->pjqr", Z, np.asarray(Vinv) * same, Z)
+                ok = codes >= 0
+                np.add.at(M, codes[ok], per_row[ok])
+            a, b = tb.cols
+            out[tb.factor][:, a:b, a:b] = S[None] - np.einsum("ij,ljk,kh->lih", S, M, S)
+        return out
+
+    def marginal_covariance(self, params, sigma, data, design, level: int):
+        """V of the rows of one panel (the outer factor's level ``level``) and their positions
+        in the design's rows."""
+        outer = design.factors[_panel_factor(design)]
+        target = np.flatnonzero(outer.codes == level)[0]
+        for bk in data.buckets:
+            rows = np.asarray(bk.rows)
+            hit = np.argwhere(rows == target)
+            if len(hit):
+                p = hit[0, 0]
+                V = np.asarray(marginal_V(jnp.asarray(params), jax.tree_util.tree_map(lambda a: a[p:p + 1], bk),
+                                          self.ps))[0]
+                keep = rows[p] >= 0
+                return V[np.ix_(keep, keep)], rows[p][keep]
+        raise ModelError("panel not found")  # unreachable: every row belongs to a bucket
+
+
+def marginal_engine(design: Design, data: pd.DataFrame, res: ResidualStructure):
+    """(MarginalEngine, PanelData) for a design, its data frame and a residual structure."""
+    buckets, ps, labels = build_panels(design, data, res)
+    engine = MarginalEngine(ps=ps, residual=res, by_levels=tuple(labels["by_levels"]),
+                            time_levels=tuple(labels["time_levels"]))
+    return engine, PanelData(buckets=buckets, n=float(design.nobs))

@@ -1,6 +1,6 @@
 """The blocked sparse engine: any mix of nested and crossed factors at real size.
 
-Notation as in :mod:`jaxmixed.objective`. The first factor (most levels) has L₁ levels with
+Notation as in :mod:`jaxmixed.engine.pls`. The first factor (most levels) has L₁ levels with
 q₁ × q₁ diagonal blocks of ZᵀZ; every other ("rest") factor's columns form the Schur complement
 
     S = I + Λ₂ᵀ (A₂₂ − Σ_ℓ A₂₁,ℓᵀ G_ℓ A₂₁,ℓ) Λ₂,    G_ℓ = Λ₁ (Λ₁ᵀ D_ℓ Λ₁ + I)⁻¹ Λ₁ᵀ,
@@ -31,9 +31,7 @@ second ``custom_jvp``, so Hessians (Newton, inference) stay exact. The rest is p
 
 from __future__ import annotations
 
-import weakref
 from functools import partial
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import jax
@@ -42,44 +40,6 @@ import numpy as np
 from jax import lax
 
 from jaxmixed.engine import kernels as xla
-from jaxmixed.errors import ModelError
-
-# ---------------------------------------------------------------------------------------------
-# static layout (hashable, part of Structure)
-
-
-@dataclass(frozen=True)
-class Bucket:
-    """Panels padded to one size P: n of them, slots slot0.., flat storage flat0.. (n P²)."""
-
-    n: int
-    P: int
-    slot0: int
-    flat0: int
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Shapes of the blocked engine (static under jit)."""
-
-    buckets: tuple[Bucket, ...]
-    n_slots: int  # Σ n P: rest columns in panel order, with padding
-    n_flat: int  # Σ n P²: panel matrices, flattened
-    qmax: int  # largest q among the rest factors
-    scalar_rest: bool  # every rest factor has q = 1 (Λ₂ is a diagonal scaling)
-    quasi_newton: bool  # dense panels large enough that the optimiser should avoid Hessians
-    n_entries: int
-    n_pairs: int
-
-    @property
-    def max_panel(self) -> int:
-        return max((b.P for b in self.buckets), default=0)
-
-    @property
-    def panel_flops(self) -> float:
-        """Σ n P³/3: the cost of one Cholesky of all panels."""
-        return sum(b.n * b.P ** 3 / 3.0 for b in self.buckets)
-
 
 class Sparse21(NamedTuple):
     """The precomputed pattern and values of the blocked engine (arrays, jit arguments)."""
@@ -103,213 +63,17 @@ class Sparse21(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# the pattern: computed once per design (numpy), cached
-
-
-@dataclass
-class Pattern:
-    """Where the non-zero blocks of ZᵀZ are, and the panel layout they imply."""
-
-    blk_inv: list  # per rest factor: row -> A₂₁ block index
-    blk_lev: list  # block -> first-factor level
-    blk_j: list  # block -> level of the rest factor
-    x_inv: dict  # (f, g) -> row -> cross block index (rest factors f < g)
-    x_j: dict  # (f, g) -> (levels of f, levels of g) per cross block
-    panel_of_node: np.ndarray | None = None
-    pos_of_node: np.ndarray | None = None
-    layout: Layout | None = None
-    slot_of_nat: np.ndarray | None = None
-    dense_cost: float = 0.0
-    pair_count: float = 0.0
-
-
-_PATTERNS: dict[int, Pattern] = {}
-
-QUASI_NEWTON_FLOPS = 2e7  # panels costlier than this (Σ P³/3) are optimised without Hessians
-MAX_PANEL_BYTES = 4 * 2**30
-
-
-def _unique_inverse(key: np.ndarray):
-    """Unique keys (sorted) and each row's index into them."""
-    uniq, inv = np.unique(key, return_inverse=True)
-    return uniq, inv.astype(np.int64)
-
-
-def pattern_of(design) -> Pattern:
-    """The (cached) sparsity pattern of a design: computed from the level codes only."""
-    key = id(design)
-    hit = _PATTERNS.get(key)
-    if hit is not None:
-        return hit
-    pat = _build_pattern(design)
-    _PATTERNS[key] = pat
-    weakref.finalize(design, _PATTERNS.pop, key, None)
-    return pat
-
-
-def _build_pattern(design) -> Pattern:
-    f1, rest = design.factors[0], design.factors[1:]
-    L1, q1 = f1.n_levels, f1.q
-    blk_inv, blk_lev, blk_j = [], [], []
-    for f in rest:
-        uniq, inv = _unique_inverse(f1.codes.astype(np.int64) * f.n_levels + f.codes)
-        blk_inv.append(inv)
-        blk_lev.append(uniq // f.n_levels)
-        blk_j.append(uniq % f.n_levels)
-    x_inv, x_j = {}, {}
-    for a in range(len(rest)):
-        for b in range(a + 1, len(rest)):
-            fa, fb = rest[a], rest[b]
-            uniq, inv = _unique_inverse(fa.codes.astype(np.int64) * fb.n_levels + fb.codes)
-            x_inv[(a, b)] = inv
-            x_j[(a, b)] = (uniq // fb.n_levels, uniq % fb.n_levels)
-    pat = Pattern(blk_inv, blk_lev, blk_j, x_inv, x_j)
-    if not rest:
-        return pat
-    m2 = sum(f.n_levels * f.q for f in rest)
-    # entries per level of the first factor (element level) → pairs
-    per_level = np.zeros(L1, dtype=np.int64)
-    for f, lev in zip(rest, blk_lev):
-        per_level += np.bincount(lev, minlength=L1) * f.q
-    pat.pair_count = float(np.sum(per_level * (per_level + 1) // 2))
-    pat.dense_cost = float(L1) * q1 * m2 * m2
-    _panels(pat, design)
-    return pat
-
-
-def connected_components(n: int, r: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """A component label for each of n nodes of the undirected graph with edges (r[i], c[i]):
-    each node's label is the smallest node of its component.
-
-    Min-label hooking with pointer jumping, vectorised in numpy: every round each edge hooks
-    the larger of its two roots under the smaller, then every node jumps to its root; rounds
-    repeat until no edge joins two roots (O(log n) rounds on the graphs of crossed and nested
-    designs). Used instead of scipy.sparse.csgraph, whose import (≈ 0.2–0.3 s: scipy.sparse
-    pulls in numpy.f2py) would be a tenth of a large crossed model's fit in a fresh process."""
-    label = np.arange(n)
-    r, c = np.asarray(r, dtype=np.int64), np.asarray(c, dtype=np.int64)
-    while True:
-        lr, lc = label[r], label[c]
-        diff = lr != lc
-        if not diff.any():
-            return label
-        lo, hi = np.minimum(lr[diff], lc[diff]), np.maximum(lr[diff], lc[diff])
-        np.minimum.at(label, hi, lo)  # hook: roots only (a root's label is itself)
-        while True:  # compress: every node to its root
-            nxt = label[label]
-            if np.array_equal(nxt, label):
-                break
-            label = nxt
-        keep = label[r] != label[c]
-        r, c = r[keep], c[keep]
-
-
-def _panels(pat: Pattern, design) -> None:
-    """Connected components of the rest levels → panels, buckets, slots."""
-    f1, rest = design.factors[0], design.factors[1:]
-    L1 = f1.n_levels
-    noff = np.cumsum([0] + [f.n_levels for f in rest])
-    n_rest = int(noff[-1])
-    rows, cols = [], []
-    for k, (lev, j) in enumerate(zip(pat.blk_lev, pat.blk_j)):
-        rows.append(n_rest + lev)
-        cols.append(noff[k] + j)
-    for (a, b), (ja, jb) in pat.x_j.items():
-        rows.append(noff[a] + ja)
-        cols.append(noff[b] + jb)
-    r = np.concatenate(rows)
-    c = np.concatenate(cols)
-    N = n_rest + L1
-    label = connected_components(N, r, c)
-    lab_rest = label[:n_rest]
-    _, panel = np.unique(lab_rest, return_inverse=True)  # panel id per rest node
-    qnode = np.concatenate([np.full(f.n_levels, f.q) for f in rest])
-    n_pan = int(panel.max()) + 1
-    size = np.bincount(panel, weights=qnode, minlength=n_pan).astype(np.int64)
-    # position of each node inside its panel: nodes in natural order (factor, level)
-    order = np.argsort(panel, kind="stable")
-    csum = np.cumsum(qnode[order]) - qnode[order]
-    start = np.zeros(n_pan, dtype=np.int64)
-    first = np.searchsorted(panel[order], np.arange(n_pan))
-    start[:] = csum[first]
-    pos = np.empty(n_rest, dtype=np.int64)
-    pos[order] = csum - start[panel[order]]
-    # buckets: panels whose sizes are within a factor 2 share one padded size
-    bkey = np.ceil(np.log2(np.maximum(size, 1))).astype(np.int64)
-    buckets = []
-    pan_bucket = np.empty(n_pan, dtype=np.int64)
-    pan_index = np.empty(n_pan, dtype=np.int64)
-    slot0 = flat0 = 0
-    for bi, kv in enumerate(np.unique(bkey)):
-        members = np.flatnonzero(bkey == kv)
-        P = int(size[members].max())
-        pan_bucket[members] = bi
-        pan_index[members] = np.arange(len(members))
-        buckets.append(Bucket(n=len(members), P=P, slot0=slot0, flat0=flat0))
-        slot0 += len(members) * P
-        flat0 += len(members) * P * P
-    n_slots, n_flat = slot0, flat0
-    if 8 * n_flat > MAX_PANEL_BYTES:
-        raise ModelError(
-            f"the crossed random effects need a dense Schur complement of {n_flat:,} entries "
-            f"(largest panel {max(b.P for b in buckets):,} columns), more than this engine holds "
-            f"({MAX_PANEL_BYTES // 2**30} GiB); put the factor with most levels first or use fewer crossed levels")
-    bP = np.array([b.P for b in buckets])
-    bslot0 = np.array([b.slot0 for b in buckets])
-    # slot of each natural column (factor k, level j, component a)
-    slot_of_nat = np.empty(sum(f.n_levels * f.q for f in rest), dtype=np.int64)
-    off = 0
-    for k, f in enumerate(rest):
-        nodes = noff[k] + np.arange(f.n_levels)
-        pb = panel[nodes]
-        base = bslot0[pan_bucket[pb]] + pan_index[pb] * bP[pan_bucket[pb]] + pos[nodes]
-        slot_of_nat[off:off + f.n_levels * f.q] = (base[:, None] + np.arange(f.q)[None, :]).ravel()
-        off += f.n_levels * f.q
-    pat.panel_of_node, pat.pos_of_node, pat.slot_of_nat = panel, pos, slot_of_nat
-    qmax = max(f.q for f in rest)
-    flops = sum(b.n * b.P ** 3 / 3.0 for b in buckets)
-    pat.layout = Layout(buckets=tuple(buckets), n_slots=n_slots, n_flat=n_flat, qmax=qmax,
-                        scalar_rest=(qmax == 1), quasi_newton=flops > QUASI_NEWTON_FLOPS,
-                        n_entries=int(sum(len(lv) * f.q for lv, f in zip(pat.blk_lev, rest))),
-                        n_pairs=int(pat.pair_count))
-
-
-def choose_engine(design, engine: str = "auto") -> str:
-    """'dense' (A₂₁ dense, one dense Schur block) or 'sparse' (this module), from the design.
-
-    The dense engine is kept where it is cheap (small models compile faster with it); the
-    sparse one is used once the dense A₂₁ or its WᵀW product gets large, or when the rest
-    factors split into several panels of which the dense engine would ignore the structure."""
-    if engine not in ("auto", "dense", "sparse"):
-        raise ModelError(f"engine must be 'auto', 'dense' or 'sparse', not {engine!r}")
-    if len(design.factors) < 2:
-        return "dense"
-    if engine != "auto":
-        return engine
-    f1 = design.factors[0]
-    m2 = sum(f.n_levels * f.q for f in design.factors[1:])
-    dense_entries = f1.n_levels * f1.q * m2
-    if dense_entries <= 50_000 and m2 <= 200:
-        return "dense"
-    pat = pattern_of(design)
-    # a scattered pair costs about as much as 20 flops of a dense (BLAS) WᵀW; the dense A₂₁
-    # must also fit in memory comfortably
-    sparse_cost = 20.0 * pat.pair_count * f1.q ** 2
-    return "sparse" if sparse_cost < pat.dense_cost or dense_entries > 2e7 else "dense"
-
-
-# ---------------------------------------------------------------------------------------------
 # building the arrays (numpy)
 
 
-def sparse_arrays(design, pat: Pattern, blockvals: list, xvals: dict, diagvals: list):
+def sparse_arrays(shape, pat, blockvals: list, xvals: dict, diagvals: list):
     """Sparse21 and the flat lower-triangular panel storage of A₂₂ from accumulated block values.
 
     blockvals[k]: (n_blocks_k, q₁, q_k) values of the A₂₁ blocks of rest factor k;
     xvals[(a, b)]: (n_cross, q_a, q_b) blocks of Z_aᵀZ_b; diagvals[k]: (L_k, q_k, q_k)."""
-    f1, rest = design.factors[0], design.factors[1:]
+    rest = [_Factor(L, q) for L, q in zip(shape.L[1:], shape.q[1:])]
     lay = pat.layout
-    q1, L1 = f1.q, f1.n_levels
+    q1, L1 = shape.q[0], shape.L[0]
     offs = np.cumsum([0] + [f.n_levels * f.q for f in rest])
     m2 = int(offs[-1])
     slot_of_nat = pat.slot_of_nat
@@ -406,24 +170,27 @@ def sparse_arrays(design, pat: Pattern, blockvals: list, xvals: dict, diagvals: 
 # differentiable primitives with hand-written derivatives
 
 
-def _lapack(L) -> bool:
-    """LAPACK (fast for one large matrix) only for a single panel larger than the unrolled size;
-    batches of small blocks use plain XLA ops (jaxlib's batched CPU LAPACK calls can wedge
-    their thread pool: see :mod:`jaxmixed.xla_linalg`)."""
-    from jaxmixed.functional import UNROLL_MAX
-
-    return L.ndim == 3 and L.shape[0] == 1 and L.shape[-1] > UNROLL_MAX
+class _Factor(NamedTuple):
+    n_levels: int
+    q: int
 
 
-def _chol(S):
-    if _lapack(S):
+def _lapack(L, policy) -> bool:
+    """LAPACK (fast for one large matrix) only for a single panel larger than the unrolled
+    size, and not under the "xla" kernel policy; batches of small blocks use plain XLA ops
+    (jaxlib's batched CPU LAPACK calls can wedge their thread pool: :mod:`jaxmixed.engine.kernels`)."""
+    return policy != "xla" and L.ndim == 3 and L.shape[0] == 1 and L.shape[-1] > xla.UNROLL_MAX
+
+
+def _chol(S, policy):
+    if _lapack(S, policy):
         return lax.linalg.cholesky(S, symmetrize_input=False)
     return xla.cholesky(S)
 
 
-def _solve(L, B, transpose=False):
+def _solve(L, B, transpose=False, policy="lapack"):
     """L⁻¹B (or L⁻ᵀB) for lower-triangular L, batched."""
-    if _lapack(L):
+    if _lapack(L, policy):
         return lax.linalg.triangular_solve(L, B, left_side=True, lower=True, transpose_a=transpose)
     return xla.solve_lower_t(L, B) if transpose else xla.solve_lower(L, B)
 
@@ -458,58 +225,58 @@ def _gram_lower(X):
     return jnp.block([[S11, S21.T], [S21, _gram_lower(X22)]])
 
 
-def _inv_from_chol(L):
+def _inv_from_chol(L, policy):
     """S⁻¹ = L⁻ᵀL⁻¹ from the Cholesky factor(s) L. One large panel (InstEval's 1,142 columns)
     goes through the block recursions above, ~3× faster than a solve with the identity and a
     full product; batches of small blocks through plain XLA ops."""
-    if _lapack(L):
+    if _lapack(L, policy):
         return _gram_lower(_tri_inv(L[0]))[None]
     n = L.shape[-1]
     eye = jnp.broadcast_to(jnp.eye(n, dtype=L.dtype), L.shape)
-    Li = _solve(L, eye)
+    Li = _solve(L, eye, policy=policy)
     return jnp.einsum("...ki,...kj->...ij", Li, Li)
 
 
-@jax.custom_jvp
-def spd_inverse(S, L):
+@partial(jax.custom_jvp, nondiff_argnums=(2,))
+def spd_inverse(S, L, policy="lapack"):
     """S⁻¹ for S = LLᵀ (L its Cholesky factor, passed so it is not recomputed).
 
     d(S⁻¹) = −S⁻¹ dS S⁻¹ (L's tangent is ignored: L is a function of S)."""
-    return _inv_from_chol(L)
+    return _inv_from_chol(L, policy)
 
 
 @spd_inverse.defjvp
-def _spd_inverse_jvp(primals, tangents):
+def _spd_inverse_jvp(policy, primals, tangents):
     S, L = primals
     dS, _ = tangents
-    Si = spd_inverse(S, L)
+    Si = spd_inverse(S, L, policy)
     return Si, -(Si @ dS @ Si)
 
 
-@jax.custom_jvp
-def logdet_spd(S, L):
+@partial(jax.custom_jvp, nondiff_argnums=(2,))
+def logdet_spd(S, L, policy="lapack"):
     """Σ_b log|S_b| from the Cholesky factors L; d log|S| = tr(S⁻¹ dS) (L's tangent ignored)."""
     return 2.0 * jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)))
 
 
 @logdet_spd.defjvp
-def _logdet_spd_jvp(primals, tangents):
+def _logdet_spd_jvp(policy, primals, tangents):
     S, L = primals
     dS, _ = tangents
-    return logdet_spd(S, L), jnp.sum(spd_inverse(S, L) * dS)
+    return logdet_spd(S, L, policy), jnp.sum(spd_inverse(S, L, policy) * dS)
 
 
-@jax.custom_jvp
-def logdet_quad(S, C):
+@partial(jax.custom_jvp, nondiff_argnums=(2,))
+def logdet_quad(S, C, policy="lapack"):
     """(Σ_b log|S_b|, Σ_b C_bᵀ S_b⁻¹ C_b) over a batch of SPD panels S (n, P, P), C (n, P, r)."""
-    L = _chol(S)
-    z = _solve(L, C)
+    L = _chol(S, policy)
+    z = _solve(L, C, policy=policy)
     ld = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)))
     return ld, jnp.einsum("bpi,bpj->ij", z, z)
 
 
 @logdet_quad.defjvp
-def _logdet_quad_jvp(primals, tangents):
+def _logdet_quad_jvp(policy, primals, tangents):
     """d log|S| = tr(S⁻¹dS), d(CᵀS⁻¹C) = dCᵀX + XᵀdC − XᵀdS X with X = S⁻¹C.
 
     Everything here is written through S⁻¹ (``spd_inverse``) and ``logdet_spd``, whose own
@@ -518,10 +285,10 @@ def _logdet_quad_jvp(primals, tangents):
     direction (−S⁻¹ dS S⁻¹), not the Cholesky's own derivative (two triangular solves more)."""
     S, C = primals
     dS, dC = tangents
-    L = lax.stop_gradient(_chol(S))
-    Si = spd_inverse(S, L)
+    L = lax.stop_gradient(_chol(S, policy))
+    Si = spd_inverse(S, L, policy)
     X = Si @ C
-    ld = logdet_spd(S, L)
+    ld = logdet_spd(S, L, policy)
     Q = jnp.einsum("bpi,bpj->ij", C, X)
     Q = 0.5 * (Q + Q.T)
     dld = jnp.sum(Si * dS)
@@ -574,27 +341,27 @@ class Prepared(NamedTuple):
     C: tuple  # per bucket (n, P, p+1)
 
 
-def prepare(theta, stats, struct, lams) -> Prepared:
+def prepare(theta, data, shape, lams) -> Prepared:
     """First-factor elimination and the panel systems S, C at θ (see the module docstring)."""
-    lay = struct.engine
-    sx: Sparse21 = stats.A21
+    lay = shape.layout
+    sx: Sparse21 = data.A21
     lam1 = lams[0]
-    q1 = struct.q[0]
-    C1 = jnp.einsum("ji,ljk,kh->lih", lam1, stats.D11, lam1) + jnp.eye(q1)
+    q1 = shape.q[0]
+    C1 = jnp.einsum("ji,ljk,kh->lih", lam1, data.D11, lam1) + jnp.eye(q1)
     L1 = xla.cholesky(C1)
     K = xla.solve_lower(L1, jnp.broadcast_to(lam1.T, C1.shape))
     G = jnp.einsum("lki,lkj->lij", K, K)  # Λ₁ C₁⁻¹ Λ₁ᵀ
-    H = G @ stats.Z1W  # (L₁, q₁, p+1)
+    H = G @ data.Z1W  # (L₁, q₁, p+1)
     ld1 = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L1, axis1=1, axis2=2)))
-    M1 = stats.WW - jnp.einsum("lir,lis->rs", stats.Z1W, H)
+    M1 = data.WW - jnp.einsum("lir,lis->rs", data.Z1W, H)
     if q1 == 1:
         vals = G[sx.pair_lev, 0, 0] * sx.pair_coef[:, 0, 0]
         upd = (sx.V[:, 0][:, None]) * H[sx.lev, 0, :]
     else:
         vals = jnp.einsum("pij,pij->p", G[sx.pair_lev], sx.pair_coef)
         upd = jnp.einsum("ei,eir->er", sx.V, H[sx.lev])
-    A = stats.A22 - jax.ops.segment_sum(vals, sx.pair_tgt, lay.n_flat, indices_are_sorted=True)
-    Z2W = jnp.concatenate([stats.Z2W, jnp.zeros((1, stats.Z2W.shape[1]), stats.Z2W.dtype)])
+    A = data.A22 - jax.ops.segment_sum(vals, sx.pair_tgt, lay.n_flat, indices_are_sorted=True)
+    Z2W = jnp.concatenate([data.Z2W, jnp.zeros((1, data.Z2W.shape[1]), data.Z2W.dtype)])
     ct = Z2W[sx.slot_nat] - jax.ops.segment_sum(upd, sx.slot, lay.n_slots)
     coef = _lam_table(lams)[sx.lam_idx]
     S, C = [], []
@@ -608,49 +375,49 @@ def prepare(theta, stats, struct, lams) -> Prepared:
     return Prepared(L1, K, ld1, M1, tuple(S), tuple(C))
 
 
-def deviance_parts(theta, stats, struct, lams):
+def deviance_parts(theta, data, shape, lams):
     """(log|L|², log|R_X|², r²) at θ through the blocked engine."""
-    pr = prepare(theta, stats, struct, lams)
+    pr = prepare(theta, data, shape, lams)
     ld, M = pr.ld1, pr.M1
     for S, C in zip(pr.S, pr.C):
-        l2, Q = logdet_quad(S, C)
+        l2, Q = logdet_quad(S, C, shape.kernels)
         ld = ld + l2
         M = M - Q
     LM = xla.cholesky(M)
-    p = struct.p
+    p = shape.p
     d = jnp.diagonal(LM)
     logdet_RX = 2.0 * jnp.sum(jnp.log(jnp.maximum(d[:p], 1e-300)))
     return ld, logdet_RX, LM[p, p] ** 2
 
 
-def solve_parts(theta, stats, struct, lams, beta_of):
+def solve_parts(theta, data, shape, lams, beta_of):
     """Back-substitution: returns (LM, u1, u2 natural order) given ``beta_of(LM) -> β``."""
-    lay = struct.engine
-    sx: Sparse21 = stats.A21
-    pr = prepare(theta, stats, struct, lams)
-    Ls = [_chol(S) for S in pr.S]
-    zs = [_solve(L, C) for L, C in zip(Ls, pr.C)]
+    lay = shape.layout
+    sx: Sparse21 = data.A21
+    pr = prepare(theta, data, shape, lams)
+    Ls = [_chol(S, shape.kernels) for S in pr.S]
+    zs = [_solve(L, C, policy=shape.kernels) for L, C in zip(Ls, pr.C)]
     M = pr.M1
     for z in zs:
         M = M - jnp.einsum("bpi,bpj->ij", z, z)
     LM = xla.cholesky(M)
     beta = beta_of(LM)
-    p = struct.p
+    p = shape.p
     u_slots = []
     for L, z in zip(Ls, zs):
         rhs = z[..., p] - z[..., :p] @ beta
-        u = _solve(L, rhs[..., None], transpose=True)
+        u = _solve(L, rhs[..., None], transpose=True, policy=shape.kernels)
         u_slots.append(u[..., 0].reshape(-1))
     u2 = jnp.concatenate(u_slots)[sx.nat_slot]
     # b₂ = Λ₂u₂ (natural order), then Wᵀu₂ per first-factor level
     parts, off = [], 0
-    for lam, L, q in zip(lams[1:], struct.L[1:], struct.q[1:]):
+    for lam, L, q in zip(lams[1:], shape.L[1:], shape.q[1:]):
         parts.append((u2[off:off + L * q].reshape(L, q) @ lam.T).reshape(-1))
         off += L * q
     b2 = jnp.concatenate(parts)
-    Bu = jax.ops.segment_sum(sx.V * b2[sx.nat][:, None], sx.lev, struct.L[0], indices_are_sorted=True)
+    Bu = jax.ops.segment_sum(sx.V * b2[sx.nat][:, None], sx.lev, shape.L[0], indices_are_sorted=True)
     lam1 = lams[0]
-    c1 = jnp.einsum("ji,ljr->lir", lam1, stats.Z1W)
+    c1 = jnp.einsum("ji,ljr->lir", lam1, data.Z1W)
     r1 = xla.solve_lower(pr.L1, c1)
     rhs1 = r1[..., p] - r1[..., :p] @ beta
     Wu = xla.solve_lower(pr.L1, (Bu @ lam1)[..., None])[..., 0]
@@ -658,15 +425,15 @@ def solve_parts(theta, stats, struct, lams, beta_of):
     return LM, beta, u1, u2
 
 
-def conditional_blocks(theta, stats, struct, lams):
+def conditional_blocks(theta, data, shape, lams):
     """Diagonal blocks of (LLᵀ)⁻¹ (spherical u): first factor (L₁, q₁, q₁), then per rest factor."""
-    lay = struct.engine
-    sx: Sparse21 = stats.A21
-    pr = prepare(theta, stats, struct, lams)
+    lay = shape.layout
+    sx: Sparse21 = data.A21
+    pr = prepare(theta, data, shape, lams)
     coef_t = _lam_table(lams)[sx.lam_idx_t]
     Rflat = []
     for S, b in zip(pr.S, lay.buckets):
-        Si = _inv_from_chol(_chol(S))
+        Si = _inv_from_chol(_chol(S, shape.kernels), shape.kernels)
         sl = slice(b.slot0, b.slot0 + b.n * b.P)
         R = _scale_panels(Si, coef_t[sl].reshape(b.n, b.P, -1), sx.sib[sl].reshape(b.n, b.P, -1),
                           lay.scalar_rest)  # Λ₂ S⁻¹ Λ₂ᵀ
@@ -674,18 +441,18 @@ def conditional_blocks(theta, stats, struct, lams):
         Rflat.append(R.reshape(-1))
     Si_flat = jnp.concatenate(Rflat[0::2])
     R_flat = jnp.concatenate(Rflat[1::2])
-    q1 = struct.q[0]
+    q1 = shape.q[0]
     # Σ_{e,e' ∈ ℓ} V[e] R[c_e, c_e'] V[e']ᵀ from the lower-triangular pairs
     Rp = R_flat[sx.pair_tgt]
     sym = sx.pair_coef + jnp.swapaxes(sx.pair_coef, 1, 2)
     contrib = Rp[:, None, None] * jnp.where(sx.pair_diag[:, None, None], 0.5 * sym, sym)
-    BSB = jax.ops.segment_sum(contrib, sx.pair_lev, struct.L[0])  # A₂₁ℓ R A₂₁ℓᵀ
+    BSB = jax.ops.segment_sum(contrib, sx.pair_lev, shape.L[0])  # A₂₁ℓ R A₂₁ℓᵀ
     C1inv = jnp.einsum("lki,lkj->lij", *(2 * [xla.solve_lower(pr.L1, jnp.broadcast_to(jnp.eye(q1), pr.L1.shape))]))
     lam1 = lams[0]
     T = C1inv @ (lam1.T @ BSB @ lam1) @ C1inv
     out = [C1inv + T]
     off = 0
-    for L, q in zip(struct.L[1:], struct.q[1:]):
+    for L, q in zip(shape.L[1:], shape.q[1:]):
         s = sx.nat_slot[off:off + L * q].reshape(L, q)
         idx = sx.slot_base[s[:, :, None]] + sx.slot_local[s[:, :, None]] * sx.slot_P[s[:, :, None]] \
             + sx.slot_local[s[:, None, :]]

@@ -1,0 +1,437 @@
+"""The penalised-least-squares engine: the profiled (restricted) deviance from cross-products.
+
+Pure functions of (θ, PLSArrays, reml) with a static :class:`ModelShape` (``reml`` is a traced
+flag, so ML and REML fits share one compiled program); ``jit``, ``grad``, ``hessian`` and
+``vmap`` all use the same code. Notation as in Bates et al. (2015, JSS, section 3):
+
+    [ΛᵀZᵀZΛ + I   ΛᵀZᵀX]   [L      0  ] [Lᵀ  R_ZX]
+    [XᵀZΛ         XᵀX  ] = [R_ZXᵀ  R_Xᵀ] [0   R_X ]
+
+    ML:    -2ℓ(θ)  = log|L|² + n (1 + log(2π r²/n))
+    REML:  -2ℓ_R(θ) = log|L|² + log|R_X|² + (n-p)(1 + log(2π r²/(n-p)))
+
+The factorisation of L comes in two layouts, picked from the design (``engine="auto"``) or by
+the caller: dense (:mod:`jaxmixed.engine.pls_dense`: A₂₁ dense, one dense Schur block) and
+blocked sparse (:mod:`jaxmixed.engine.pls_sparse`: the pattern's non-zero blocks, one dense
+panel per connected component). :class:`PLSEngine` is the engine interface
+(:mod:`jaxmixed.engine.interface`) over both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.linalg import block_diag
+
+from jaxmixed.data.pattern import Layout, choose_engine, cross_pairs
+from jaxmixed.engine import kernels, pls_dense, pls_sparse
+from jaxmixed.engine.numerics import LOG_2PI, hessian, safe_log
+from jaxmixed.model.covariance import SINGULAR_TOL, is_singular
+from jaxmixed.runtime.devices import host_array
+
+
+class PLSArrays(NamedTuple):
+    """The cross-products in the engine's layout (jit arguments).
+
+    D11 (L₁, q₁, q₁), Z1W (L₁, q₁, p+1), Z2W (m₂, p+1), WW (p+1, p+1), n; A21 and A22:
+    dense layout (``shape.layout is None``): A21 (L₁, q₁, m₂) and A22 (m₂, m₂) dense; blocked
+    layout: A21 a :class:`~jaxmixed.engine.pls_sparse.Sparse21` and A22 the lower triangles of
+    the Schur panels, flattened. Columns of Z₂ are level-major within each factor: factor f,
+    level ℓ, column j at offset_f + ℓ q_f + j."""
+
+    D11: jnp.ndarray
+    A21: object
+    A22: jnp.ndarray
+    Z1W: jnp.ndarray
+    Z2W: jnp.ndarray
+    WW: jnp.ndarray
+    n: jnp.ndarray
+
+
+@dataclass(frozen=True)
+class TermShape:
+    """Static description of one random-effects term for the jitted engine."""
+
+    structure: object  # covariance.* (frozen, hashable)
+    factor: int
+    cols: tuple[int, int]
+    theta: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Everything about a model's shape that is static under jit (hashable).
+
+    ``layout`` None: the dense layout; else the blocked layout's panels. ``kernels``: the
+    kernel policy for single matrices (:mod:`jaxmixed.engine.kernels`)."""
+
+    L: tuple[int, ...]  # levels per factor, engine order
+    q: tuple[int, ...]  # columns per factor
+    terms: tuple[TermShape, ...]
+    p: int
+    n_theta: int
+    layout: Layout | None = None
+    kernels: str = "lapack"
+
+    @property
+    def m2(self) -> int:
+        return sum(L * q for L, q in zip(self.L[1:], self.q[1:]))
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Start of each factor ≥ 2 inside the rest columns (natural order)."""
+        out, pos = [], 0
+        for L, q in zip(self.L[1:], self.q[1:]):
+            out.append(pos)
+            pos += L * q
+        return tuple(out)
+
+    @property
+    def quasi_newton(self) -> bool:
+        """True when Hessians are too costly: the optimiser then uses gradients only."""
+        return self.layout is not None and self.layout.quasi_newton
+
+    @property
+    def kind(self) -> str:
+        """The layout as ``engine=`` names it: "dense" or "sparse"."""
+        return "dense" if self.layout is None else "sparse"
+
+    @property
+    def n_eta(self) -> int:
+        """Parameters in the reporting metric: each term's, then ln σ."""
+        return sum(t.structure.n_eta for t in self.terms) + 1
+
+
+def shape_of(design, pattern, engine: str = "auto", kernels: str = "lapack") -> ModelShape:
+    """The static shape of a design; ``engine`` 'auto' (chosen from the design and its
+    ``pattern``), 'dense' or 'sparse'."""
+    kind = choose_engine(design, pattern, engine)
+    return ModelShape(
+        L=tuple(f.n_levels for f in design.factors),
+        q=tuple(f.q for f in design.factors),
+        terms=tuple(TermShape(t.structure, t.factor, t.cols, t.theta) for t in design.terms),
+        p=design.p, n_theta=design.n_theta,
+        layout=pattern.layout if kind == "sparse" else None, kernels=kernels)
+
+
+# ---------------------------------------------------------------------------------------------
+# from engine-neutral cross-products to the engine's layout
+
+
+def arrange(cp, shape: ModelShape, pattern=None, xp=np) -> PLSArrays:
+    """:class:`PLSArrays` from :class:`~jaxmixed.data.crossprod.CrossProducts`.
+
+    ``pattern`` None: the blocks are those of the full pattern
+    (:func:`~jaxmixed.data.pattern.dense_block_index`), dense layout only, traceable
+    (``xp=jax.numpy``); else the design's pattern (numpy)."""
+    L1, q1 = shape.L[0], shape.q[0]
+    p1 = cp.WW.shape[0]
+    rest = list(zip(shape.L[1:], shape.q[1:]))
+    Z2W = (xp.concatenate([z.reshape(-1, p1) for z in cp.Z2W]) if rest else xp.zeros((0, p1)))
+    if shape.layout is not None:
+        A21, A22 = pls_sparse.sparse_arrays(shape, pattern, list(cp.A21), dict(zip(cross_pairs(len(rest)), cp.X22)),
+                                            list(cp.D22))
+        put = host_array
+        return PLSArrays(D11=put(cp.D11), A21=A21, A22=A22, Z1W=put(cp.Z1W), Z2W=put(Z2W), WW=put(cp.WW),
+                         n=put(np.float64(cp.n)))
+    m2 = shape.m2
+    if pattern is None:  # full pattern: every pair of levels a block, so A₂₁ is a reshape
+        parts = [blk.reshape(L1, Lk, q1, qk).transpose(0, 2, 1, 3).reshape(L1, q1, Lk * qk)
+                 for blk, (Lk, qk) in zip(cp.A21, rest)]
+        A21 = xp.concatenate(parts, axis=2) if parts else xp.zeros((L1, q1, 0))
+        rows = []
+        for a, (La, qa) in enumerate(rest):
+            row = []
+            for b, (Lb, qb) in enumerate(rest):
+                if a == b:
+                    blk = xp.einsum("lij,lm->limj", cp.D22[a], xp.eye(La)).reshape(La * qa, La * qa)
+                else:
+                    lo, hi = (a, b) if a < b else (b, a)
+                    X = cp.X22[cross_pairs(len(rest)).index((lo, hi))]
+                    X = X.reshape(shape.L[lo + 1], shape.L[hi + 1], shape.q[lo + 1], shape.q[hi + 1])
+                    X = X.transpose(0, 2, 1, 3).reshape(shape.L[lo + 1] * shape.q[lo + 1], -1)
+                    blk = X if a < b else X.T
+                row.append(blk)
+            rows.append(xp.concatenate(row, axis=1))
+        A22 = xp.concatenate(rows, axis=0) if rows else xp.zeros((0, 0))
+        return PLSArrays(D11=cp.D11, A21=A21, A22=A22, Z1W=cp.Z1W, Z2W=Z2W, WW=cp.WW, n=xp.asarray(cp.n, float))
+    A21 = np.zeros((L1, q1, m2))
+    A22 = np.zeros((m2, m2))
+    offs = np.cumsum([0] + [Lk * qk for Lk, qk in rest])
+    for k, (Lk, qk) in enumerate(rest):
+        cols = offs[k] + pattern.blk_j[k][:, None] * qk + np.arange(qk)[None, :]  # (nb, q_k)
+        A21[pattern.blk_lev[k][:, None, None], np.arange(q1)[None, :, None], cols[:, None, :]] = cp.A21[k]
+        c = offs[k] + np.arange(Lk)[:, None] * qk + np.arange(qk)[None, :]
+        A22[c[:, :, None], c[:, None, :]] = cp.D22[k]
+    for (ka, kb), X in zip(cross_pairs(len(rest)), cp.X22):
+        ja, jb = pattern.x_j[(ka, kb)]
+        qa, qb = rest[ka][1], rest[kb][1]
+        ca = offs[ka] + ja[:, None] * qa + np.arange(qa)[None, :]
+        cb = offs[kb] + jb[:, None] * qb + np.arange(qb)[None, :]
+        A22[ca[:, :, None], cb[:, None, :]] = X
+        A22[cb[:, None, :], ca[:, :, None]] = X
+    put = host_array
+    return PLSArrays(D11=put(cp.D11), A21=put(A21), A22=put(A22), Z1W=put(cp.Z1W), Z2W=put(Z2W), WW=put(cp.WW),
+                     n=put(np.float64(cp.n)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the objective
+
+
+def factor_lambdas(theta, shape: ModelShape):
+    """Λ_f for every factor: block-diagonal over the terms that share the factor."""
+    per_factor = [[] for _ in shape.L]
+    for t in shape.terms:
+        per_factor[t.factor].append(t.structure.lam(theta[t.theta[0]:t.theta[1]]))
+    return [blocks[0] if len(blocks) == 1 else block_diag(*blocks) for blocks in per_factor]
+
+
+def term_lambdas(theta, shape: ModelShape):
+    """Λ_k of each term, in the design's term order."""
+    return [t.structure.lam(theta[t.theta[0]:t.theta[1]]) for t in shape.terms]
+
+
+def dof(data: PLSArrays, shape: ModelShape, reml):
+    """Residual degrees of freedom: n - p for REML, n for ML (``reml`` may be traced)."""
+    return jnp.where(reml, data.n - shape.p, data.n)
+
+
+def deviance_parts(theta, data: PLSArrays, shape: ModelShape):
+    """(log|L|², log|R_X|², r²) at θ."""
+    lams = factor_lambdas(theta, shape)
+    if shape.layout is not None:
+        return pls_sparse.deviance_parts(theta, data, shape, lams)
+    f = pls_dense.factorize(theta, data, shape, lams)
+    return f.logdet_L, f.logdet_RX, f.pwrss
+
+
+@partial(jax.jit, static_argnames=("shape",))
+def deviance(theta, data: PLSArrays, shape: ModelShape, reml):
+    """Profiled deviance: -2 × (restricted) log likelihood with β and σ² profiled out."""
+    ld_L, ld_RX, pwrss = deviance_parts(theta, data, shape)
+    nu = dof(data, shape, reml)
+    dev = ld_L + nu * (1.0 + LOG_2PI + safe_log(pwrss / nu))
+    return dev + jnp.where(reml, ld_RX, 0.0)
+
+
+def deviance_at_sigma(theta, log_sigma, data: PLSArrays, shape: ModelShape, reml):
+    """-2ℓ at θ and a given σ (β still profiled: exact for ML, and REML has no β):
+
+        ML:   log|L|² + n log(2πσ²) + r²/σ²
+        REML: log|L|² + log|R_X|² + (n-p) log(2πσ²) + r²/σ²
+    """
+    ld_L, ld_RX, pwrss = deviance_parts(theta, data, shape)
+    nu = dof(data, shape, reml)
+    dev = ld_L + nu * (LOG_2PI + 2.0 * log_sigma) + pwrss * jnp.exp(-2.0 * log_sigma)
+    return dev + jnp.where(reml, ld_RX, 0.0)
+
+
+class Solution(NamedTuple):
+    beta: jnp.ndarray  # (p,)
+    sigma: jnp.ndarray  # residual sd
+    cov_beta: jnp.ndarray  # σ² (R_XᵀR_X)⁻¹
+    b: tuple  # per factor (L_f, q_f): b = Λu, the BLUPs in the data's units
+
+
+@partial(jax.jit, static_argnames=("shape",))
+def solve(theta, data: PLSArrays, shape: ModelShape, reml) -> Solution:
+    """β̂, σ̂, Var(β̂) and the conditional modes b at θ (back-substitution through L)."""
+    p = shape.p
+    nu = dof(data, shape, reml)
+    lams = factor_lambdas(theta, shape)
+
+    def beta_of(LM):  # R_X β = r_Xy
+        return kernels.solve_triangular(LM[:p, :p], LM[p, :p][:, None], transpose=True, policy=shape.kernels)[:, 0]
+
+    solver = pls_sparse.solve_parts if shape.layout is not None else pls_dense.solve_parts
+    LM, beta, u1, u2 = solver(theta, data, shape, lams, beta_of)
+    pwrss = LM[p, p] ** 2
+    RXt = LM[:p, :p]  # R_Xᵀ
+    sigma = jnp.sqrt(pwrss / nu)
+    RXt_inv = kernels.solve_lower(RXt, jnp.eye(p, dtype=RXt.dtype), policy=shape.kernels)
+    cov_beta = sigma**2 * RXt_inv.T @ RXt_inv
+    b = [u1 @ lams[0].T]
+    for lam, off, L, q in zip(lams[1:], shape.offsets, shape.L[1:], shape.q[1:]):
+        b.append(u2[off:off + L * q].reshape(L, q) @ lam.T)
+    return Solution(beta, sigma, cov_beta, tuple(b))
+
+
+@partial(jax.jit, static_argnames=("shape",))
+def conditional_variances(theta, sigma, data: PLSArrays, shape: ModelShape):
+    """Per factor, (L_f, q_f, q_f) blocks of Var(b | y) = σ² Λ (LLᵀ)⁻¹ Λᵀ (lme4's condVar,
+    Stata's reses)."""
+    lams = factor_lambdas(theta, shape)
+    if shape.layout is not None:
+        out = pls_sparse.conditional_blocks(theta, data, shape, lams)
+    else:
+        out = pls_dense.conditional_blocks(theta, data, shape, lams)
+    return [sigma**2 * jnp.einsum("ij,ljk,hk->lih", lam, V, lam) for lam, V in zip(lams, out)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the reporting metric η = (each term's ln sd / atanh corr, ln σ)
+
+
+def eta_of(theta, sigma, shape: ModelShape, lams=None, xp=jnp):
+    """η at θ, σ: each term's Stata parameters, then ln σ (``xp`` numpy or jax.numpy: the
+    same rule for the fit's table and the batched fits; ``lams``: each term's Λ at θ when
+    already computed, so that no eager JAX operation runs)."""
+    parts = []
+    lams = term_lambdas(theta, shape) if lams is None else lams
+    for t, lam in zip(shape.terms, lams):
+        lam = xp.asarray(lam)
+        parts.append(t.structure.eta_from_sigma(sigma**2 * lam @ lam.T, xp))
+    parts.append(xp.log(xp.asarray(sigma))[None])
+    return xp.concatenate(parts)
+
+
+def theta_from_eta(eta, shape: ModelShape):
+    """θ and ln σ for a Stata-metric parameter vector η."""
+    log_sigma = eta[-1]
+    sigma = jnp.exp(log_sigma)
+    pos, parts = 0, []
+    for t in shape.terms:
+        k = t.structure.n_eta
+        parts.append(t.structure.theta_from_eta(eta[pos:pos + k], sigma))
+        pos += k
+    return jnp.concatenate(parts), log_sigma
+
+
+def loglik_eta(eta, data: PLSArrays, shape: ModelShape, reml):
+    """(Restricted) log likelihood as a function of η = (ln sd, atanh corr, …, ln σ)."""
+    theta, log_sigma = theta_from_eta(eta, shape)
+    return -0.5 * deviance_at_sigma(theta, log_sigma, data, shape, reml)
+
+
+@partial(jax.jit, static_argnames=("shape",))
+def hessian_eta(eta, data: PLSArrays, shape: ModelShape, reml):
+    """∇²_η of :func:`loglik_eta`, with k expensive columns for k θ entries, not k + 1.
+
+    In x = (θ, s = ln σ) the deviance is D = P₀(θ) + ν(log 2π + 2s) + P₁(θ)e^{−2s}
+    (:func:`deviance_at_sigma`: P₀ = log|L|² (+ log|R_X|² for REML), P₁ = r²), so s enters only
+    through scalars: one forward-over-reverse column per θ direction gives ∇²_θθ D, ∂²D/∂θ∂s
+    (the s entry of that column) and ∇D; ∂²D/∂s² = 2(2ν − ∂D/∂s). The chain rule through the
+    cheap map η → x then gives the Hessian in η: Jᵀ(∇²_x D)J + Σᵢ ∂D/∂xᵢ ∇²xᵢ(η). Equal to
+    ``numerics.hessian(loglik_eta)`` to rounding (tests/test_engine.py)."""
+    theta, s = theta_from_eta(eta, shape)
+    nu = dof(data, shape, reml)
+
+    def dev(th, s_):
+        ld_L, ld_RX, pwrss = deviance_parts(th, data, shape)
+        return ld_L + jnp.where(reml, ld_RX, 0.0) + nu * (LOG_2PI + 2.0 * s_) + pwrss * jnp.exp(-2.0 * s_)
+
+    grad_x = jax.grad(dev, argnums=(0, 1))
+
+    def column(v):
+        (g_th, g_s), (dg_th, dg_s) = jax.jvp(lambda th: grad_x(th, s), (theta,), (v,))
+        return dg_th, dg_s, g_th, g_s
+
+    k = theta.shape[0]
+    H_tt, H_ts, g_th, g_s = jax.lax.map(column, jnp.eye(k, dtype=theta.dtype))
+    H_tt = 0.5 * (H_tt + H_tt.T)
+    H_ss = 2.0 * (2.0 * nu - g_s[0])
+    H_x = jnp.block([[H_tt, H_ts[:, None]], [H_ts[None, :], H_ss[None, None]]])
+    G = jnp.concatenate([g_th[0], g_s[:1]])
+
+    def x_of(e):
+        th, s_ = theta_from_eta(e, shape)
+        return jnp.concatenate([th, s_[None]])
+
+    J = jax.jacfwd(x_of)(eta)
+    curvature = hessian(lambda e: G @ x_of(e))(eta)
+    return -0.5 * (J.T @ H_x @ J + curvature)
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine interface
+
+
+@dataclass(frozen=True)
+class PLSEngine:
+    """The engine interface (:mod:`jaxmixed.engine.interface`) for independent homoskedastic
+    errors, R = σ²I. Parameters: θ (lme4's relative Cholesky factors); data: PLSArrays."""
+
+    shape: ModelShape
+    name = "pls"
+
+    @property
+    def n_params(self) -> int:
+        return self.shape.n_theta
+
+    def deviance(self, params, data, reml):
+        return deviance(params, data, self.shape, reml)
+
+    def solve(self, params, data, reml) -> Solution:
+        return solve(params, data, self.shape, reml)
+
+    def eta(self, params, sigma, theta_scale=None, lams=None) -> np.ndarray:
+        """η at the estimate (``lams``: each term's Λ, when already at hand)."""
+        with np.errstate(divide="ignore", invalid="ignore"):  # a zero variance: ln sd = −inf
+            return eta_of(np.asarray(params), sigma, self.shape, lams, xp=np)
+
+    def hessian_eta(self, eta, data, reml):
+        return hessian_eta(eta, data, self.shape, reml)
+
+    def theta(self, params, sigma) -> np.ndarray:
+        return np.asarray(params, dtype=float)
+
+    def term_covariances(self, params, sigma) -> list[np.ndarray]:
+        """Σ_k = σ² Λ_kΛ_kᵀ of each term."""
+        lams = [np.asarray(lam) for lam in term_lambdas(np.asarray(params), self.shape)]
+        return [sigma**2 * lam @ lam.T for lam in lams]
+
+    def conditional_variances(self, params, sigma, data, design=None) -> list[np.ndarray]:
+        return [np.asarray(v) for v in conditional_variances(jnp.asarray(params), sigma, data, self.shape)]
+
+    def marginal_covariance(self, params, sigma, data, design, level: int):
+        """V = Σ_k Z_k Σ_k Z_kᵀ + σ²I of the rows of one panel (the outer factor's level
+        ``level``), and their positions in the design's rows."""
+        from jaxmixed.data.design import outer_factor
+
+        fac = design.factors[outer_factor(design)]
+        rows = np.flatnonzero(fac.codes == level)
+        V = np.eye(len(rows)) * sigma**2
+        for tb, S in zip(design.terms, self.term_covariances(params, sigma)):
+            f = design.factors[tb.factor]
+            Z = f.Z[rows, tb.cols[0]:tb.cols[1]]
+            codes = f.codes[rows]
+            V += (codes[:, None] == codes[None, :]) * (Z @ S @ Z.T)
+        return V, rows
+
+    def residual_rows(self, variance: bool) -> list[tuple[str, str]]:
+        """(name, kind) of the reporting-metric entries after the terms'."""
+        return [("var(Residual)" if variance else "sd(Residual)", "sd")]
+
+    @property
+    def n_variance_params(self) -> int:
+        """Variance parameters counted by the LR test against the linear model."""
+        return self.shape.n_eta - 1
+
+    def singular(self, params, unit) -> bool:
+        return is_singular(np.asarray(params), [t.structure for t in self.shape.terms],
+                           [t.theta for t in self.shape.terms], unit)
+
+    supports_batched = True
+    residual_title = None
+
+    @property
+    def quasi_newton(self) -> bool:
+        return self.shape.quasi_newton
+
+
+
+def from_design(design, engine: str = "auto", kernels: str = "lapack", pattern=None):
+    """(PLSArrays, ModelShape) of a design: its pattern (computed here unless given), the
+    shape, and the cross-products in the engine's layout (numpy, one pass over the rows)."""
+    from jaxmixed.data.crossprod import cross_products
+    from jaxmixed.data.pattern import build_pattern
+
+    pattern = build_pattern(design) if pattern is None else pattern
+    shape = shape_of(design, pattern, engine, kernels)
+    return arrange(cross_products(design, pattern), shape, pattern), shape

@@ -1,0 +1,117 @@
+"""The dense layout of the PLS engine: A₂₁ dense, one dense Schur block for the rest factors.
+
+Notation as in :mod:`jaxmixed.engine.pls`. L = [[L₁, 0], [Wᵀ, L₂₂]]: L₁ block-diagonal over
+the first factor's levels (batched Cholesky), W = L₁⁻¹Λ₁ᵀZ₁ᵀZ₂Λ₂ and
+L₂₂L₂₂ᵀ = Λ₂ᵀZ₂ᵀZ₂Λ₂ + I − WᵀW (the Schur complement). Carrying y as the last column of
+[X y] gives the penalised RSS r² as the square of the last diagonal entry of the final factor.
+Cheap to compile, so small models use it; single matrices (L₂₂, the fixed-effects block) are
+factorised by the shape's kernel policy (:mod:`jaxmixed.engine.kernels`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+
+from jaxmixed.engine import kernels
+from jaxmixed.engine.numerics import logdet_from_chol_diag
+
+
+def _rest_rows(M, lams, shape):
+    """Λ₂ᵀ M for M with m₂ rows (Λ₂ = blockdiag_f I_{L_f} ⊗ Λ_f)."""
+    parts = []
+    for lam, off, L, q in zip(lams[1:], shape.offsets, shape.L[1:], shape.q[1:]):
+        blk = M[off:off + L * q].reshape((L, q) + M.shape[1:])
+        parts.append(jnp.einsum("ji,lj...->li...", lam, blk).reshape((L * q,) + M.shape[1:]))
+    return jnp.concatenate(parts, axis=0)
+
+
+def _rest_cols(M, lams, shape):
+    """M Λ₂ for M with m₂ columns (last axis)."""
+    parts = []
+    for lam, off, L, q in zip(lams[1:], shape.offsets, shape.L[1:], shape.q[1:]):
+        blk = M[..., off:off + L * q].reshape(M.shape[:-1] + (L, q))
+        parts.append(jnp.einsum("...lj,ji->...li", blk, lam).reshape(M.shape[:-1] + (L * q,)))
+    return jnp.concatenate(parts, axis=-1)
+
+
+class Factorization(NamedTuple):
+    L1: jnp.ndarray  # (L₁, q₁, q₁) lower Cholesky blocks
+    W: jnp.ndarray  # (L₁, q₁, m₂) = L₁⁻¹ Λ₁ᵀ A₁₂ Λ₂
+    L22: jnp.ndarray  # (m₂, m₂)
+    r1: jnp.ndarray  # (L₁, q₁, p+1) = L₁⁻¹ Λ₁ᵀ Z₁ᵀ[X y]
+    r2: jnp.ndarray  # (m₂, p+1)
+    LM: jnp.ndarray  # (p+1, p+1) lower Cholesky of the fixed-effects Schur complement
+    logdet_L: jnp.ndarray  # log|L|²
+    logdet_RX: jnp.ndarray  # log|R_X|²
+    pwrss: jnp.ndarray  # r²(θ)
+
+
+def factorize(theta, data, shape, lams) -> Factorization:
+    """Blocked Cholesky of the penalised system at θ (see the module docstring)."""
+    pol = shape.kernels
+    lam1 = lams[0]
+    q1 = shape.q[0]
+    C1 = jnp.einsum("ji,ljk,kh->lih", lam1, data.D11, lam1) + jnp.eye(q1)
+    L1 = kernels.cholesky(C1)
+    c1 = jnp.einsum("ji,ljr->lir", lam1, data.Z1W)
+    r1 = kernels.solve_lower(L1, c1)
+    M = data.WW - jnp.einsum("lir,lis->rs", r1, r1)
+    logdet_L = logdet_from_chol_diag(jnp.diagonal(L1, axis1=1, axis2=2))
+    if shape.m2:
+        B = _rest_cols(jnp.einsum("ji,ljm->lim", lam1, data.A21), lams, shape)
+        W = kernels.solve_lower(L1, B)
+        C22 = _rest_cols(_rest_rows(data.A22, lams, shape), lams, shape)
+        C22 = C22 + jnp.eye(shape.m2) - jnp.einsum("lim,lin->mn", W, W)
+        L22 = kernels.cholesky(C22, pol)
+        c2 = _rest_rows(data.Z2W, lams, shape) - jnp.einsum("lim,lir->mr", W, r1)
+        r2 = kernels.solve_lower(L22, c2, pol)
+        M = M - r2.T @ r2
+        logdet_L = logdet_L + logdet_from_chol_diag(jnp.diagonal(L22))
+    else:
+        W, L22, r2 = data.A21, data.A22, data.Z2W
+    LM = kernels.cholesky(M, pol)
+    p = shape.p
+    logdet_RX = logdet_from_chol_diag(jnp.diagonal(LM)[:p])
+    pwrss = LM[p, p] ** 2
+    return Factorization(L1, W, L22, r1, r2, LM, logdet_L, logdet_RX, pwrss)
+
+
+def solve_parts(theta, data, shape, lams, beta_of):
+    """(LM, β, u₁, u₂): back-substitution Lᵀu = c_y − R_ZX β, with c = [r1; r2] holding R_ZX in
+    its first p columns and c_y last; ``beta_of(LM) -> β``."""
+    p = shape.p
+    f = factorize(theta, data, shape, lams)
+    beta = beta_of(f.LM)
+    rhs1 = f.r1[..., p] - f.r1[..., :p] @ beta
+    if shape.m2:
+        rhs2 = f.r2[:, p] - f.r2[:, :p] @ beta
+        u2 = kernels.solve_lower_t(f.L22, rhs2[:, None], shape.kernels)[:, 0]
+        rhs1 = rhs1 - jnp.einsum("lim,m->li", f.W, u2)
+    else:
+        u2 = jnp.zeros((0,))
+    u1 = kernels.solve_lower_t(f.L1, rhs1[..., None])[..., 0]
+    return f.LM, beta, u1, u2
+
+
+def conditional_blocks(theta, data, shape, lams):
+    """Diagonal blocks of (LLᵀ)⁻¹ (spherical u), per factor: the first factor's level ℓ block
+    is AᵀA + KᵀK with A = L₁ℓ⁻¹ and K = L₂₂⁻¹ Wℓᵀ A, the rest's L₂₂⁻ᵀ L₂₂⁻¹."""
+    f = factorize(theta, data, shape, lams)
+    L1n, q1 = shape.L[0], shape.q[0]
+    A = kernels.solve_lower(f.L1, jnp.broadcast_to(jnp.eye(q1), (L1n, q1, q1)))
+    V1 = jnp.einsum("lki,lkj->lij", A, A)
+    out = []
+    if shape.m2:
+        m2 = shape.m2
+        WtA = jnp.einsum("lim,lij->mlj", f.W, A).reshape(m2, L1n * q1)
+        K = kernels.solve_lower(f.L22, WtA, shape.kernels).reshape(m2, L1n, q1)
+        V1 = V1 + jnp.einsum("mli,mlj->lij", K, K)
+        Linv = kernels.solve_lower(f.L22, jnp.eye(m2), shape.kernels)
+        V2 = Linv.T @ Linv
+    out.append(V1)
+    for off, L, q in zip(shape.offsets, shape.L[1:], shape.q[1:]):
+        blk = V2[off:off + L * q, off:off + L * q].reshape(L, q, L, q)
+        out.append(jnp.einsum("lilj->lij", blk))
+    return out
