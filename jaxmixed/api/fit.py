@@ -110,7 +110,7 @@ def _fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str, *, variance: boo
     shape = pls.shape_of(design, pattern, engine)
     eng = pls.PLSEngine(shape)
     cp = cross_products(design, pattern)
-    arrays = put(pls.arrange(cp, shape, pattern), dev)
+    arrays = put(pls.arrange(cp, shape, pattern, basis=design.fixed_basis[1:]), dev)
     # a residual structure's fit (the marginal engine) replaces this one's variance components
     independent = residuals is None or residuals.is_default
     _prefetch(design, arrays, eng, reml, hessian=independent)

@@ -94,6 +94,25 @@ class Design:
             parts.append(np.asarray(t.structure.theta_scale(np.mean(Z ** 2, axis=0)), dtype=float))
         return np.concatenate(parts)
 
+    @cached_property
+    def fixed_basis(self):
+        """(X̃, R₀⁻¹, log|R₀|²): an orthonormal basis X̃ = X R₀⁻¹ of the fixed-effects columns
+        (X = X̃R₀, thin QR with a positive diagonal). The cross-products are formed with X̃, so
+        that the engine's Cholesky factors see a well-conditioned fixed-effects block however
+        nearly collinear (or far from 0, beside the constant) the columns of X are: forming
+        XᵀX itself would square cond(X) into rounding noise of the deviance. The engine turns
+        β̃ back into β = R₀⁻¹β̃ and adds log|R₀|² to the REML deviance, so nothing reported
+        changes."""
+        p = self.X.shape[1]
+        if p == 0:
+            return self.X, np.zeros((0, 0)), 0.0
+        R = np.linalg.qr(self.X, mode="r")
+        sign = np.where(np.diag(R) < 0, -1.0, 1.0)
+        R = R * sign[:, None]
+        R_inv = np.linalg.solve(R, np.eye(p))  # (R upper triangular, well enough conditioned for this)
+        Xt = self.X @ R_inv
+        return Xt, R_inv, float(2.0 * np.sum(np.log(np.diag(R))))
+
     @property
     def theta0(self) -> np.ndarray:
         """The default start: Λ_s = I in the optimiser's units (``theta_scale``)."""

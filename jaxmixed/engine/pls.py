@@ -42,7 +42,8 @@ class PLSArrays(NamedTuple):
     dense layout (``shape.layout is None``): A21 (L₁, q₁, m₂) and A22 (m₂, m₂) dense; blocked
     layout: A21 a :class:`~jaxmixed.engine.pls_sparse.Sparse21` and A22 the lower triangles of
     the Schur panels, flattened. Columns of Z₂ are level-major within each factor: factor f,
-    level ℓ, column j at offset_f + ℓ q_f + j."""
+    level ℓ, column j at offset_f + ℓ q_f + j. With a fixed-effects basis X̃ = X R₀⁻¹ the
+    solve returns β = R₀⁻¹β̃ and the REML deviance includes log|R₀|² (identity and 0 without)."""
 
     D11: jnp.ndarray
     A21: object
@@ -51,6 +52,8 @@ class PLSArrays(NamedTuple):
     Z2W: jnp.ndarray
     WW: jnp.ndarray
     n: jnp.ndarray
+    R0_inv: jnp.ndarray  # (p, p): the fixed-effects columns are X̃ = X R₀⁻¹ (Design.fixed_basis)
+    ld_x: jnp.ndarray  # log|R₀|², added to the REML deviance
 
 
 @dataclass(frozen=True)
@@ -123,14 +126,19 @@ def shape_of(design, pattern, engine: str = "auto", kernels: str = "lapack") -> 
 # from engine-neutral cross-products to the engine's layout
 
 
-def arrange(cp, shape: ModelShape, pattern=None, xp=np) -> PLSArrays:
+def arrange(cp, shape: ModelShape, pattern=None, xp=np, basis=None) -> PLSArrays:
     """:class:`PLSArrays` from :class:`~jaxmixed.data.crossprod.CrossProducts`.
 
     ``pattern`` None: the blocks are those of the full pattern
     (:func:`~jaxmixed.data.pattern.dense_block_index`), dense layout only, traceable
-    (``xp=jax.numpy``); else the design's pattern (numpy)."""
+    (``xp=jax.numpy``); else the design's pattern (numpy). ``basis``: (R₀⁻¹, log|R₀|²) when
+    the cross-products were formed with X̃ = X R₀⁻¹ (``Design.fixed_basis``), else None."""
     L1, q1 = shape.L[0], shape.q[0]
     p1 = cp.WW.shape[0]
+    if basis is None:
+        R0_inv, ld_x = xp.eye(p1 - 1), xp.zeros(())
+    else:
+        R0_inv, ld_x = xp.asarray(basis[0], dtype=float), xp.asarray(basis[1], dtype=float)
     rest = list(zip(shape.L[1:], shape.q[1:]))
     Z2W = (xp.concatenate([z.reshape(-1, p1) for z in cp.Z2W]) if rest else xp.zeros((0, p1)))
     if shape.layout is not None:
@@ -138,7 +146,7 @@ def arrange(cp, shape: ModelShape, pattern=None, xp=np) -> PLSArrays:
                                             list(cp.D22))
         put = host_array
         return PLSArrays(D11=put(cp.D11), A21=A21, A22=A22, Z1W=put(cp.Z1W), Z2W=put(Z2W), WW=put(cp.WW),
-                         n=put(np.float64(cp.n)))
+                         n=put(np.float64(cp.n)), R0_inv=put(R0_inv), ld_x=put(np.float64(ld_x)))
     m2 = shape.m2
     if pattern is None:  # full pattern: every pair of levels a block, so A₂₁ is a reshape
         parts = [blk.reshape(L1, Lk, q1, qk).transpose(0, 2, 1, 3).reshape(L1, q1, Lk * qk)
@@ -159,7 +167,8 @@ def arrange(cp, shape: ModelShape, pattern=None, xp=np) -> PLSArrays:
                 row.append(blk)
             rows.append(xp.concatenate(row, axis=1))
         A22 = xp.concatenate(rows, axis=0) if rows else xp.zeros((0, 0))
-        return PLSArrays(D11=cp.D11, A21=A21, A22=A22, Z1W=cp.Z1W, Z2W=Z2W, WW=cp.WW, n=xp.asarray(cp.n, float))
+        return PLSArrays(D11=cp.D11, A21=A21, A22=A22, Z1W=cp.Z1W, Z2W=Z2W, WW=cp.WW, n=xp.asarray(cp.n, float),
+                         R0_inv=R0_inv, ld_x=ld_x)
     A21 = np.zeros((L1, q1, m2))
     A22 = np.zeros((m2, m2))
     offs = np.cumsum([0] + [Lk * qk for Lk, qk in rest])
@@ -177,7 +186,7 @@ def arrange(cp, shape: ModelShape, pattern=None, xp=np) -> PLSArrays:
         A22[cb[:, None, :], ca[:, :, None]] = X
     put = host_array
     return PLSArrays(D11=put(cp.D11), A21=put(A21), A22=put(A22), Z1W=put(cp.Z1W), Z2W=put(Z2W), WW=put(cp.WW),
-                     n=put(np.float64(cp.n)))
+                     n=put(np.float64(cp.n)), R0_inv=put(R0_inv), ld_x=put(np.float64(ld_x)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,12 +212,14 @@ def dof(data: PLSArrays, shape: ModelShape, reml):
 
 
 def deviance_parts(theta, data: PLSArrays, shape: ModelShape):
-    """(log|L|², log|R_X|², r²) at θ."""
+    """(log|L|², log|R_X|², r²) at θ (log|R_X|² of the original X: log|R̃_X|² + log|R₀|²)."""
     lams = factor_lambdas(theta, shape)
     if shape.layout is not None:
-        return pls_sparse.deviance_parts(theta, data, shape, lams)
-    f = pls_dense.factorize(theta, data, shape, lams)
-    return f.logdet_L, f.logdet_RX, f.pwrss
+        ld_L, ld_RX, pwrss = pls_sparse.deviance_parts(theta, data, shape, lams)
+    else:
+        f = pls_dense.factorize(theta, data, shape, lams)
+        ld_L, ld_RX, pwrss = f.logdet_L, f.logdet_RX, f.pwrss
+    return ld_L, ld_RX + data.ld_x, pwrss
 
 
 @partial(jax.jit, static_argnames=("shape",))
@@ -256,6 +267,9 @@ def solve(theta, data: PLSArrays, shape: ModelShape, reml) -> Solution:
     sigma = jnp.sqrt(pwrss / nu)
     RXt_inv = kernels.solve_lower(RXt, jnp.eye(p, dtype=RXt.dtype), policy=shape.kernels)
     cov_beta = sigma**2 * RXt_inv.T @ RXt_inv
+    # back from the basis X̃ = X R₀⁻¹: β = R₀⁻¹β̃, Var(β) = R₀⁻¹ Var(β̃) R₀⁻ᵀ (u and b need no change)
+    beta = data.R0_inv @ beta
+    cov_beta = data.R0_inv @ cov_beta @ data.R0_inv.T
     b = [u1 @ lams[0].T]
     for lam, off, L, q in zip(lams[1:], shape.offsets, shape.L[1:], shape.q[1:]):
         b.append(u2[off:off + L * q].reshape(L, q) @ lam.T)
@@ -426,12 +440,15 @@ class PLSEngine:
 
 
 
-def from_design(design, engine: str = "auto", kernels: str = "lapack", pattern=None):
+def from_design(design, engine: str = "auto", kernels: str = "lapack", pattern=None, orthonormal: bool = True):
     """(PLSArrays, ModelShape) of a design: its pattern (computed here unless given), the
-    shape, and the cross-products in the engine's layout (numpy, one pass over the rows)."""
+    shape, and the cross-products in the engine's layout (numpy, one pass over the rows), with
+    the fixed-effects columns in the design's orthonormal basis (``orthonormal=False``: X as
+    it is)."""
     from jaxmixed.data.crossprod import cross_products
     from jaxmixed.data.pattern import build_pattern
 
     pattern = build_pattern(design) if pattern is None else pattern
     shape = shape_of(design, pattern, engine, kernels)
-    return arrange(cross_products(design, pattern), shape, pattern), shape
+    cp = cross_products(design, pattern, orthonormal=orthonormal)
+    return arrange(cp, shape, pattern, basis=design.fixed_basis[1:] if orthonormal else None), shape

@@ -1,31 +1,18 @@
-"""Many responses, one design: fit them all in one vmapped, jitted program.
+"""Batched fits: many responses that share one design, one vmapped, jitted program per chunk.
 
-In mass-univariate work (voxels, genes, items, simulated data sets) the same model is fitted to
-many responses that share X and Z. The cross-products (:mod:`jaxmixed.data.crossprod`) depend on
-y only through the last column of W = [X y]: Z₁ᵀy, Z₂ᵀy, Xᵀy and yᵀy. ``fit_many`` forms those
-for a whole block of responses at once (sparse and dense matrix products, no loop over
-responses), and runs the projected-Newton optimiser of ``jm.fit`` under ``jax.vmap`` over them,
-together with the solve for β, σ and the Hessian that gives the variance components' standard
-errors. Every response is fitted as ``jm.fit`` would fit it alone: the same projected Newton
-(run to convergence lane by lane), the same restarts from scaled and mirrored starts when a run
-does not converge or stops on the boundary, the same convergence and singularity rules. Later
-chunks start from the typical θ̂ of the first (see ``fit_responses``), which changes the path,
-not the optimum; estimates agree with ``jm.fit``'s to its optimiser's tolerance (≤ 1e-6).
+:func:`fit_responses` forms the y-dependent cross-products (Z₁ᵀy, Z₂ᵀy, Xᵀy, yᵀy) for a block of
+responses with sparse and dense matrix products, and runs jm.fit's optimiser under ``jax.vmap``
+over them (:func:`fit_lanes`), together with the solve for β, σ and the Hessian in the reporting
+metric. Each response gets jm.fit's restart search (:mod:`jaxmixed.fit.search`), batched over the
+responses that need another start. Later chunks start from the typical θ̂ of the first, which
+changes the path, not the optimum.
 
 Memory stays bounded by fitting the responses in chunks of ``chunk_size`` lanes (the last chunk
-is padded with copies, so every chunk reuses one compiled program). Inside the program the
-small Cholesky factorisations and triangular solves run as plain XLA operations
-(``functional.without_lapack``), far faster than one LAPACK call per tiny block, and on CPU the
-program is compiled without XLA's YNNPACK/XNNPACK library fusions (2× faster here).
-
-Missing values: the design must be the same for every response, so the rows used are those
-complete in every variable the model reads *and in every response*; the others are dropped and
-counted (``ManyResult.n_dropped``, and a note). To use each response's own complete rows, call
-``jm.fit`` per response instead.
-
-Device: ``device=`` (a ``jax.Device`` or a string such as ``"cpu"``, ``"gpu"``, ``"cuda:1"``)
-places the statistics there with ``jax.device_put``, so the programs run there; by default JAX's
-default device is used.
+is padded with copies, so every chunk reuses one compiled program). The programs use the
+"unrolled" kernel policy (:mod:`jaxmixed.engine.kernels`: small factorisations as plain XLA
+operations, far faster than one LAPACK call per tiny block) and on CPU are compiled without
+XLA's YNNPACK/XNNPACK library fusions (2× faster here). Used by ``jm.fit_many``
+(:mod:`jaxmixed.api.many`) and the parametric bootstrap.
 """
 
 from __future__ import annotations
@@ -183,7 +170,7 @@ class _YParts:
         import scipy.sparse as sp
 
         self.Z2t = sp.hstack([_sparse_z(f.codes, f.Z, f.n_levels) for f in rest]).T.tocsr() if rest else None
-        self.Xt = np.ascontiguousarray(design.X.T)
+        self.Xt = np.ascontiguousarray(design.fixed_basis[0].T)  # X̃ᵀ, as the cross-products
 
     def __call__(self, Y: np.ndarray):
         b = Y.shape[1]

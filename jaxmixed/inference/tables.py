@@ -206,7 +206,8 @@ def wald_test(names, beta, cov_beta):
 
 
 def linear_loglik(stats, p: int, reml: bool) -> float:
-    """(Restricted) log likelihood of the linear regression y = Xβ + ε, from WᵀW.
+    """(Restricted) log likelihood of the linear regression y = Xβ + ε, from WᵀW (``stats``:
+    the engine's arrays, with ``ld_x`` = log|R₀|² when X is held in a basis X̃ = X R₀⁻¹).
 
     ML:   -n/2 [1 + log(2π RSS/n)]
     REML: -1/2 [(n-p) log(2π s²) + (n-p) + log|XᵀX|],  s² = RSS/(n-p)
@@ -219,7 +220,9 @@ def linear_loglik(stats, p: int, reml: bool) -> float:
     if not reml:
         return -0.5 * n * (1.0 + LOG_2PI + np.log(rss / n))
     nu = n - p
-    return -0.5 * (nu * (LOG_2PI + np.log(rss / nu)) + nu + np.linalg.slogdet(XtX)[1])
+    # (the cross-products may hold X̃ = X R₀⁻¹: log|XᵀX| = log|X̃ᵀX̃| + log|R₀|²)
+    ld = np.linalg.slogdet(XtX)[1] + float(getattr(stats, "ld_x", 0.0))
+    return -0.5 * (nu * (LOG_2PI + np.log(rss / nu)) + nu + ld)
 
 
 def lr_vs_linear(loglik, loglik0, k):
