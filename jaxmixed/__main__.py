@@ -1,4 +1,4 @@
-"""``python -m jaxmixed ...``: the command line (see :mod:`jaxmixed.cli`)."""
+"""``python -m jaxmixed ...``: the command line (see :mod:`jaxmixed.app.cli`)."""
 
 import sys
 

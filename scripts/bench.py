@@ -83,7 +83,7 @@ def data_path(case: str) -> str:
     if case in SMALL:
         import jaxmixed
 
-        return os.path.join(os.path.dirname(jaxmixed.__file__), "datasets", f"{DATASET.get(case, case)}.csv")
+        return os.path.join(os.path.dirname(jaxmixed.__file__), "data", "datasets", f"{DATASET.get(case, case)}.csv")
     path = os.path.join(DATA, {"insteval": "insteval.csv", "million": "million.csv", "nested": "nested.csv"}[case])
     if os.path.exists(path):
         return path

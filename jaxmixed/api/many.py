@@ -81,7 +81,7 @@ def _response_matrix(spec, data: pd.DataFrame, responses):
 def _check_responses(Y: np.ndarray, design: Design, names) -> None:
     """Responses the likelihood cannot handle (jm.fit's checks, ``response_problems``, for all
     responses at once): constant, fitted exactly by the fixed effects, or of extreme magnitude."""
-    bad = response_problems(Y, design.X)
+    bad = response_problems(Y, design.fixed_basis[0])
 
     def fail(mask, what):
         found = [names[j] for j in np.flatnonzero(mask)]

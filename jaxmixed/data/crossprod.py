@@ -114,7 +114,7 @@ def cross_products(design, pattern, y=None, weights=None, *, batch_rows: int | N
     """All cross-products of a design's rows (numpy), ``batch_rows`` rows at a time; ``y``
     overrides the design's response, ``weights`` are prior weights. ``pattern`` is the design's
     :class:`~jaxmixed.data.pattern.Pattern` (computed once by the caller). The fixed-effects
-    columns are the design's orthonormal basis X̃ (``Design.fixed_basis``), or X itself with
+    columns are the design's well-conditioned basis X̃ (``Design.fixed_basis``), or X itself with
     ``orthonormal=False``."""
     y = design.y if y is None else np.asarray(y, dtype=float)
     n = len(y)

@@ -4,7 +4,7 @@ For each top-level group (panel) i, with all random-effects terms nested in it,
 
     V_i = Σ_k M_k ∘ (Z_ik Σ_k Z_ikᵀ) + R_i,     M_k[j, l] = [row j and l share term k's level]
 
-and R_i from a :mod:`jaxmixed.residuals` structure. With β profiled (GLS),
+and R_i from a :mod:`jaxmixed.model.residuals` structure. With β profiled (GLS),
 
     ML:   -2ℓ   = Σ log|V_i| + rᵀV⁻¹r + n log 2π
     REML: -2ℓ_R = Σ log|V_i| + log|XᵀV⁻¹X| + rᵀV⁻¹r + (n−p) log 2π
@@ -14,7 +14,7 @@ diagonal entry, rᵀV⁻¹r at β̂. Panels are vmapped in buckets of equal padd
 has V = 1 on its diagonal, 0 elsewhere, and zero data, so it changes nothing.
 
 The parameters x = (θ, ln s, c): θ the absolute Cholesky factors of each Σ_k (as in
-:mod:`jaxmixed.covariance`), ln s the residual sds of the variance groups, c the correlation
+:mod:`jaxmixed.model.covariance`), ln s the residual sds of the variance groups, c the correlation
 parameters (atanh of correlations or partial autocorrelations; MA coefficients as they are;
 the exponential structure's logit r).
 """

@@ -25,7 +25,7 @@ def hessian(f):
 
     ``jax.hessian`` vmaps the columns, which turns every LAPACK factorisation inside f into a
     batched call; jaxlib 0.10's batched CPU kernels can wedge their thread pool (see
-    :mod:`jaxmixed.xla_linalg`). ``lax.map`` runs the columns in sequence and traces the column
+    :mod:`jaxmixed.engine.kernels`). ``lax.map`` runs the columns in sequence and traces the column
     once, which also keeps the compiled program small.
     """
     def H(x, *args):

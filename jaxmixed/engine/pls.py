@@ -443,7 +443,7 @@ class PLSEngine:
 def from_design(design, engine: str = "auto", kernels: str = "lapack", pattern=None, orthonormal: bool = True):
     """(PLSArrays, ModelShape) of a design: its pattern (computed here unless given), the
     shape, and the cross-products in the engine's layout (numpy, one pass over the rows), with
-    the fixed-effects columns in the design's orthonormal basis (``orthonormal=False``: X as
+    the fixed-effects columns in the design's basis X̃ (``Design.fixed_basis``; ``orthonormal=False``: X as
     it is)."""
     from jaxmixed.data.crossprod import cross_products
     from jaxmixed.data.pattern import build_pattern

@@ -42,11 +42,11 @@ def minimize_bounded(fun, x0, lower, args=(), max_iter: int = 200, gtol: float =
 
     - ``"map"`` (default): forward over reverse, the Hessian's columns in sequence
       (``lax.map``). Vmapped tangents would turn each LAPACK call into a batched one, and
-      jaxlib 0.10's batched CPU kernels can wedge their thread pool (jaxmixed.xla_linalg);
+      jaxlib 0.10's batched CPU kernels can wedge their thread pool (jaxmixed.engine.kernels);
       forward over forward in this form has deadlocked too (the per-panel engine; a
       20,000-group random-slope model).
     - ``"forward"``: forward over forward, all columns at once. For objectives that already
-      avoid LAPACK (``functional.without_lapack``) and run under an outer ``vmap`` (``fit_many``,
+      avoid LAPACK (the "unrolled" or "xla" kernel policy of jaxmixed.engine.kernels) and run under an outer ``vmap`` (``fit_many``,
       the bootstrap): a third faster than forward over reverse for a handful of entries, the
       same matrix to rounding.
 

@@ -212,6 +212,7 @@ def bootstrap_lrtest(a, b, n: int = 1000, seed: int = 0, *, chunk_size: int | No
     if not np.array_equal(np.asarray(a.design.rows), np.asarray(b.design.rows)):
         raise ModelError("bootstrap_lrtest: the models use different observations")
     small, big = (a, b) if a.n_params <= b.n_params else (b, a)
+    _check_simulable(big)
     df, stat = observed.df, observed.stat
     sim = _Simulator(small, n, seed, device)
     reml = small.method == "reml"

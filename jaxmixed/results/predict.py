@@ -49,9 +49,9 @@ def _row_effects(result, df: pd.DataFrame | None):
     des = result.design
     rows = []
     n_unseen = 0
-    for fac in des.factors:
+    for k, fac in enumerate(des.schema.factors):  # new data need only the schema
         if df is None:
-            rows.append((fac.codes, fac.Z))
+            rows.append((des.factors[k].codes, des.factors[k].Z))
             continue
         codes_new, levels_new = _group_codes(df, fac.group)
         lookup = fac.levels.get_indexer(levels_new)
@@ -86,7 +86,7 @@ def predict(result, kind: str = "fitted", data: pd.DataFrame | None = None):
         ok = data[need].notna().all(axis=1).to_numpy()
         df = data.loc[ok, need].reset_index(drop=True)
         index = np.flatnonzero(ok)
-        X = fixed_matrix(spec, des, df)
+        X = fixed_matrix(spec, des.schema, df)
         y = _numeric(df[spec.response], "response") if spec.response in df else None
     xb = X @ result.beta
     if kind == "xb":

@@ -8,7 +8,7 @@ random-slope model, as much again for the η-Hessian). :func:`cached` wraps a fu
 :mod:`jax.export` artefact (StableHLO), keyed by
 
 - the function, the values of its static arguments (their ``repr``, e.g. the model's
-  ``Structure``) and the shapes and dtypes of its array arguments;
+  ``ModelShape``) and the shapes and dtypes of its array arguments;
 - the source of the jaxmixed package (a hash of its ``.py`` files: an edited package never
   loads a program traced from the old code), the JAX and jaxlib versions, the backend, the
   ``jax_enable_x64`` setting and ``XLA_FLAGS``.
