@@ -113,6 +113,36 @@ class FitResult:
 
         return bootstrap(self, n=n, seed=seed, level=level, **kwargs)
 
+    def tidy(self) -> pd.DataFrame:
+        """One row per parameter with broom.mixed's columns (``jaxmixed.results.tidy.tidy``)."""
+        from jaxmixed.results.tidy import tidy
+
+        return tidy(self)
+
+    def glance(self) -> pd.DataFrame:
+        """One row: nobs, sigma, loglik, aic, bic, deviance, df_residual, method, converged, singular."""
+        from jaxmixed.results.tidy import glance
+
+        return glance(self)
+
+    def vcov(self) -> pd.DataFrame:
+        """Covariance of the fixed-effects estimates, labelled by their names."""
+        from jaxmixed.results.tidy import vcov
+
+        return vcov(self)
+
+    def to_latex(self) -> str:
+        """The coefficient and random-effects tables as LaTeX ``tabular`` environments."""
+        from jaxmixed.results.tidy import to_latex
+
+        return to_latex(self)
+
+    def _repr_html_(self) -> str:
+        """The Stata-style tables as HTML (what Jupyter shows for a fit)."""
+        from jaxmixed.results.tidy import to_html
+
+        return to_html(self)
+
     def __str__(self) -> str:
         from jaxmixed.results.report import format_result
 
