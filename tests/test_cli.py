@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 import jaxmixed as jm
@@ -109,3 +110,29 @@ def test_python_m_help():
     p = subprocess.run([sys.executable, "-m", "jaxmixed", "--help"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "fit" in p.stdout and "tour" in p.stdout
+
+
+def test_tour_prints_no_python_warning_lines(tmp_path, capsys, monkeypatch):
+    """A fit of the tour that warns (a boundary fit) shows its note under its table, and the
+    command prints no Python warning line ("file:line: JaxmixedWarning: ...")."""
+    tour = pytest.importorskip("jaxmixed.app.tour")
+
+    def run(out_dir):
+        r = jm.fit("y ~ 1 + (1|g)", pd.DataFrame({"y": [1.0, 3, 2, 2, 3, 1], "g": [0, 0, 1, 1, 2, 2]}))
+        assert r.singular
+        return str(r)
+
+    monkeypatch.setattr(tour, "run", run)
+    assert main(["tour", "--out", str(tmp_path / "t")]) == 0
+    out = capsys.readouterr()
+    assert "JaxmixedWarning" not in out.err and out.err == ""
+    assert "Note: boundary (singular) fit" in out.out
+
+
+def test_fit_command_says_each_note_once(tmp_path, capsys):
+    f = tmp_path / "d.csv"
+    pd.DataFrame({"y": [1.0, 3, 2, 2, 3, 1], "g": [0, 0, 1, 1, 2, 2]}).to_csv(f, index=False)
+    assert main(["fit", str(f), "y ~ 1 + (1|g)"]) == 0
+    out = capsys.readouterr()
+    assert "Warning" not in out.err and "boundary" not in out.err
+    assert out.out.count("boundary (singular) fit") == 1

@@ -331,7 +331,7 @@ def test_repeated_same_option_is_fine():
     ("y x || g: a#b", 11, "interactions"),
     ("y x || g: x x", 12, "repeated"),
     ("y R.x || g:", 2, "random-effects equation"),
-    ("y L.x || g:", 2, "unknown factor-variable operator 'L.'"),
+    ("y L.x || g:", 2, "time-series operator 'L.' is not supported"),
     ("y i.(a b) || g:", 4, "parenthesised"),
     ("y ib(#2).x || g:", 5, "ib()"),
     ("y a#b##c || g:", 5, "cannot mix"),

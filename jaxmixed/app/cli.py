@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from jaxmixed.errors import JaxmixedError
+from jaxmixed.errors import JaxmixedError, JaxmixedWarning
 
 PROG = "jaxmixed"
 EXIT_ERROR = 2
@@ -146,8 +146,9 @@ def cmd_fit(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         r = fit_model(args, data)
-    for w in caught:
-        print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+    for w in caught:  # the fit's notes are printed under its tables; anything else is said once here
+        if str(w.message) not in r.notes:
+            print(f"{PROG}: warning: {w.message}", file=sys.stderr)
     if args.json:
         print(to_json(r))
     else:
@@ -165,7 +166,10 @@ def cmd_tour(args) -> int:
         if e.name in ("jaxmixed.app.tour",):
             raise CliError("the tour is not available in this installation (no jaxmixed.app.tour)") from None
         raise
-    print(run(args.out))
+    with warnings.catch_warnings():  # each fit's notes are printed under its tables, as Stata does
+        warnings.simplefilter("ignore", JaxmixedWarning)
+        text = run(args.out)
+    print(text)
     return 0
 
 

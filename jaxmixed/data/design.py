@@ -327,24 +327,28 @@ def _fixed_columns(spec: ModelSpec, df: pd.DataFrame, known: dict | None = None)
             if known is not None and f.var in known:
                 levels = known[f.var]
             else:
-                levels = pd.unique(s)
-                try:
-                    levels = np.sort(levels)
-                except TypeError:
-                    levels = np.array(sorted(levels, key=str), dtype=object)
+                levels = _levels(s)
             used_levels[f.var] = levels
             base = levels[0]
-            if f.base == "last":
+            if known is not None and ("base", f.var) in known:  # new data: the fit's base level
+                base = known[("base", f.var)]
+            elif f.base == "last":
                 base = levels[-1]
+            elif f.base == "freq":  # Stata's ib(freq): the most frequent level (the first of a tie)
+                counts = [int((s == lv).sum()) for lv in levels]
+                base = levels[int(np.argmax(counts))]
+            elif f.base == "none":  # Stata's ibn.: no base level, every level gets a column
+                base = None
             elif f.base not in (None, "first"):
                 match = [lv for lv in levels if lv == f.base or str(lv) == str(f.base)]
                 if not match:
                     raise DataError(f"base level {f.base!r} of {f.var!r} does not occur in the data")
                 base = match[0]
+            used_levels[("base", f.var)] = base
             dummies = []
             every = (k, f.var) in full
             for lv in levels:
-                if lv == base and not every:
+                if base is not None and lv == base and not every:
                     continue
                 name = f"{lv}.{f.var}" if stata else (f"{f.var}[{lv}]" if every else f"{f.var}[T.{lv}]")
                 dummies.append((name, (s == lv).to_numpy(dtype=float)))
@@ -362,6 +366,20 @@ def _fixed_columns(spec: ModelSpec, df: pd.DataFrame, known: dict | None = None)
         cols.append(np.ones(len(df)))
     X = np.column_stack(cols) if cols else np.zeros((len(df), 0))
     return X, names, used_levels
+
+
+def _levels(s: pd.Series) -> np.ndarray:
+    """The levels of a categorical variable in coding order: a pandas Categorical's categories
+    in their own order (those that occur; the first is the reference level, as in R and
+    statsmodels), else the sorted distinct values."""
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        present = set(pd.unique(s.dropna()))
+        return np.array([c for c in s.cat.categories if c in present], dtype=object)
+    levels = pd.unique(s)
+    try:
+        return np.sort(levels)
+    except TypeError:
+        return np.array(sorted(levels, key=str), dtype=object)
 
 
 def _full_dummies(spec: ModelSpec, is_cat) -> set[tuple[int, str]]:
@@ -466,7 +484,7 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
     X, xnames, omitted = _drop_collinear(X, xnames)
     if spec.syntax and len(y) <= X.shape[1]:
         after = f" (after dropping {n_dropped} with missing values)" if n_dropped else ""
-        many = [f"{v} has {len(lv)} levels" for v, lv in fixed_levels.items() if len(lv) > 2]
+        many = [f"{v} has {len(lv)} levels" for v, lv in fixed_levels.items() if isinstance(v, str) and len(lv) > 2]
         if omitted:
             many.append(f"{_short(omitted)} omitted because of collinearity")
         raise DataError(f"too few observations: {len(y)}{after} for {X.shape[1]} fixed effects "

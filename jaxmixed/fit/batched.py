@@ -17,7 +17,6 @@ XLA's YNNPACK/XNNPACK library fusions (2× faster here). Used by ``jm.fit_many``
 
 from __future__ import annotations
 
-import sys
 from functools import lru_cache, partial
 from typing import Callable
 
@@ -115,23 +114,23 @@ def fit_lanes(theta0, lower, base, z1y, z2y, xy, yy, shape, reml,
 
 
 class _Progress:
-    """A one-line text progress bar on stderr (only when asked for)."""
+    """A progress bar (``tqdm``: a text bar on stderr, a widget in notebooks) when asked for;
+    nothing otherwise (tqdm is then not even imported)."""
 
     def __init__(self, total: int, enabled: bool, label: str = "fit_many"):
-        self.total, self.enabled, self.label, self.done = total, enabled, label, 0
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=label, unit="fit")
 
     def update(self, k: int):
-        self.done += k
-        if self.enabled:
-            frac = self.done / max(self.total, 1)
-            bar = "#" * int(30 * frac)
-            sys.stderr.write(f"\r{self.label}: [{bar:<30}] {self.done}/{self.total}")
-            sys.stderr.flush()
+        if self.bar is not None:
+            self.bar.update(k)
 
     def close(self):
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _next_pow2(k: int) -> int:

@@ -6,13 +6,14 @@ A hand-written tokenizer and recursive-descent parser for the model part of a St
     fe_eq    := depvar { fterm } [ "," options ]
     fterm    := factor { "#" factor }  |  factor { "##" factor }
     factor   := [ op "." ] varname
-    op       := "i" | "c" | "ib" INT | "ib(first)" | "ib(last)"
+    op       := "i" | "c" | "ib" INT | "ib(first)" | "ib(last)" | "ib(freq)" | "ibn"
     re_eq    := levelvar ":" ( "R." varname | { varname } ) [ "," options ]
     levelvar := varname | "_all"
     options  := { optname [ "(" args ")" ] }
 
 Fixed part (Stata's factor-variable rules): a lone unprefixed ``x`` is continuous, ``i.x`` and
-``ib3.x`` categorical (base level 3; ``ib(first)``/``ib(last)`` store ``"first"``/``"last"``),
+``ib3.x`` categorical (base level 3; ``ib(first)``/``ib(last)``/``ib(freq)`` store
+``"first"``/``"last"``/``"freq"``, the most frequent level; ``ibn.x`` no base level, ``"none"``),
 ``c.x`` continuous; inside ``a#b`` an unprefixed variable is categorical; ``a##b`` is the full
 factorial ``a b a#b`` (``a##b##c``: ``a b c a#b a#c b#c a#b#c``). Identical terms are kept once.
 
@@ -272,8 +273,8 @@ class _Parser:
             self.next()
             self.next()
             arg = self.peek()
-            if arg.kind != "name" or arg.value not in ("first", "last"):
-                self.error("ib() takes 'first' or 'last'; use ib#.x for a base value #", arg.pos)
+            if arg.kind != "name" or arg.value not in ("first", "last", "freq"):
+                self.error("ib() takes 'first', 'last' or 'freq'; use ib#.x for a base value #", arg.pos)
             self.next()
             self.expect(")", "')'")
             self.expect(".", "'.' after ib(...)")
@@ -292,6 +293,11 @@ class _Parser:
             cat, base = False, None
         elif m:
             cat, base = True, int(m.group(1))
+        elif op == "ibn":
+            cat, base = True, "none"
+        elif op in ("L", "F", "D", "S") or re.fullmatch(r"[LFDS]\d+", op):
+            self.error(f"time-series operator '{op}.' is not supported; add the lagged, lead or differenced "
+                       "variable to the data as a column", tok.pos)
         elif op == "R":
             self.error("R.varname is only allowed in a random-effects equation", tok.pos)
         else:
