@@ -276,7 +276,7 @@ def test_missing_values_drop_the_row_and_are_counted():
     ("fit", "y ~ x + h + h2 + (1|g)", ["h2[T.b]"], "y ~ x + h + (1|g)"),
     ("xtmixed", "y x i.one || g:", [], "y ~ x + (1|g)"),  # one level: no dummy at all
     ("fit", "y ~ 0 + h + one + x + (1|g)", ["one"], "y ~ x + h + (1|g)"),  # h's dummies span _cons
-    ("xtmixed", "y x ibn.h || g:", None, None),  # (ibn. is not supported: a FormulaError)
+    ("xtmixed", "y x ibn.h || g:", ["lo.h"], "y ~ x + h + (1|g)"),  # ibn.: every level; with _cons one goes
     ("fit", "y ~ x + r + rr + (1|g)", ["rr[T.v]"], "y ~ x + r + (1|g)"),  # rr is a function of r
     ("xtmixed", "y x i.r i.rr || g:", ["v.rr"], "y ~ x + r + (1|g)"),
 ])

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from jaxmixed.api.fit import check_level, method_is_reml
-from jaxmixed.data.design import Design, build_design, response_problems
+from jaxmixed.data.design import Design, build_design, model_variables, response_problems
 from jaxmixed.errors import DataError, ModelError
 from jaxmixed.fit.batched import fit_responses
 from jaxmixed.results.many import ManyResult, summarise
@@ -144,7 +144,10 @@ def fit_many(formula: str, data: pd.DataFrame, responses=None, method: str = "re
     complete_y = ~np.isnan(Y).any(axis=1)
     # The formula's response is a placeholder: a complete column, so that only covariates,
     # groups and the responses decide which rows are used.
-    cols = [v for v in spec.variables if v != spec.response and v in data.columns]
+    if spec.options.get("fixed_formula") and tuple(spec.options.get("response_variables", ())) != (spec.response,):
+        raise ModelError(f"fit_many needs the response as a plain column name, not {spec.response!r} "
+                         "(the responses given replace it); transform the responses before passing them")
+    cols = [v for v in model_variables(spec, data.columns) if v != spec.response and v in data.columns]
     frame = data[cols].reset_index(drop=True)
     frame[spec.response] = np.random.default_rng(0).standard_normal(len(frame))
     frame = frame.loc[complete_y].reset_index(drop=True)

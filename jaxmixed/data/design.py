@@ -86,6 +86,7 @@ class Schema:
     nobs: int
     n_dropped: int
     group_summary: pd.DataFrame
+    fixed_encoder: tuple = None
 
     @property
     def p(self) -> int:
@@ -109,6 +110,7 @@ class Design:
     rows: np.ndarray  # positions (in the input frame) of the rows used
     fixed_levels: dict  # levels of each categorical fixed-effect variable (for new data)
     fixed_basis: tuple = None  # (X̃, R₀⁻¹, log|R₀|²): see fixed_effects_basis
+    fixed_encoder: tuple = None  # formulaic's model specs (response, fixed part) of a formulaic fixed part
 
     @property
     def nobs(self) -> int:
@@ -121,7 +123,7 @@ class Design:
                       omitted=self.omitted,
                       factors=tuple(FactorSchema(f.group, f.n_levels, f.colnames, f.levels) for f in self.factors),
                       terms=self.terms, n_theta=self.n_theta, nobs=self.nobs, n_dropped=self.n_dropped,
-                      group_summary=self.group_summary)
+                      group_summary=self.group_summary, fixed_encoder=self.fixed_encoder)
 
     @property
     def p(self) -> int:
@@ -216,9 +218,64 @@ def _short(names, k: int = 6) -> str:
     return ", ".join(names) if len(names) <= k else ", ".join(names[:k]) + f", … ({len(names)} in all)"
 
 
-def _check_values(spec: ModelSpec, df: pd.DataFrame) -> None:
+def model_variables(spec: ModelSpec, columns) -> list[str]:
+    """Every column the model reads: ``spec.variables`` and, for a fixed part written with
+    formulaic expressions, the identifiers inside stateful transforms (``poly(x, 2)``) that
+    are columns of the data."""
+    extra = [c for c in spec.options.get("fixed_candidates", ()) if c in columns and c not in spec.variables]
+    return list(spec.variables) + extra
+
+
+def _formulaic_columns(spec: ModelSpec, df: pd.DataFrame, encoders=None):
+    """(y or None, X, names, encoders) of a fixed part given as a formulaic formula: formulaic
+    builds the columns (``encoders``: the fitted model specs of the response and the fixed part,
+    so new data get the training levels and the training centring); the intercept is named
+    ``_cons`` and put last, as the rest of jaxmixed names it."""
+    import formulaic
+
+    try:
+        with np.errstate(all="ignore"):  # (non-finite results are reported below, by column)
+            if encoders is None:
+                mm = formulaic.model_matrix(spec.options["fixed_formula"], df, na_action="ignore")
+                lhs, rhs = mm.lhs, mm.rhs
+                encoders = (lhs.model_spec, rhs.model_spec)
+            else:
+                lhs = None
+                rhs = encoders[1].get_model_matrix(df, na_action="ignore")
+    except Exception as exc:  # noqa: BLE001 - formulaic's errors, named as the data's
+        raise DataError(f"the formula's fixed part cannot be evaluated on the data: {str(exc).splitlines()[0]}") \
+            from None
+    names = [CONS if c == "Intercept" else str(c) for c in rhs.columns]
+    X = np.asarray(rhs, dtype=float).reshape(len(df), -1)
+    order = [i for i, n in enumerate(names) if n != CONS] + [i for i, n in enumerate(names) if n == CONS]
+    X, names = X[:, order], [names[i] for i in order]
+    y = None
+    if lhs is not None:
+        y = np.asarray(lhs, dtype=float).reshape(len(df), -1)[:, 0]
+        bad = int(np.sum(~np.isfinite(y)))
+        if bad:
+            raise DataError(f"response {spec.response!r} has {bad} non-finite value(s) (from its expression)")
+    for j in np.flatnonzero(~np.all(np.isfinite(X), axis=0)):
+        raise DataError(f"fixed-effect column {names[j]!r} has {int(np.sum(~np.isfinite(X[:, j])))} non-finite "
+                        "value(s) (from its expression)")
+    return y, X, names, encoders
+
+
+def response_values(spec: ModelSpec, design, df: pd.DataFrame) -> np.ndarray:
+    """The response of new rows (its expression, for a formulaic response)."""
+    enc = getattr(design, "fixed_encoder", None)
+    if enc is not None:
+        try:
+            y = np.asarray(enc[0].get_model_matrix(df, na_action="ignore"), dtype=float).reshape(len(df), -1)[:, 0]
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(f"the response cannot be evaluated on the new data: {str(exc).splitlines()[0]}") from None
+        return y
+    return _numeric(df[spec.response], "response")
+
+
+def _check_values(spec: ModelSpec, df: pd.DataFrame, variables=None) -> None:
     """Cells the model cannot use (in the rows it keeps): non-scalar objects, ±inf anywhere."""
-    for v in spec.variables:
+    for v in (spec.variables if variables is None else variables):
         s = df[v]
         what = _role(spec, v)
         if s.dtype == object:
@@ -412,7 +469,10 @@ def _full_dummies(spec: ModelSpec, is_cat) -> set[tuple[int, str]]:
 def fixed_matrix(spec: ModelSpec, design, df: pd.DataFrame) -> np.ndarray:
     """X for new data, with the fitted model's columns (same dummies, collinear ones omitted);
     ``design`` a Design or its Schema."""
-    X, names, _ = _fixed_columns(spec, df, design.fixed_levels)
+    if getattr(design, "fixed_encoder", None) is not None:
+        _, X, names, _ = _formulaic_columns(spec, df, design.fixed_encoder)
+    else:
+        X, names, _ = _fixed_columns(spec, df, design.fixed_levels)
     return X[:, [names.index(n) for n in design.xnames]]
 
 
@@ -466,20 +526,26 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
     _check_columns(spec, data)
     if not spec.random:
         raise ModelError("the model has no random-effects term; add one such as (1|g) or || g:")
-    used = data[spec.variables]
+    variables = model_variables(spec, data.columns)
+    used = data[variables]
     complete = used.notna().all(axis=1).to_numpy()
     n_dropped = int((~complete).sum())
-    for v in spec.variables:
+    for v in variables:
         if data[v].isna().all():
             raise DataError(f"{_role(spec, v)} {v!r} is missing in every row")
     if not complete.any():
         raise DataError("no observations left after dropping rows with missing values")
     rows = np.flatnonzero(complete)
     df = used.iloc[rows].reset_index(drop=True)
-    _check_values(spec, df)
+    _check_values(spec, df, variables)
 
-    y = _numeric(df[spec.response], "response")
-    X, xnames, fixed_levels = _fixed_columns(spec, df)
+    encoders = None
+    if spec.options.get("fixed_formula"):
+        y, X, xnames, encoders = _formulaic_columns(spec, df)
+        fixed_levels = {}
+    else:
+        y = _numeric(df[spec.response], "response")
+        X, xnames, fixed_levels = _fixed_columns(spec, df)
     _check_magnitude(X, xnames, "fixed-effect column")
     X, xnames, omitted = _drop_collinear(X, xnames)
     if spec.syntax and len(y) <= X.shape[1]:
@@ -558,4 +624,4 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
     return Design(y=y, X=X, xnames=tuple(xnames), factors=tuple(factors), terms=tuple(terms),
                   n_theta=pos, group_summary=_summary(spec, df), n_dropped=n_dropped,
                   omitted=omitted, response=spec.response, rows=rows,
-                  fixed_levels=fixed_levels, fixed_basis=basis)
+                  fixed_levels=fixed_levels, fixed_basis=basis, fixed_encoder=encoders)

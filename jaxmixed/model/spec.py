@@ -96,9 +96,11 @@ class ModelSpec:
     @property
     def variables(self) -> list[str]:
         """Every data column the model reads (for the missing-value filter)."""
-        out: list[str] = [self.response]
+        fixed_formula = self.options.get("fixed_formula")
+        out: list[str] = list(self.options.get("response_variables", ())) if fixed_formula else [self.response]
         for t in self.fixed:
             out += [f.var for f in t.factors]
+        out += list(self.options.get("fixed_variables", ()))
         for r in self.random:
             out += list(r.group) + [c for c in r.columns if c != CONS]
         res = self.options.get("residuals")

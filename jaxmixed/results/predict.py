@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from jaxmixed.data.design import _group_codes, _numeric, fixed_matrix
+from jaxmixed.data.design import _group_codes, _numeric, fixed_matrix, model_variables, response_values
 from jaxmixed.errors import DataError, JaxmixedWarning
 from jaxmixed.model.spec import CONS
 
@@ -79,7 +79,9 @@ def predict(result, kind: str = "fitted", data: pd.DataFrame | None = None):
         X, y, index = des.X, des.y, des.rows
         df = None
     else:
-        need = [v for v in spec.variables if v != spec.response or kind in ("residuals", "rstandard")]
+        resp = set(spec.options.get("response_variables", (spec.response,)))
+        need = [v for v in model_variables(spec, data.columns)
+                if v not in resp or kind in ("residuals", "rstandard")]
         missing = [v for v in need if v not in data.columns]
         if missing:
             raise DataError(f"new data lack column(s) {', '.join(map(repr, missing))}")
@@ -87,7 +89,7 @@ def predict(result, kind: str = "fitted", data: pd.DataFrame | None = None):
         df = data.loc[ok, need].reset_index(drop=True)
         index = np.flatnonzero(ok)
         X = fixed_matrix(spec, des.schema, df)
-        y = _numeric(df[spec.response], "response") if spec.response in df else None
+        y = response_values(spec, des, df) if resp <= set(df.columns) else None
     xb = X @ result.beta
     if kind == "xb":
         return pd.Series(xb, index=index, name="xb")

@@ -429,9 +429,121 @@ def parse_formula(text: str) -> ModelSpec:
 
     Raises :class:`FormulaError` (with the position of the problem) for anything malformed.
     A formula without random-effects terms is returned as is; the fitting layer decides.
+
+    Expressions in the fixed part or the response that this parser does not know (``I(x**2)``,
+    R's ``I(x^2)``, ``log(x)``, ``np.log(x)``, ``poly(x, 2)``, ``scale(x)``, ``center(x)``,
+    splines, ``C(x, Treatment("b"))``, ``log(y) ~ ...``) go to formulaic (:func:`_with_formulaic`):
+    the random-effects terms stay with this parser, the fixed part and the response become a
+    formulaic formula in ``spec.options["fixed_formula"]``.
     """
     if not isinstance(text, str):
         raise FormulaError(f"a formula must be a string, not {type(text).__name__}")
     if not text.strip():
         raise FormulaError("empty formula", text, 0)
-    return _Parser(text).parse()
+    try:
+        return _Parser(text).parse()
+    except FormulaError as err:
+        if not _wants_formulaic(text, err):
+            raise
+        return _with_formulaic(text, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# expressions through formulaic
+
+
+def _top_level_split(text: str):
+    """(lhs, fixed part, [random-effects term texts]) of a formula, or None when its brackets
+    or '~' do not allow the split (the parser's own message is then the better one)."""
+    depth, tilde = 0, None
+    for i, ch in enumerate(text):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "~" and depth == 0:
+            if tilde is not None:
+                return None
+            tilde = i
+    if tilde is None or depth != 0:
+        return None
+    lhs, rhs = text[:tilde].strip(), text[tilde + 1:]
+    randoms, keep, i = [], [], 0
+    while i < len(rhs):
+        m = re.match(r"(us|diag|homdiag|homcs)?\s*\(", rhs[i:])
+        start_ok = not rhs[:i].rstrip() or rhs[:i].rstrip()[-1] in "+-~"
+        if m and start_ok:
+            j, depth, bar = i + m.end() - 1, 0, False
+            for k in range(j, len(rhs)):
+                depth += rhs[k] == "("
+                depth -= rhs[k] == ")"
+                if rhs[k] == "|" and depth == 1:
+                    bar = True
+                if depth == 0:
+                    break
+            if bar:
+                randoms.append(rhs[i:k + 1].strip())
+                i = k + 1
+                continue
+        keep.append(rhs[i])
+        i += 1
+    fixed = "".join(keep)
+    # drop the '+' signs left around the removed terms
+    fixed = re.sub(r"(\+\s*)+(?=\+|$)", "", fixed.strip())
+    fixed = re.sub(r"^\s*\+", "", fixed).strip()
+    return lhs, fixed, randoms
+
+
+_EXPRESSION = re.compile(r"[A-Za-z_][\w.]*\s*\(|\*\*|\^")
+
+
+def _wants_formulaic(text: str, err: FormulaError) -> bool:
+    """A formula this parser refused that holds an expression it does not know (a function
+    call, ``**`` or ``^``) in the fixed part or the response, while its random-effects terms
+    are plain: formulaic reads the fixed part instead."""
+    split = _top_level_split(text)
+    if split is None or not split[2]:
+        return False
+    lhs, fixed, _ = split
+    plain_lhs = re.fullmatch(r"[A-Za-z_.][\w.]*|`[^`]*`", lhs) is not None
+    return (not plain_lhs and bool(lhs)) or bool(_EXPRESSION.search(fixed))
+
+
+def _with_formulaic(text: str, err: FormulaError) -> ModelSpec:
+    split = _top_level_split(text)
+    if split is None:
+        raise err
+    lhs, fixed, randoms = split
+    if not randoms:
+        raise err
+    for r in randoms:  # the random-effects terms must be ours alone
+        inner = r[r.index("(") + 1:]
+        if re.search(r"[A-Za-z_][\w.]*\s*\(", inner):
+            raise FormulaError("expressions inside random-effects terms are not supported yet; add the "
+                               f"transformed variable to the data as a column (in {r})", text, text.find(r))
+    try:
+        import formulaic
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise err from None
+    # R's I(x^2) is Python's I(x**2) (^ is Python's exclusive or)
+    fixed_text = re.sub(r"\^", "**", fixed) if fixed else "1"
+    lhs_text = re.sub(r"\^", "**", lhs)
+    formula_text = f"{lhs_text} ~ {fixed_text}"
+    try:
+        parsed = formulaic.Formula(formula_text)
+        lhs_vars = sorted(formulaic.Formula(f"{lhs_text} ~ 1").required_variables)
+        rhs_vars = sorted(formulaic.Formula(fixed_text).required_variables)
+    except Exception as exc:  # noqa: BLE001 - formulaic's own errors, as a FormulaError
+        raise FormulaError(f"the fixed part cannot be read: {str(exc).splitlines()[0]}", text, 0) from None
+    if not lhs_vars:
+        raise FormulaError("the response must use a column of the data", text, 0)
+    ours = _Parser(f"{lhs_vars[0]} ~ 0 + " + " + ".join(randoms)).parse()
+    del parsed
+    # formulaic does not list the variables inside stateful transforms (poly, scale, bs, ...):
+    # every other identifier that is not a function, keyword or argument name may be a column
+    bare = re.sub(r"'[^']*'|\"[^\"]*\"", " ", fixed_text)
+    candidates = [m.group(0) for m in re.finditer(r"(?<![\w.])[A-Za-z_][\w.]*(?![\w.]*\s*[(=])", bare)
+                  if m.group(0) not in ("True", "False", "None") and m.group(0) not in rhs_vars]
+    return ModelSpec(response=lhs_text.strip(), intercept=False, fixed=(), random=ours.random, levels=ours.levels,
+                     syntax="formula", text=text,
+                     options={"fixed_formula": formula_text, "fixed_variables": tuple(rhs_vars),
+                              "fixed_candidates": tuple(dict.fromkeys(candidates)),
+                              "response_variables": tuple(lhs_vars)})
