@@ -87,6 +87,7 @@ class Schema:
     n_dropped: int
     group_summary: pd.DataFrame
     fixed_encoder: tuple = None
+    column_encoders: dict = None
 
     @property
     def p(self) -> int:
@@ -111,6 +112,7 @@ class Design:
     fixed_levels: dict  # levels of each categorical fixed-effect variable (for new data)
     fixed_basis: tuple = None  # (X̃, R₀⁻¹, log|R₀|²): see fixed_effects_basis
     fixed_encoder: tuple = None  # formulaic's model specs (response, fixed part) of a formulaic fixed part
+    column_encoders: dict = None  # formulaic's model spec of each random slope written as an expression
 
     @property
     def nobs(self) -> int:
@@ -123,7 +125,8 @@ class Design:
                       omitted=self.omitted,
                       factors=tuple(FactorSchema(f.group, f.n_levels, f.colnames, f.levels) for f in self.factors),
                       terms=self.terms, n_theta=self.n_theta, nobs=self.nobs, n_dropped=self.n_dropped,
-                      group_summary=self.group_summary, fixed_encoder=self.fixed_encoder)
+                      group_summary=self.group_summary, fixed_encoder=self.fixed_encoder,
+                      column_encoders=self.column_encoders)
 
     @property
     def p(self) -> int:
@@ -222,8 +225,41 @@ def model_variables(spec: ModelSpec, columns) -> list[str]:
     """Every column the model reads: ``spec.variables`` and, for a fixed part written with
     formulaic expressions, the identifiers inside stateful transforms (``poly(x, 2)``) that
     are columns of the data."""
-    extra = [c for c in spec.options.get("fixed_candidates", ()) if c in columns and c not in spec.variables]
+    cands = tuple(spec.options.get("fixed_candidates", ())) + tuple(spec.options.get("random_candidates", ()))
+    extra = [c for c in dict.fromkeys(cands) if c in columns and c not in spec.variables]
     return list(spec.variables) + extra
+
+
+def random_column(spec: ModelSpec, df: pd.DataFrame, c: str, encoders: dict | None = None) -> np.ndarray:
+    """The values of random-effects column ``c`` in the rows of ``df``: 1 for the intercept, the
+    column itself, or an expression (``log(x)``) evaluated by formulaic. ``encoders``: a dict of
+    the expressions' fitted model specs; filled in when fitting, read for new data (so that
+    ``scale(x)`` keeps the training centring)."""
+    if c == CONS:
+        return np.ones(len(df))
+    if c not in spec.options.get("random_expressions", ()):
+        return _numeric(df[c], "random-effects covariate")
+    import formulaic
+
+    try:
+        with np.errstate(all="ignore"):
+            if encoders is not None and c in encoders:
+                mm = encoders[c].get_model_matrix(df, na_action="ignore")
+            else:
+                mm = formulaic.model_matrix(f"0 + {c}", df, na_action="ignore")
+                if encoders is not None:
+                    encoders[c] = mm.model_spec
+    except Exception as exc:  # noqa: BLE001 - formulaic's errors, named as the data's
+        raise DataError(f"random-effects covariate {c!r} cannot be evaluated on the data: "
+                        f"{str(exc).splitlines()[0]}") from None
+    values = np.asarray(mm, dtype=float).reshape(len(df), -1)
+    if values.shape[1] != 1:
+        raise DataError(f"random-effects covariate {c!r} makes {values.shape[1]} columns; a random slope needs one "
+                        "(write each column as its own term)")
+    if not np.all(np.isfinite(values)):
+        raise DataError(f"random-effects covariate {c!r} has {int(np.sum(~np.isfinite(values)))} non-finite "
+                        "value(s) (from its expression)")
+    return values[:, 0]
 
 
 def _formulaic_columns(spec: ModelSpec, df: pd.DataFrame, encoders=None):
@@ -577,11 +613,12 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
                 f"grouping {':'.join(g)!r} has {len(levels)} level(s): a variance needs at least two groups")
         blocks[g] = dict(codes=codes, levels=levels, cols=[], names=[])
     placed = []
+    column_encoders: dict = {}
     for t in spec.random:
         b = blocks[t.group]
         start = len(b["names"])
         for c in t.columns:
-            b["cols"].append(np.ones(len(df)) if c == CONS else _numeric(df[c], "random-effects covariate"))
+            b["cols"].append(random_column(spec, df, c, column_encoders))
             b["names"].append(c)
         placed.append((t, start, len(b["names"])))
 
@@ -624,4 +661,5 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
     return Design(y=y, X=X, xnames=tuple(xnames), factors=tuple(factors), terms=tuple(terms),
                   n_theta=pos, group_summary=_summary(spec, df), n_dropped=n_dropped,
                   omitted=omitted, response=spec.response, rows=rows,
-                  fixed_levels=fixed_levels, fixed_basis=basis, fixed_encoder=encoders)
+                  fixed_levels=fixed_levels, fixed_basis=basis, fixed_encoder=encoders,
+                  column_encoders=column_encoders)

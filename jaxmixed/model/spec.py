@@ -102,7 +102,8 @@ class ModelSpec:
             out += [f.var for f in t.factors]
         out += list(self.options.get("fixed_variables", ()))
         for r in self.random:
-            out += list(r.group) + [c for c in r.columns if c != CONS]
+            exprs = self.options.get("random_expressions", ())
+            out += list(r.group) + [c for c in r.columns if c != CONS and c not in exprs]
         res = self.options.get("residuals")
         if res is not None:
             out += res.variables

@@ -11,9 +11,8 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from jaxmixed.data.design import _group_codes, _numeric, fixed_matrix, model_variables, response_values
+from jaxmixed.data.design import _group_codes, _numeric, fixed_matrix, model_variables, random_column, response_values
 from jaxmixed.errors import DataError, JaxmixedWarning
-from jaxmixed.model.spec import CONS
 
 KINDS = ("xb", "fitted", "reffects", "reses", "residuals", "rstandard")
 
@@ -57,8 +56,8 @@ def _row_effects(result, df: pd.DataFrame | None):
         lookup = fac.levels.get_indexer(levels_new)
         codes = lookup[codes_new]
         n_unseen += int(np.sum(codes < 0))
-        Z = np.column_stack([np.ones(len(df)) if c == CONS else _numeric(df[c], "random-effects covariate")
-                             for c in fac.colnames])
+        enc = dict(des.schema.column_encoders or {})  # (read only: a copy)
+        Z = np.column_stack([random_column(result.spec, df, c, enc) for c in fac.colnames])
         rows.append((codes, Z))
     return rows, n_unseen
 

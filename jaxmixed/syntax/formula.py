@@ -18,7 +18,7 @@ Grammar (``:`` binds tighter than ``*`` and ``/``, which bind tighter than ``+``
     contrast  := 'Treatment' ['(' [['reference' '='] literal] ')']
     literal   := ['-'] NUMBER | STRING
     rexpr     := ['+' | '-'] ritem (('+' | '-') ritem)*
-    ritem     := '0' | '1' | NAME                           plain variables only
+    ritem     := '0' | '1' | NAME | NAME '(' ... ')'           a variable, or an expression (formulaic)
     group     := names ('/' names)*                         a/b: a and a:b (nesting)
     names     := NAME (':' NAME)*                           a:b: the joint levels of a and b
 
@@ -114,6 +114,7 @@ class _Parser:
         self.text = text
         self.toks = _tokenize(text)
         self.i = 0
+        self.random_expressions: list[str] = []  # random slopes written as expressions, e.g. log(x)
 
     # -- helpers ---------------------------------------------------------------------------
     def peek(self, k: int = 0) -> _Token:
@@ -355,6 +356,26 @@ class _Parser:
             tok = self.peek()
             if tok.kind == "number" and tok.value in ("0", "1"):
                 intercept = (tok.value == "1") != (sign == "-")
+            elif tok.kind == "name" and self.is_call() and tok.value not in COV_FUNCTIONS and tok.value != "C":
+                # an expression such as log(x) or scale(x): evaluated by formulaic into one column
+                depth, j = 0, self.i + 1
+                while True:
+                    t = self.toks[j]
+                    if t.kind == "eof":
+                        self.fail(f"unclosed '(' after '{tok.value}'", self.toks[self.i + 1].pos)
+                    depth += t.kind == "("
+                    depth -= t.kind == ")"
+                    if depth == 0:
+                        break
+                    j += 1
+                expr = self.text[tok.pos:self.toks[j].pos + 1]
+                if sign == "-":
+                    self.fail("only the intercept can be removed with '-' (write '- 1')", tok.pos)
+                if expr in slopes:
+                    self.fail(f"'{expr}' appears twice in the random-effects term", tok.pos)
+                slopes.append(expr)
+                self.random_expressions.append(expr)
+                self.i = j
             elif tok.kind == "name" and self.is_call():
                 self.fail(f"random slopes must be plain variable names; '{tok.value}(...)' is not "
                           "allowed in a random-effects term", tok.pos)
@@ -421,7 +442,24 @@ class _Parser:
         levels = tuple(Level(":".join(g), g) for g in dict.fromkeys(t.group for t in random))
         return ModelSpec(response=response, intercept=intercept, fixed=tuple(fixed.values()),
                          random=tuple(random), levels=levels, syntax="formula", text=self.text,
-                         options={})
+                         options=_expression_options(self.random_expressions))
+
+
+def _identifiers(text: str) -> list[str]:
+    """The identifiers of an expression that may be data columns: not functions, keywords or
+    argument names (formulaic does not list the variables inside stateful transforms)."""
+    bare = re.sub(r"'[^']*'|\"[^\"]*\"", " ", text)
+    found = [m.group(0) for m in re.finditer(r"(?<![\w.])[A-Za-z_][\w.]*(?![\w.]*\s*[(=])", bare)
+             if m.group(0) not in ("True", "False", "None")]
+    return list(dict.fromkeys(found))
+
+
+def _expression_options(expressions) -> dict:
+    """Options for random slopes written as expressions (evaluated by formulaic in the design)."""
+    if not expressions:
+        return {}
+    return {"random_expressions": tuple(expressions),
+            "random_candidates": tuple(dict.fromkeys(v for e in expressions for v in _identifiers(e)))}
 
 
 def parse_formula(text: str) -> ModelSpec:
@@ -514,11 +552,6 @@ def _with_formulaic(text: str, err: FormulaError) -> ModelSpec:
     lhs, fixed, randoms = split
     if not randoms:
         raise err
-    for r in randoms:  # the random-effects terms must be ours alone
-        inner = r[r.index("(") + 1:]
-        if re.search(r"[A-Za-z_][\w.]*\s*\(", inner):
-            raise FormulaError("expressions inside random-effects terms are not supported yet; add the "
-                               f"transformed variable to the data as a column (in {r})", text, text.find(r))
     try:
         import formulaic
     except ImportError:  # pragma: no cover - a declared dependency
@@ -535,15 +568,14 @@ def _with_formulaic(text: str, err: FormulaError) -> ModelSpec:
         raise FormulaError(f"the fixed part cannot be read: {str(exc).splitlines()[0]}", text, 0) from None
     if not lhs_vars:
         raise FormulaError("the response must use a column of the data", text, 0)
-    ours = _Parser(f"{lhs_vars[0]} ~ 0 + " + " + ".join(randoms)).parse()
+    parser = _Parser(f"{lhs_vars[0]} ~ 0 + " + " + ".join(randoms))
+    ours = parser.parse()
     del parsed
     # formulaic does not list the variables inside stateful transforms (poly, scale, bs, ...):
     # every other identifier that is not a function, keyword or argument name may be a column
-    bare = re.sub(r"'[^']*'|\"[^\"]*\"", " ", fixed_text)
-    candidates = [m.group(0) for m in re.finditer(r"(?<![\w.])[A-Za-z_][\w.]*(?![\w.]*\s*[(=])", bare)
-                  if m.group(0) not in ("True", "False", "None") and m.group(0) not in rhs_vars]
+    candidates = [v for v in _identifiers(fixed_text) if v not in rhs_vars]
     return ModelSpec(response=lhs_text.strip(), intercept=False, fixed=(), random=ours.random, levels=ours.levels,
                      syntax="formula", text=text,
                      options={"fixed_formula": formula_text, "fixed_variables": tuple(rhs_vars),
                               "fixed_candidates": tuple(dict.fromkeys(candidates)),
-                              "response_variables": tuple(lhs_vars)})
+                              "response_variables": tuple(lhs_vars), **ours.options})
