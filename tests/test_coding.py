@@ -49,6 +49,9 @@ def test_stata_ib_freq_and_ibn(frame):
     codes = frame.assign(arm_n=frame.arm.map({"a": 1, "b": 2, "c": 3}))
     by_value = jm.mixed("y x ib2.arm_n || g:", codes)
     _same(freq, by_value)
+    assert [n for n in by_value.fixed.index if n.endswith(".arm_n")] == ["1.arm_n", "3.arm_n"]
+    dummies = frame.assign(a=(frame.arm == "a") * 1.0, c=(frame.arm == "c") * 1.0)
+    _same(by_value, jm.mixed("y x a c || g:", dummies))  # precomputed columns
     # ibn. without a constant: one mean per level, as lme4's 0 + arm
     ibn = jm.mixed("y x ibn.arm, noconstant || g:", frame)
     assert [n for n in ibn.fixed.index if n.endswith(".arm")] == ["a.arm", "b.arm", "c.arm"]
@@ -96,3 +99,16 @@ def test_lme4_codings_with_categoricals_in_r_order(case, formula, column):
         got = r.fixed.loc[names.get(name, name)]
         assert got.coef == pytest.approx(value, rel=1e-4, abs=1e-6)
         assert got.se == pytest.approx(ref["se"][name], rel=1e-3)
+
+
+def test_booleans_and_integers_as_categories_where_asked(frame):
+    d = frame.assign(late=frame.x > 0.3, k=(np.arange(len(frame)) % 3).astype(int))
+    a = jm.fit("y ~ C(late) + C(k) + (1|g)", d)
+    assert list(a.fixed.index) == ["late[T.True]", "k[T.1]", "k[T.2]", "_cons"]
+    b = jm.mixed("y i.late i.k || g:", d, method="reml")
+    assert list(b.fixed.index) == ["True.late", "1.k", "2.k", "_cons"]
+    c = jm.fit("y ~ t + k1 + k2 + (1|g)", d.assign(t=d.late * 1.0, k1=(d.k == 1) * 1.0, k2=(d.k == 2) * 1.0))
+    _same(a, c)
+    _same(b, c)
+    # an integer column without C() is a number, as in R and statsmodels
+    assert list(jm.fit("y ~ k + (1|g)", d).fixed.index) == ["k", "_cons"]

@@ -64,6 +64,12 @@ def test_poly_spans_the_polynomial(pig):
     assert a.loglik == pytest.approx(b.loglik, rel=1e-10)
     assert list(a.fixed.index) == ["poly(week, 2)[1]", "poly(week, 2)[2]", "_cons"]
     np.testing.assert_allclose(a.predict("xb").to_numpy(), b.predict("xb").to_numpy(), rtol=1e-9)
+    # the same basis by hand (orthonormal polynomials, as R's poly: QR of [1, x, x²], signs by R's diagonal)
+    V = np.vander(pig.week.to_numpy(dtype=float), 3, increasing=True)
+    Q, R = np.linalg.qr(V)
+    P = Q[:, 1:] * np.sign(np.diag(R)[1:])
+    c = jm.fit("weight ~ p1 + p2 + (1|id)", pig.assign(p1=P[:, 0], p2=P[:, 1]))
+    _same(jm.fit("weight ~ poly(week, 2) + (1|id)", pig), c)
 
 
 def test_treatment_reference_by_expression(pig):
