@@ -426,6 +426,10 @@ class MarginalEngine:
     name = "marginal"
     quasi_newton = False
     supports_batched = False
+    # its optimiser is compiled by plain jax.jit, as before the engine interface: the jax.export
+    # path crashed XLA's CPU compiler once on an AR(1) fit (a segfault in backend_compile, not
+    # reproduced in later runs) and this engine's programs were never kept on disk
+    keep_programs = False
 
     @property
     def n_params(self) -> int:

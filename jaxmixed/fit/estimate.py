@@ -8,6 +8,7 @@ disk by :mod:`jaxmixed.runtime.programs`, so a fresh process neither traces nor 
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from jaxmixed.fit.optimizers import OptResult, minimize_scaled
@@ -16,13 +17,23 @@ from jaxmixed.runtime import programs
 from jaxmixed.runtime.devices import host_array
 
 
-@programs.cached(static_argnames=("engine", "max_iter"))
+def _optimize(x0, lower, data, engine, reml, unit, max_iter: int = 200) -> OptResult:
+    return minimize_scaled(engine.deviance, x0, lower, unit, (data, reml), quasi_newton=engine.quasi_newton,
+                           max_iter=max_iter)
+
+
+_kept = programs.cached(_optimize, static_argnames=("engine", "max_iter"))
+_jitted = jax.jit(_optimize, static_argnames=("engine", "max_iter"))
+
+
 def optimize(x0, lower, data, engine, reml, unit, max_iter: int = 200) -> OptResult:
     """Minimise ``engine.deviance`` over x ≥ lower, in units ``unit`` (one compiled program per
     engine shape; ML and REML share it, ``reml`` being traced). Projected Newton with the exact
-    Hessian; projected BFGS where the engine says Hessians are costly (``engine.quasi_newton``)."""
-    return minimize_scaled(engine.deviance, x0, lower, unit, (data, reml), quasi_newton=engine.quasi_newton,
-                           max_iter=max_iter)
+    Hessian; projected BFGS where the engine says Hessians are costly (``engine.quasi_newton``).
+    The program is kept on disk (``runtime.programs``) for engines that allow it
+    (``engine.keep_programs``), else compiled by plain ``jax.jit`` in each process."""
+    program = _kept if getattr(engine, "keep_programs", True) else _jitted
+    return program(x0, lower, data, engine, reml, unit, max_iter=max_iter)
 
 
 def best_fit(engine, data, reml: bool, start: np.ndarray, lower: np.ndarray, unit: np.ndarray, terms,
