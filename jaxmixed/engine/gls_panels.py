@@ -426,9 +426,10 @@ class MarginalEngine:
     name = "marginal"
     quasi_newton = False
     supports_batched = False
-    # its optimiser is compiled by plain jax.jit, as before the engine interface: the jax.export
-    # path crashed XLA's CPU compiler once on an AR(1) fit (a segfault in backend_compile, not
-    # reproduced in later runs) and this engine's programs were never kept on disk
+    # its optimiser is compiled by plain jax.jit, as it was before the engine interface (its
+    # programs were never kept on disk). A clean-clone test run crashed XLA's CPU compiler on an
+    # AR(1) fit late in the suite, once through jax.export and once through plain jax.jit; the
+    # suite now drops in-memory compiled programs after each module (tests/conftest.py)
     keep_programs = False
 
     @property
