@@ -362,6 +362,12 @@ def hessian_eta(eta, data: PLSArrays, shape: ModelShape, reml):
     return -0.5 * (J.T @ H_x @ J + curvature)
 
 
+def residual_rows(variance: bool) -> list[tuple[str, str]]:
+    """The reporting-metric row of R = σ²I after the terms' rows: ln σ, shown as sd(Residual)
+    (var(Residual) with ``variance``)."""
+    return [("var(Residual)" if variance else "sd(Residual)", "sd")]
+
+
 # ---------------------------------------------------------------------------------------------
 # the engine interface
 
@@ -420,7 +426,7 @@ class PLSEngine:
 
     def residual_rows(self, variance: bool) -> list[tuple[str, str]]:
         """(name, kind) of the reporting-metric entries after the terms'."""
-        return [("var(Residual)" if variance else "sd(Residual)", "sd")]
+        return residual_rows(variance)
 
     @property
     def n_variance_params(self) -> int:

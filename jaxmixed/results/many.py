@@ -10,12 +10,8 @@ import pandas as pd
 
 from jaxmixed.inference import distributions as sps
 from jaxmixed.inference.tables import component_layout, component_values, covariances_from_hessians
+from jaxmixed.engine.pls import residual_rows
 from jaxmixed.model.covariance import is_singular
-
-
-def PLS_RESIDUAL(variance: bool):
-    """The residual row of an independent-errors fit (as ``PLSEngine.residual_rows``)."""
-    return [("var(Residual)" if variance else "sd(Residual)", "sd")]
 
 
 @dataclass(frozen=True)
@@ -97,7 +93,7 @@ def summarise(design: Design, raw: dict, names: Sequence, reml: bool, level: flo
         "response": np.repeat(names, p), "term": np.tile(design.xnames, k),
         "coef": beta.ravel(), "se": se.ravel(), "z": zs.ravel(), "p": (2 * sps.norm.sf(np.abs(zs))).ravel(),
         "ci_lower": (beta - z * se).ravel(), "ci_upper": (beta + z * se).ravel()})
-    layout = component_layout(design.terms, variance, PLS_RESIDUAL(variance))
+    layout = component_layout(design.terms, variance, residual_rows(variance))
     est, vse, lo, hi = component_values(raw["eta"], layout, cov_eta, z)
     nr = len(layout)
     random = pd.DataFrame({
