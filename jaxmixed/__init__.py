@@ -27,6 +27,7 @@ from jaxmixed.data import datasets  # noqa: E402
 from jaxmixed.inference.compare import LRTest, lrtest  # noqa: E402
 from jaxmixed.errors import DataError, FormulaError, JaxmixedError, JaxmixedWarning, ModelError  # noqa: E402
 from jaxmixed.api.fit import fit, fit_spec, mixed, xtmixed  # noqa: E402
+from jaxmixed.api.glmm import mecloglog, meglm, melogit, menbreg, meprobit, mepoisson  # noqa: E402
 from jaxmixed.syntax.formula import parse_formula  # noqa: E402
 from jaxmixed.model.residuals import ar, banded, exchangeable, exponential, independent, ma, toeplitz, unstructured  # noqa: E402
 from jaxmixed.results.fitresult import FitResult  # noqa: E402
@@ -62,6 +63,6 @@ def __dir__():
 __all__ = [
     "DataError", "FitResult", "LRTest", "lrtest", "FormulaError", "JaxmixedError", "JaxmixedWarning", "ModelError",
     "ar", "banded", "exchangeable", "exponential", "independent", "ma", "toeplitz", "unstructured",
-    "datasets", "fit", "fit_spec", "mixed", "parse_formula", "parse_stata", "xtmixed",
+    "datasets", "fit", "fit_spec", "meglm", "melogit", "meprobit", "mecloglog", "mepoisson", "menbreg", "mixed", "parse_formula", "parse_stata", "xtmixed",
     "BootstrapLRTest", "BootstrapResult", "ManyResult", "bootstrap_lrtest", "fit_many", "functional",
 ]

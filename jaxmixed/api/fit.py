@@ -16,7 +16,7 @@ from jaxmixed.data.crossprod import cross_products
 from jaxmixed.data.design import Design, build_design
 from jaxmixed.data.pattern import build_pattern
 from jaxmixed.engine import pls
-from jaxmixed.errors import ModelError, warn
+from jaxmixed.errors import DataError, ModelError, warn
 from jaxmixed.fit.estimate import best_fit, optimize
 from jaxmixed.fit.search import moment_start
 from jaxmixed.inference import distributions, tables
@@ -68,10 +68,37 @@ def _terms(shape):
     return [(t.structure, t.theta) for t in shape.terms]
 
 
+WEIGHTS_COLUMN = "_jm_weights"
+
+
+def _with_weights(spec: ModelSpec, data: pd.DataFrame, weights):
+    """The spec and data with the prior weights in a column the missing-value filter reads."""
+    if isinstance(weights, str):
+        if weights not in data.columns:
+            raise DataError(f"weights {weights!r} is not a column of the data")
+        w = pd.to_numeric(data[weights], errors="coerce").to_numpy(dtype=float)
+    else:
+        w = np.asarray(weights, dtype=float).reshape(-1)
+        if w.shape[0] != len(data):
+            raise DataError(f"weights has {w.shape[0]} values but the data have {len(data)} rows")
+    fin = np.isfinite(w)
+    if np.any(w[fin] <= 0) or np.any(np.isinf(w)):
+        raise DataError(f"weights must be positive and finite; {int(np.sum(w[fin] <= 0) + np.sum(np.isinf(w)))} "
+                        "are not")
+    data = data.copy(deep=False)
+    data[WEIGHTS_COLUMN] = w
+    aux = tuple(spec.options.get("aux_variables", ())) + (WEIGHTS_COLUMN,)
+    return replace(spec, options={**spec.options, "aux_variables": aux, "weighted": True}), data
+
+
 def fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str = "reml", *, variance: bool = False,
              level: float = 95.0, start=None, display: dict | None = None,
-             residuals=None, device=None, engine: str = "auto") -> FitResult:
+             residuals=None, device=None, engine: str = "auto", weights=None) -> FitResult:
     """Fit a model description to data.
+
+    ``weights``: lme4's prior (precision) weights, a column name or an array with one positive
+    value per row: row i has residual variance σ²/wᵢ, and the log likelihood includes
+    ½ Σ log wᵢ, as lme4's ``weights=`` (rows with a missing weight are dropped).
 
     ``engine``: "auto" (chosen from the design), "dense" or "sparse": the layout of the
     penalised-least-squares engine (:mod:`jaxmixed.engine.pls`).
@@ -90,12 +117,14 @@ def fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str = "reml", *, varia
 
     with runtime.fit_blas_threads():  # one OpenBLAS thread while the programs run (runtime docstring)
         return _fit_spec(spec, data, method, variance=variance, level=level, start=start, display=display,
-                         residuals=residuals, device=device, engine=engine)
+                         residuals=residuals, device=device, engine=engine, weights=weights)
 
 
 def _fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str, *, variance: bool, level: float, start,
-              display: dict | None, residuals, device, engine) -> FitResult:
+              display: dict | None, residuals, device, engine, weights=None) -> FitResult:
     reml = method_is_reml(method)
+    if weights is not None:
+        spec, data = _with_weights(spec, data, weights)
     from jaxmixed.runtime.devices import put, resolve_device
 
     dev = resolve_device(device)
@@ -104,12 +133,16 @@ def _fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str, *, variance: boo
     residuals = spec.options.get("residuals")
     level = check_level(level)
     design = build_design(spec, data)
+    w = None if weights is None else data[WEIGHTS_COLUMN].to_numpy(dtype=float)[design.rows]
+    if w is not None and not (residuals is None or residuals.is_default):
+        raise ModelError("weights= cannot be combined with a residual structure (residuals=)")
+    half_log_w = 0.0 if w is None else 0.5 * float(np.sum(np.log(w)))
     if reml and design.nobs <= design.p:
         raise ModelError(f"REML needs more observations ({design.nobs}) than fixed effects ({design.p})")
     pattern = build_pattern(design)
     shape = pls.shape_of(design, pattern, engine)
     eng = pls.PLSEngine(shape)
-    cp = cross_products(design, pattern)
+    cp = cross_products(design, pattern, weights=w)
     arrays = put(pls.arrange(cp, shape, pattern, basis=design.fixed_basis[1:]), dev)
     # a residual structure's fit (the marginal engine) replaces this one's variance components
     independent = residuals is None or residuals.is_default
@@ -147,10 +180,11 @@ def _fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str, *, variance: boo
         converged = bool(opt.converged) and (vc.singular or vc.hessian_ok)
         nonconv = "convergence not achieved (per-panel engine)"
     singular = vc.singular
-    loglik = -0.5 * float(opt.fun)
+    loglik = -0.5 * float(opt.fun) + half_log_w
     fixed = tables.fixed_table(design.xnames, sol.beta, sol.cov_beta, level)
-    lr = tables.lr_vs_linear(loglik, tables.linear_loglik(arrays, design.p, reml), fitted_engine.n_variance_params)
-    history = np.asarray(opt.history)[: int(opt.n_iter) + 1]
+    lr = tables.lr_vs_linear(loglik, tables.linear_loglik(arrays, design.p, reml) + half_log_w,
+                             fitted_engine.n_variance_params)
+    history = np.asarray(opt.history)[: int(opt.n_iter) + 1] - 2.0 * half_log_w
     notes = []
     if design.n_dropped:
         notes.append(f"{design.n_dropped} observation(s) dropped because of missing values")
@@ -180,7 +214,8 @@ def _fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str, *, variance: boo
 
 
 def fit(formula: str, data: pd.DataFrame, method: str = "reml", *, variance: bool = False,
-        level: float = 95.0, start=None, residuals=None, device=None, engine: str = "auto") -> FitResult:
+        level: float = 95.0, start=None, residuals=None, device=None, engine: str = "auto",
+        family=None, link=None, nagq: int = 1, weights=None, offset=None) -> FitResult:
     """Fit an lme4/glmmTMB-style formula, e.g. ``"y ~ x + (1 + x | g)"``, by REML or ML.
 
     ``device``: a ``jax.Device`` or a string ("cpu", "gpu", "cuda:1", …) to run on; default
@@ -188,11 +223,36 @@ def fit(formula: str, data: pd.DataFrame, method: str = "reml", *, variance: boo
 
     ``residuals=jm.ar(1, time="week")`` (or exchangeable, ma, toeplitz, exponential, unstructured,
     banded, independent(by=...)) models correlated or heteroskedastic errors within panels.
+
+    ``family`` ("binomial"/"bernoulli", "poisson", "negbinomial", "gamma", "gaussian") and
+    ``link`` fit a generalized linear mixed model by maximum likelihood, Laplace (``nagq=1``) or
+    adaptive Gauss-Hermite quadrature with ``nagq`` points per random effect
+    (:mod:`jaxmixed.api.glmm`): ``cbind(successes, failures) ~ ...``, ``offset(expr)`` terms,
+    ``weights=`` (lme4's prior weights: binomial trials for a proportion response, precision
+    weights for the Gaussian family) and ``offset=`` (a column name or an array).
     """
     from jaxmixed.syntax.formula import parse_formula
 
+    if family is not None or link is not None:
+        from jaxmixed.api import glmm
+        from jaxmixed.model.family import family_of, link_of
+
+        fam = family_of("gaussian" if family is None else family)
+        if not (fam.name == "gaussian" and link_of(fam, link) == "identity"):
+            if residuals is not None:
+                raise ModelError("residuals= is for linear mixed models; a GLMM's residuals follow its family")
+            if method not in ("reml", "ml", "mle") and method is not None:
+                raise ModelError(f"method must be 'ml' for a GLMM, not {method!r}")
+            return glmm.fit_formula(formula, data, fam, link, nagq=nagq, weights=weights, offset=offset,
+                                    variance=variance, level=level, start=start, device=device)
+    if nagq != 1:
+        raise ModelError("nagq= is for generalized linear mixed models (give family=); a linear mixed model's "
+                         "likelihood is exact")
+    if offset is not None:
+        raise ModelError("offset= is for generalized linear mixed models (give family=); for a linear model "
+                         "subtract the offset from the response")
     return fit_spec(parse_formula(formula), data, method, variance=variance, level=level, start=start,
-                    residuals=residuals, device=device, engine=engine)
+                    residuals=residuals, device=device, engine=engine, weights=weights)
 
 
 def _stata(command: str, data: pd.DataFrame, default_method: str, overrides: dict) -> FitResult:
@@ -200,6 +260,16 @@ def _stata(command: str, data: pd.DataFrame, default_method: str, overrides: dic
 
     spec = parse_stata(command)
     opts = dict(spec.options)
+    if opts.get("family") or opts.get("link"):  # the talk's "family() and link() options"
+        from jaxmixed.api import glmm
+        from jaxmixed.model.family import family_of, link_of
+
+        fam = family_of(opts.get("family") or "gaussian")
+        if not (fam.name == "gaussian" and link_of(fam, opts.get("link")) == "identity"):
+            if overrides.pop("method", None) not in (None, "ml", "mle") or opts.get("method") == "reml":
+                raise ModelError("a generalized linear mixed model is fitted by maximum likelihood, not REML")
+            overrides.pop("engine", None)
+            return glmm.fit_stata(command, data, **overrides)
     method = overrides.pop("method", None) or opts.get("method") or default_method
     variance = overrides.pop("variance", None)
     if variance is None:

@@ -227,7 +227,8 @@ def model_variables(spec: ModelSpec, columns) -> list[str]:
     are columns of the data."""
     cands = tuple(spec.options.get("fixed_candidates", ())) + tuple(spec.options.get("random_candidates", ()))
     extra = [c for c in dict.fromkeys(cands) if c in columns and c not in spec.variables]
-    return list(spec.variables) + extra
+    aux = [c for c in spec.options.get("aux_variables", ()) if c not in spec.variables and c not in extra]
+    return list(spec.variables) + extra + aux
 
 
 def random_column(spec: ModelSpec, df: pd.DataFrame, c: str, encoders: dict | None = None) -> np.ndarray:
@@ -595,7 +596,9 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
     if omitted:
         warn(f"{', '.join(omitted)} omitted because of collinearity")
     basis = fixed_effects_basis(X)
-    _check_response(y, basis[0], xnames, spec.response)
+    glmm = bool(spec.options.get("glmm"))  # a GLMM's response is checked by its family
+    if not glmm:
+        _check_response(y, basis[0], xnames, spec.response)
 
     # One factor block per distinct grouping; terms sharing it are concatenated in spec order.
     groups: list[tuple[str, ...]] = []
@@ -624,7 +627,7 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
 
     for t, start, stop in placed:
         n_re = len(blocks[t.group]["levels"]) * t.q
-        if n_re >= len(y):
+        if n_re >= len(y) and not glmm:  # (a GLMM may have one effect per row: overdispersion)
             raise DataError(
                 f"{len(y)} observations for {n_re} random effects in the term {_term(t)} "
                 f"({len(blocks[t.group]['levels'])} groups × {t.q}): "

@@ -48,29 +48,60 @@ class Factorization(NamedTuple):
     pwrss: jnp.ndarray  # r²(θ)
 
 
+class RandomFactor(NamedTuple):
+    """The random-effects part of L: L = [[L₁, 0], [Wᵀ, L₂₂]] with LLᵀ = ΛᵀZᵀZΛ + I (weighted
+    cross-products give ΛᵀZᵀWZΛ + I, the penalised Hessian of a GLMM's PIRLS step)."""
+
+    L1: jnp.ndarray  # (L₁, q₁, q₁)
+    W: jnp.ndarray  # (L₁, q₁, m₂)
+    L22: jnp.ndarray  # (m₂, m₂)
+    logdet: jnp.ndarray  # log|L|²
+
+
+def factorize_random(data, shape, lams) -> RandomFactor:
+    """The blocked Cholesky factor of ΛᵀZᵀZΛ + I alone (no fixed effects, no response)."""
+    lam1 = lams[0]
+    C1 = jnp.einsum("ji,ljk,kh->lih", lam1, data.D11, lam1) + jnp.eye(shape.q[0])
+    L1 = kernels.cholesky(C1)
+    logdet = logdet_from_chol_diag(jnp.diagonal(L1, axis1=1, axis2=2))
+    if not shape.m2:
+        return RandomFactor(L1, data.A21, data.A22, logdet)
+    B = _rest_cols(jnp.einsum("ji,ljm->lim", lam1, data.A21), lams, shape)
+    W = kernels.solve_lower(L1, B)
+    C22 = _rest_cols(_rest_rows(data.A22, lams, shape), lams, shape)
+    C22 = C22 + jnp.eye(shape.m2) - jnp.einsum("lim,lin->mn", W, W)
+    L22 = kernels.cholesky(C22, shape.kernels)
+    return RandomFactor(L1, W, L22, logdet + logdet_from_chol_diag(jnp.diagonal(L22)))
+
+
+def solve_random(f: RandomFactor, r1, r2, shape):
+    """(x₁, x₂) with LLᵀ [x₁; x₂] = [r₁; r₂] (r₁ (L₁, q₁), r₂ (m₂,)): forward then back
+    substitution through the blocked factor."""
+    y1 = kernels.solve_lower(f.L1, r1[..., None])[..., 0]
+    if shape.m2:
+        y2 = kernels.solve_lower(f.L22, (r2 - jnp.einsum("lim,li->m", f.W, y1))[:, None], shape.kernels)[:, 0]
+        x2 = kernels.solve_lower_t(f.L22, y2[:, None], shape.kernels)[:, 0]
+        y1 = y1 - jnp.einsum("lim,m->li", f.W, x2)
+    else:
+        x2 = r2
+    return kernels.solve_lower_t(f.L1, y1[..., None])[..., 0], x2
+
+
 def factorize(theta, data, shape, lams) -> Factorization:
     """Blocked Cholesky of the penalised system at θ (see the module docstring)."""
     pol = shape.kernels
     lam1 = lams[0]
-    q1 = shape.q[0]
-    C1 = jnp.einsum("ji,ljk,kh->lih", lam1, data.D11, lam1) + jnp.eye(q1)
-    L1 = kernels.cholesky(C1)
+    rf = factorize_random(data, shape, lams)
+    L1, W, L22, logdet_L = rf
     c1 = jnp.einsum("ji,ljr->lir", lam1, data.Z1W)
     r1 = kernels.solve_lower(L1, c1)
     M = data.WW - jnp.einsum("lir,lis->rs", r1, r1)
-    logdet_L = logdet_from_chol_diag(jnp.diagonal(L1, axis1=1, axis2=2))
     if shape.m2:
-        B = _rest_cols(jnp.einsum("ji,ljm->lim", lam1, data.A21), lams, shape)
-        W = kernels.solve_lower(L1, B)
-        C22 = _rest_cols(_rest_rows(data.A22, lams, shape), lams, shape)
-        C22 = C22 + jnp.eye(shape.m2) - jnp.einsum("lim,lin->mn", W, W)
-        L22 = kernels.cholesky(C22, pol)
         c2 = _rest_rows(data.Z2W, lams, shape) - jnp.einsum("lim,lir->mr", W, r1)
         r2 = kernels.solve_lower(L22, c2, pol)
         M = M - r2.T @ r2
-        logdet_L = logdet_L + logdet_from_chol_diag(jnp.diagonal(L22))
     else:
-        W, L22, r2 = data.A21, data.A22, data.Z2W
+        r2 = data.Z2W
     LM = kernels.cholesky(M, pol)
     p = shape.p
     logdet_RX = logdet_from_chol_diag(jnp.diagonal(LM)[:p])

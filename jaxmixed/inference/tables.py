@@ -123,6 +123,8 @@ _FORWARD = {
     "var": (lambda x: np.exp(2 * x), lambda x: 2 * np.exp(2 * x)),
     "corr": (np.tanh, lambda x: 1 - np.tanh(x) ** 2),
     "free": (lambda x: x, lambda x: np.ones_like(x)),
+    "exp": (np.exp, np.exp),  # a scale reported as e^η, whatever ``variance`` says
+    "exp_neg": (lambda x: np.exp(-x), lambda x: -np.exp(-x)),  # its reciprocal
     "logit": (lambda x: 0.5 * (1.0 + np.tanh(0.5 * x)),  # 1/(1+e^-x), without overflow
               lambda x: 0.25 * (1.0 - np.tanh(0.5 * x) ** 2)),
 }

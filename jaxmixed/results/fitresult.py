@@ -58,6 +58,16 @@ class FitResult:
     solution: Any = field(repr=False)
     cov_eta: Any = field(repr=False)
     display: dict = field(default_factory=dict, repr=False)
+    family: str | None = None  # GLMMs: the family ("binomial", ...); None for linear models
+    link: str | None = None
+    nagq: int | None = None  # 1: Laplace; > 1: adaptive Gauss-Hermite points per dimension
+    cov_params: Any = field(default=None, repr=False)  # GLMMs: Cov of (β, each term's η, s)
+
+    @property
+    def lr_vs_fixed(self) -> tuple:
+        """(stat, df, p, kind): LR test against the model without random effects (the linear
+        regression, or the GLM of a GLMM)."""
+        return self.lr_vs_linear
 
     @property
     def n_params(self) -> int:

@@ -579,3 +579,89 @@ def _with_formulaic(text: str, err: FormulaError) -> ModelSpec:
                      options={"fixed_formula": formula_text, "fixed_variables": tuple(rhs_vars),
                               "fixed_candidates": tuple(dict.fromkeys(candidates)),
                               "response_variables": tuple(lhs_vars), **ours.options})
+
+
+# ---------------------------------------------------------------------------------------------
+# GLMM parts of a formula: cbind(successes, failures) responses and offset(...) terms
+
+#: the column name a GLMM's response is read from once its expression is evaluated
+RESPONSE_COLUMN = "_jm_response"
+
+
+def _closing(text: str, start: int) -> int:
+    """Index of the ')' matching the '(' at ``start`` (-1 if none)."""
+    depth = 0
+    for k in range(start, len(text)):
+        depth += text[k] == "("
+        depth -= text[k] == ")"
+        if depth == 0:
+            return k
+    return -1
+
+
+def _split_args(inner: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in inner:
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts]
+
+
+def glm_parts(text: str):
+    """(formula, response, offsets) of a GLMM formula: ``formula`` with the response replaced by
+    :data:`RESPONSE_COLUMN` and every top-level ``offset(expr)`` term removed; ``response`` the
+    response text, or (successes, failures) expressions for ``cbind(s, f)``; ``offsets`` the
+    offset expressions. FormulaError (with the position) for a malformed ``cbind`` or
+    ``offset``."""
+    if not isinstance(text, str):
+        raise FormulaError(f"a formula must be a string, not {type(text).__name__}")
+    depth, tilde = 0, None
+    for i, ch in enumerate(text):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "~" and depth == 0:
+            tilde = i
+            break
+    if tilde is None:
+        raise FormulaError("a formula needs '~' between the response and the model", text, len(text))
+    lhs, rhs = text[:tilde].strip(), text[tilde + 1:]
+    if not lhs:
+        raise FormulaError("the formula has no response before '~'", text, 0)
+    response = lhs
+    m = re.fullmatch(r"cbind\s*\((.*)\)", lhs, flags=re.S)
+    if m:
+        args = _split_args(m.group(1))
+        if len(args) != 2 or not all(args):
+            raise FormulaError("cbind() needs two arguments: cbind(successes, failures)", text, text.index("cbind"))
+        response = (args[0], args[1])
+    offsets, keep, i = [], [], 0
+    while i < len(rhs):
+        mo = re.match(r"offset\s*\(", rhs[i:])
+        before = "".join(keep).rstrip()
+        if mo and (not before or before[-1] in "+~"):
+            j = _closing(rhs, i + mo.end() - 1)
+            if j < 0:
+                raise FormulaError("unclosed '(' in offset()", text, tilde + 1 + i)
+            expr = rhs[i + mo.end():j].strip()
+            if not expr:
+                raise FormulaError("offset() needs an expression", text, tilde + 1 + i)
+            offsets.append(expr)
+            while keep and keep[-1].isspace():
+                keep.pop()
+            if keep and keep[-1] == "+":
+                keep.pop()
+            i = j + 1
+            continue
+        keep.append(rhs[i])
+        i += 1
+    rest = "".join(keep).strip()
+    rest = re.sub(r"^\+\s*", "", rest)
+    if not rest:
+        rest = "1"
+    return f"{RESPONSE_COLUMN} ~ {rest}", response, offsets

@@ -44,7 +44,7 @@ from jaxmixed.model.spec import CONS, Factor, FixedTerm, Level, ModelSpec, Rando
 
 __all__ = ["parse_stata"]
 
-_COMMANDS = ("xtmixed", "mixed")
+_COMMANDS = ("xtmixed", "mixed", "meglm", "melogit", "meprobit", "mecloglog", "mepoisson", "menbreg")
 _TOKEN = re.compile(
     r"(?P<ws>\s+|///[^\n]*(?:\n|$))"
     r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
@@ -68,7 +68,19 @@ _OPTIONS = {
     "nolrtest": (4, False),
     "level": (1, True),
     "residuals": (3, True),
+    # generalized linear mixed models (meglm and the me* commands)
+    "family": (2, True),
+    "link": (4, True),
+    "binomial": (5, True),
+    "offset": (6, True),
+    "exposure": (3, True),
+    "intpoints": (6, True),
+    "intmethod": (7, True),
+    "or": (2, False),
+    "irr": (3, False),
+    "eform": (5, False),
 }
+_INTMETHODS = {"mvaghermite": 2, "ghermite": 2, "laplace": 2, "mcaghermite": 2}
 # global option -> (ModelSpec.options key, value); level() is handled separately
 _GLOBAL = {
     "reml": ("method", "reml"),
@@ -387,7 +399,10 @@ class _Parser:
             self.options["residuals"] = from_stata(words, self.text)
             self.written["residuals"] = opt.word
             return
-        if opt.name == "level":
+        if opt.name in ("family", "link", "binomial", "offset", "exposure", "intpoints", "intmethod",
+                        "or", "irr", "eform"):
+            key, value = self.glm_option(opt)
+        elif opt.name == "level":
             arg = opt.args[0]
             if len(opt.args) != 1 or arg.kind != "num" or not 10 <= float(arg.value) <= 99.99:
                 self.error("level() needs a number between 10 and 99.99", arg.pos)
@@ -398,6 +413,48 @@ class _Parser:
             self.error(f"option {opt.word} conflicts with {self.written[key]}", opt.pos)
         self.options[key] = value
         self.written[key] = opt.word
+
+    def glm_option(self, opt: _Opt) -> tuple[str, object]:
+        """(options key, value) of a GLMM option: family(name [n|varname]), link(name),
+        binomial(n|varname), offset(varname), exposure(varname), intpoints(#),
+        intmethod(mvaghermite|ghermite|laplace), or / irr / eform."""
+        args = opt.args or ()
+        if opt.name in ("or", "irr", "eform"):
+            return "eform", True
+        if opt.name == "family":
+            if args[0].kind != "name":
+                self.error("family() needs a family name such as bernoulli, binomial, poisson, nbinomial, "
+                           "gamma or gaussian", args[0].pos)
+            fam = args[0].value.lower()
+            if len(args) > 1:
+                if fam != "binomial" or len(args) != 2 or args[1].kind not in ("num", "name"):
+                    self.error("only family(binomial n) or family(binomial varname) takes a second word", args[1].pos)
+                self.options["binomial_n"] = float(args[1].value) if args[1].kind == "num" else args[1].value
+            return "family", fam
+        if opt.name == "binomial":
+            if len(args) != 1 or args[0].kind not in ("num", "name"):
+                self.error("binomial() needs the number of trials or the variable holding them", opt.pos)
+            return "binomial_n", float(args[0].value) if args[0].kind == "num" else args[0].value
+        if opt.name in ("offset", "exposure"):
+            if len(args) != 1 or args[0].kind != "name":
+                self.error(f"{opt.name}() needs one variable name", opt.pos)
+            return opt.name, args[0].value
+        if opt.name == "intpoints":
+            if len(args) != 1 or args[0].kind != "num" or not float(args[0].value).is_integer() \
+                    or not 1 <= int(float(args[0].value)) <= 128:
+                self.error("intpoints() needs a whole number between 1 and 128", opt.pos)
+            return "nagq", int(float(args[0].value))
+        if opt.name == "intmethod":
+            word = args[0].value if len(args) == 1 and args[0].kind == "name" else ""
+            name = _abbrev(word, _INTMETHODS)
+            if name is None:
+                self.error("intmethod() takes mvaghermite, ghermite or laplace", opt.pos)
+            if name == "mcaghermite":
+                self.error("intmethod(mcaghermite) is not offered: use mvaghermite (the default) or laplace", opt.pos)
+            return "intmethod", name
+        if len(args) != 1 or args[0].kind != "name":
+            self.error("link() needs one link name: identity, log, logit, probit, cloglog or inverse", opt.pos)
+        return "link", args[0].value.lower()
 
     def covariance(self, opt: _Opt) -> str:
         arg = opt.args[0]
