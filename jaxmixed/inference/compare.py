@@ -29,6 +29,13 @@ def lrtest(a, b) -> LRTest:
     effects differ (their restricted likelihoods are of different data). When the models differ
     in variance parameters the null is on the boundary and the test is conservative (noted).
     """
+    fa, fb = getattr(a, "family", None), getattr(b, "family", None)
+    if (fa, getattr(a, "link", None)) != (fb, getattr(b, "link", None)):
+        raise ModelError(f"lrtest: the models have different families or links ({fa or 'linear'}, "
+                         f"{fb or 'linear'}); their likelihoods are of different models of the data")
+    if fa is not None and (a.method, a.nagq) != (b.method, b.nagq):
+        raise ModelError(f"lrtest: the GLMMs use different integration methods (nagq {a.nagq} and {b.nagq}); "
+                         "refit both the same way")
     if a.method != b.method:
         raise ModelError("lrtest: one model was fitted by ML and the other by REML")
     if a.nobs != b.nobs:

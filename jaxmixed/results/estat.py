@@ -30,15 +30,25 @@ def icc(result) -> pd.DataFrame:
     correlation of two observations in the same level-k group:
         ρ_k = Σ_{j≤k} σ²_j / (Σ_j σ²_j + σ²_ε).
     Crossed intercepts: ρ for the term alone, σ²_k / (Σ σ² + σ²_ε).
-    Only defined for models whose random effects are all intercepts.
+    Only defined for models whose random effects are all intercepts. For a GLMM the residual
+    variance is that of the latent response: π²/3 for the logit link, 1 for the probit
+    (Stata's ``estat icc`` after melogit / meprobit); other families have no ICC.
     """
     terms = result.design.terms
+    family = getattr(result, "family", None)
+    if family is not None:
+        latent = {"logit": np.pi**2 / 3.0, "probit": 1.0}.get(result.link) if family == "binomial" else None
+        if latent is None:
+            raise ModelError(f"icc() is defined for binary or binomial responses with the logit or probit link "
+                             f"(a latent residual variance), not for the {family} family with the {result.link} link")
+    else:
+        latent = result.sigma**2
     if any(tb.term.columns != (CONS,) for tb in terms):
         raise ModelError("estat icc is defined for random-intercept models only (this model has random slopes)")
     var = {}
     for tb, S in zip(terms, recovariance(result).values()):
         var[tb.term.group] = float(S.iloc[0, 0])
-    total = sum(var.values()) + result.sigma**2
+    total = sum(var.values()) + latent
     rows = []
     for tb in terms:
         g = tb.term.group

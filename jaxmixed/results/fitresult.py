@@ -89,11 +89,13 @@ class FitResult:
 
         return blups(self, se=se)
 
-    def predict(self, kind: str = "fitted", data: pd.DataFrame | None = None):
-        """xb, fitted, reffects, reses, residuals or rstandard (see ``jaxmixed.predict``)."""
+    def predict(self, kind: str = "fitted", data: pd.DataFrame | None = None, conditional: bool = True):
+        """xb, fitted, reffects, reses, residuals or rstandard; for GLMMs eta, mu, xb, reffects,
+        reses, pearson, deviance, response; ``conditional=False``: random effects set to 0 (see
+        ``jaxmixed.results.predict.predict``)."""
         from jaxmixed.results.predict import predict
 
-        return predict(self, kind, data)
+        return predict(self, kind, data, conditional)
 
     def icc(self) -> pd.DataFrame:
         """Intraclass correlation per level (``estat icc``)."""

@@ -62,14 +62,30 @@ def _row_effects(result, df: pd.DataFrame | None):
     return rows, n_unseen
 
 
-def predict(result, kind: str = "fitted", data: pd.DataFrame | None = None):
+GLMM_KINDS = ("eta", "mu", "xb", "fitted", "reffects", "reses", "pearson", "deviance", "response")
+
+
+def predict(result, kind: str = "fitted", data: pd.DataFrame | None = None, conditional: bool = True):
     """Stata's predict: xb, fitted (xb + Zb), reffects, reses, residuals, rstandard.
+
+    For a GLMM (``result.family`` set): ``eta`` (the linear predictor, offset included), ``mu``
+    (the conditional mean of the response: a probability, a rate times exposure, ...; ``fitted``
+    is the same), ``xb`` (fixed part only, without the offset), ``reffects`` / ``reses`` (the
+    conditional modes of the random effects and their conditional standard errors: the inverse
+    curvature at the mode, as lme4's condVar and Stata's reses), ``pearson`` and ``deviance``
+    residuals (of the response as counted: successes out of trials for the binomial), and
+    ``response``. ``conditional=False`` sets the random effects to zero (lme4's
+    ``re.form = NA``, Stata's ``conditional(fixedonly)``).
 
     ``data``: new rows; levels not seen in the fit get zero random effects (and missing reses),
     with a warning that says how many rows that concerned. Returns a Series (xb, fitted,
     residuals, rstandard) or a DataFrame with one column per random effect (reffects, reses),
     indexed like the rows used.
     """
+    if getattr(result, "family", None) is not None:
+        return _predict_glmm(result, kind, data, conditional)
+    if not conditional and kind not in ("xb", "reffects", "reses"):
+        kind = "xb" if kind == "fitted" else kind
     if kind not in KINDS:
         raise DataError(f"predict kind must be one of {', '.join(KINDS)}, not {kind!r}")
     des = result.design
@@ -119,3 +135,48 @@ def predict(result, kind: str = "fitted", data: pd.DataFrame | None = None):
     if kind == "residuals":
         return pd.Series(resid, index=index, name="residuals")
     return pd.Series(resid / result.sigma, index=index, name="rstandard")
+
+
+def _predict_glmm(result, kind: str, data, conditional: bool):
+    from jaxmixed.model.family import family_of, inverse_link
+
+    if kind not in GLMM_KINDS:
+        raise DataError(f"predict kind for a GLMM must be one of {', '.join(GLMM_KINDS)}, not {kind!r}")
+    if data is not None:
+        raise DataError("predict on new data is not offered for GLMMs yet; predict on the fitted rows "
+                        "(data=None)")
+    des = result.design
+    index = des.rows
+    arrays = result.data
+    xb = des.X @ result.beta
+    if kind == "xb":
+        return pd.Series(xb, index=index, name="xb")
+    if kind in ("reffects", "reses"):
+        tables = blups(result, se=(kind == "reses"))
+        cols = {}
+        for k, fac in enumerate(des.factors):
+            key = list(tables)[k]
+            t = tables[key].to_numpy()
+            for j, name in enumerate(tables[key].columns):
+                cols[f"{key}: {name}"] = t[fac.codes, j]
+        return pd.DataFrame(cols, index=index)
+    eta = xb + np.asarray(arrays.offset)
+    if conditional:
+        for k, fac in enumerate(des.factors):
+            eta = eta + np.sum(fac.Z * np.asarray(result.solution.b[k])[fac.codes], axis=1)
+    if kind == "eta":
+        return pd.Series(eta, index=index, name="eta")
+    mu = inverse_link(result.link, eta, np)
+    if kind in ("mu", "fitted"):
+        return pd.Series(mu, index=index, name="mu")
+    y, m, pw = (np.asarray(a) for a in (arrays.y, arrays.m, arrays.pw))
+    if kind == "response":
+        return pd.Series(y, index=index, name="response")
+    fam = family_of(result.family)
+    s = np.log(result.sigma) if fam.name == "gaussian" else (result.params[-1] if fam.has_scale else 0.0)
+    mean = m * mu
+    if kind == "pearson":
+        var = m * fam.variance(mu, s, np) / pw
+        return pd.Series((y - mean) / np.sqrt(var), index=index, name="pearson")
+    d = fam.unit_deviance(y, mu, m, s) * (pw if fam.name != "gaussian" else pw)
+    return pd.Series(np.sign(y - mean) * np.sqrt(np.maximum(d, 0.0)), index=index, name="deviance")

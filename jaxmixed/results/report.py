@@ -33,11 +33,36 @@ def _num(x, width, fmt):
     return f"{'.':>{width}}" if x is None or not np.isfinite(x) else f"{x:{width}{fmt}}"
 
 
+_GLMM_TITLES = {("binomial", "logit"): "logistic", ("binomial", "probit"): "probit",
+                ("binomial", "cloglog"): "complementary log-log", ("poisson", "log"): "Poisson",
+                ("negbinomial", "log"): "negative binomial"}
+_EFORM = {("binomial", "logit"): "Odds Ratio", ("poisson", "log"): "IRR", ("negbinomial", "log"): "IRR"}
+
+
+def glmm_title(r) -> str:
+    """"Mixed-effects logistic regression", ..., or "Mixed-effects GLM"."""
+    what = _GLMM_TITLES.get((r.family, r.link))
+    if what is None or r.display.get("title") == "meglm":
+        return "Mixed-effects GLM"
+    return f"Mixed-effects {what} regression"
+
+
+def _family_word(r) -> str:
+    from jaxmixed.model.family import family_of
+
+    fam = family_of(r.family)
+    if fam.name == "binomial":
+        m = r.data.m
+        return "Bernoulli" if bool(np.all(np.asarray(m) == 1)) else "binomial"
+    return fam.title
+
+
 def _header(r, show_groups: bool = True) -> list[str]:
+    glmm = getattr(r, "family", None) is not None
     kind = "REML" if r.method == "reml" else "ML"
     ll_name = "Log restricted-likelihood" if r.method == "reml" else "Log likelihood"
     out = []
-    left = f"Mixed-effects {kind} regression"
+    left = glmm_title(r) if glmm else f"Mixed-effects {kind} regression"
     out.append(f"{left:<48}Number of obs      = {r.nobs:>9,}")
     g = r.groups
     if len(g) == 1 and show_groups:
@@ -58,6 +83,15 @@ def _header(r, show_groups: bool = True) -> list[str]:
             out.append(f"{str(lev)[:15]:>15} | {int(row.n_groups):>8} {int(row['min']):>10} "
                        f"{row['mean']:>10.1f} {int(row['max']):>10}")
         out.append("-" * 59)
+    if glmm:
+        out.append("")
+        if glmm_title(r) == "Mixed-effects GLM":
+            out.append(f"{'Family: ' + _family_word(r):<48}")
+            out.append(f"{'Link: ' + r.link:<48}")
+            out.append("")
+        method = "Laplace" if r.nagq == 1 else "mvaghermite"
+        pts = f"Integration pts.   = {r.nagq:>9}" if r.nagq > 1 else ""
+        out.append(f"{'Integration method: ' + method:<48}{pts}".rstrip())
     out.append("")
     chi2, df, p = r.wald
     out.append(f"{'':<48}{'Wald chi2(' + str(df) + ')':<19}= {_num(chi2, 9, '.2f')}")
@@ -68,11 +102,19 @@ def _header(r, show_groups: bool = True) -> list[str]:
 def _fixed(r) -> list[str]:
     lvl = f"{r.level:g}"
     out = [RULE]
-    out.append(f"{r.design.response[:12]:>12} |      Coef.   Std. Err.      z    P>|z|     [{lvl}% Conf. Interval]")
+    eform = bool(r.display.get("eform"))
+    response = r.display.get("response") or r.design.response
+    head = "     Coef."
+    if eform:
+        head = f"{_EFORM.get((r.family, r.link), 'exp(b)'):>10}"
+    out.append(f"{response[:12]:>12} | {head}   Std. Err.      z    P>|z|     [{lvl}% Conf. Interval]")
     out.append("-" * 13 + "+" + "-" * 64)
     for name, row in r.fixed.iterrows():
-        out.append(f"{str(name)[:12]:>12} | {stata_g(row.coef):>10} {stata_g(row.se):>10} {_num(row.z, 8, '.2f')}"
-                   f" {_num(row.p, 7, '.3f')}    {stata_g(row.ci_lower):>10}  {stata_g(row.ci_upper):>10}")
+        coef, se, lo, hi = row.coef, row.se, row.ci_lower, row.ci_upper
+        if eform:  # exp(b), its delta-method se, the exponentiated interval (Stata's or / irr)
+            coef, se, lo, hi = np.exp(coef), np.exp(coef) * se, np.exp(lo), np.exp(hi)
+        out.append(f"{str(name)[:12]:>12} | {stata_g(coef):>10} {stata_g(se):>10} {_num(row.z, 8, '.2f')}"
+                   f" {_num(row.p, 7, '.3f')}    {stata_g(lo):>10}  {stata_g(hi):>10}")
     out.append(RULE)
     return out
 
@@ -104,15 +146,23 @@ def _re_line(row) -> str:
 
 def _lr(r) -> list[str]:
     stat, df, p, kind = r.lr_vs_linear
+    against = "linear regression"
+    if getattr(r, "family", None) is not None:
+        from jaxmixed.model.family import family_of
+
+        what = _GLMM_TITLES.get((r.family, r.link))
+        against = f"{what} model" if what else f"{family_of(r.family).glm_name} GLM"
     if kind == "chibar2(01)":
-        return [f"LR test vs. linear regression: chibar2(01) = {stat:8.2f} Prob >= chibar2 = {p:.4f}"]
-    return [f"LR test vs. linear regression:     chi2({df}) = {stat:8.2f}   Prob > chi2 = {p:.4f}",
+        return [f"LR test vs. {against}: chibar2(01) = {stat:8.2f} Prob >= chibar2 = {p:.4f}"]
+    return [f"LR test vs. {against}:     chi2({df}) = {stat:8.2f}   Prob > chi2 = {p:.4f}",
             "",
             "Note: LR test is conservative and provided only for reference."]
 
 
 def iteration_log(r) -> list[str]:
     name = "log restricted-likelihood" if r.method == "reml" else "log likelihood"
+    if getattr(r, "family", None) is not None:
+        return [f"Iteration {k}:   log likelihood = {ll:.4f}" for k, ll in enumerate(r.iterations) if np.isfinite(ll)]
     return [f"Iteration {k}:   {name} = {ll:.4f}" for k, ll in enumerate(r.iterations)]
 
 
