@@ -33,7 +33,7 @@ varcomp_tmb <- function(fit) {
   vc <- VarCorr(fit)$cond
   lapply(vc, function(m) {
     sds <- attr(m, "stddev")
-    out <- list(terms = names(sds), variance = named(diag(as.matrix(m))), sd = named(sds))
+    out <- list(terms = I(names(sds)), variance = named(diag(as.matrix(m))), sd = named(sds))
     if (length(sds) > 1) {
       cr <- attr(m, "correlation")
       pairs <- list()
@@ -49,7 +49,7 @@ varcomp_lme4 <- function(fit) {
   vc <- VarCorr(fit)
   lapply(vc, function(m) {
     sds <- attr(m, "stddev")
-    out <- list(terms = names(sds), variance = named(diag(as.matrix(m))), sd = named(sds))
+    out <- list(terms = I(names(sds)), variance = named(diag(as.matrix(m))), sd = named(sds))
     if (length(sds) > 1) {
       cr <- attr(m, "correlation")
       pairs <- list()
@@ -75,7 +75,7 @@ newton_nlminb <- function(par, fn, gr, control = list(), ...) {
     st <- tryCatch(solve(H, g), error = function(e) NULL)
     if (is.null(st)) break
     pn <- p - st; fnew <- fn(pn)
-    if (!is.finite(fnew) || fnew > f + 1e-12) break
+    if (!is.finite(fnew) || fnew >= f) break  # strict: keeps TMB's last.par.best at p
     p <- pn; f <- fnew; steps <- steps + 1L
   }
   f <- fn(p)  # leave TMB's internal state (last.par, random effects) at the final point
@@ -124,7 +124,9 @@ tmb_info <- function(fit) {
 
 lme4_loglik <- function(expr) {
   tryCatch({
-    m <- withCallingHandlers(expr, warning = function(w) invokeRestart("muffleWarning"))
+    m <- withCallingHandlers(expr, warning = function(w) {
+      message("lme4 warning: ", conditionMessage(w)); invokeRestart("muffleWarning")
+    })
     as.numeric(logLik(m))
   }, error = function(e) {
     message("lme4 fit failed: ", conditionMessage(e)); NULL
@@ -351,7 +353,13 @@ meta <- list(
     glmmTMB.newton_logLik_gain = "logLik gained by the Newton steps over nlminb's optimum",
     glmmTMB.pdHess = "sdreport's positive-definite-Hessian flag",
     glmmTMB.tmb_par = "TMB's fixed parameter vector (beta, betad = log dispersion, theta = log sd / corr params)",
-    lme4_logLik = "lme4::glmer (or glmer.nb) logLik with default control, for information",
+    lme4_logLik = paste("lme4::glmer (or glmer.nb) logLik with default control, for information",
+                        "(differs from glmmTMB for non-canonical links / Gamma / gaussian glmer)"),
+    case_extras = paste("other per-case keys are self-describing notes or extras: dispersion_meaning,",
+                        "shape (Gamma, 1/sigma^2), *_note, weights, cbind_formula, glmmTMB_cbind and",
+                        "lme4_logLik_cbind (binomial_prop via cbind(s, n - s)), n_y_nonpositive (gaussian_log)"),
+    lmm_theta = "lme4's theta (relative Cholesky factor of the random-effect covariance, column-wise lower triangle)",
+    lmm_dense_check_logLik = "the same (RE)ML logLik recomputed with dense matrices, V = sigma^2 (Z Lambda Lambda' Z' + W^-1)",
     lmm_weights = paste("lme4::lmer fits with prior weights; lme4_REML / lme4_ML hold logLik, fixef, se,",
                         "varcomp, residual sigma, theta and a dense-matrix recomputation of the logLik")))
 
