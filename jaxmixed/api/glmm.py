@@ -138,16 +138,13 @@ def _column_or_array(df, value, what):
     return arr
 
 
-@partial(jax.jit, static_argnames=("shape",))
+@partial(jax.jit, static_argnames=("shape",), compiler_options=laplace.COMPILER_OPTIONS)
 def _optimize(x0, lower, unit, data, shape):
     """Projected BFGS on exact gradients (the exact Hessian comes once, after the fit: a Newton
     loop holding the Hessian of the implicit mode compiles three times longer, for no fewer
     seconds of running on the reference models)."""
     return minimize_scaled(lambda x: laplace.deviance(x, data, shape), x0, lower, unit, max_iter=300,
                            quasi_newton=True)
-
-
-_glm_value = jax.jit(lambda x, data, shape: laplace.deviance(x, data, shape), static_argnames=("shape",))
 
 
 def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials, exposure, variance, level,
@@ -223,7 +220,6 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
                          "failed); check for complete separation or extreme values")
     loglik = -0.5 * dev_hat
     engine = laplace.LaplaceEngine(shape, B)
-    u, b, V, pirls_ok = laplace._conditional(jnp.asarray(x), arrays, shape)
     xi = laplace.report_of_params(x, shape, B)
     singular = engine.singular(x, design.theta_scale)
     k_eta = engine.n_variance_params
@@ -232,7 +228,9 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
     if singular:  # variance parameters on their bound: standard errors of β (and s) with Λ held
         mask[p:p + k_eta] = 0.0
     xi_h = np.where(np.isfinite(xi), xi, 0.0)
-    H = np.asarray(laplace.hessian_report(jnp.asarray(xi_h), arrays, shape, jnp.asarray(B), jnp.asarray(mask)))
+    H, (u, b, V, pirls_ok) = laplace.after_fit(jnp.asarray(x), jnp.asarray(xi_h), arrays, shape, jnp.asarray(B),
+                                                jnp.asarray(mask))
+    H = np.asarray(H)
     keep = np.flatnonzero(mask > 0)
     cov_k, hess_ok = tables.covariance_from_hessian(H[np.ix_(keep, keep)])
     cov = np.full((xi.shape[0], xi.shape[0]), np.nan)
