@@ -213,10 +213,11 @@ def _fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str, *, variance: boo
     )
 
 
-def fit(formula: str, data: pd.DataFrame, method: str = "reml", *, variance: bool = False,
+def fit(formula: str, data: pd.DataFrame, method: str | None = None, *, variance: bool = False,
         level: float = 95.0, start=None, residuals=None, device=None, engine: str = "auto",
         family=None, link=None, nagq: int = 1, weights=None, offset=None) -> FitResult:
-    """Fit an lme4/glmmTMB-style formula, e.g. ``"y ~ x + (1 + x | g)"``, by REML or ML.
+    """Fit an lme4/glmmTMB-style formula, e.g. ``"y ~ x + (1 + x | g)"``, by REML (the default
+    for linear models, as lmer) or ML (``method="ml"``; GLMMs always).
 
     ``device``: a ``jax.Device`` or a string ("cpu", "gpu", "cuda:1", …) to run on; default
     JAX's default device (see ``fit_spec``).
@@ -241,8 +242,9 @@ def fit(formula: str, data: pd.DataFrame, method: str = "reml", *, variance: boo
         if not (fam.name == "gaussian" and link_of(fam, link) == "identity"):
             if residuals is not None:
                 raise ModelError("residuals= is for linear mixed models; a GLMM's residuals follow its family")
-            if method not in ("reml", "ml", "mle") and method is not None:
-                raise ModelError(f"method must be 'ml' for a GLMM, not {method!r}")
+            if method is not None and str(method).lower() not in ("ml", "mle"):
+                raise ModelError(f"a generalized linear mixed model is fitted by maximum likelihood (method='ml'), "
+                                 f"not {method!r}: REML is defined for linear models only")
             return glmm.fit_formula(formula, data, fam, link, nagq=nagq, weights=weights, offset=offset,
                                     variance=variance, level=level, start=start, device=device)
     if nagq != 1:
@@ -251,8 +253,8 @@ def fit(formula: str, data: pd.DataFrame, method: str = "reml", *, variance: boo
     if offset is not None:
         raise ModelError("offset= is for generalized linear mixed models (give family=); for a linear model "
                          "subtract the offset from the response")
-    return fit_spec(parse_formula(formula), data, method, variance=variance, level=level, start=start,
-                    residuals=residuals, device=device, engine=engine, weights=weights)
+    return fit_spec(parse_formula(formula), data, "reml" if method is None else method, variance=variance,
+                    level=level, start=start, residuals=residuals, device=device, engine=engine, weights=weights)
 
 
 def _stata(command: str, data: pd.DataFrame, default_method: str, overrides: dict) -> FitResult:
