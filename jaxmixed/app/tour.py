@@ -15,6 +15,7 @@ import numpy as np
 from jaxmixed.data import datasets
 from jaxmixed.inference.compare import lrtest
 from jaxmixed.api.fit import fit, xtmixed
+from jaxmixed.api.glmm import meglm
 
 JSP_NOTE = """\
 Note on the JSP data. The talk used Stata's own copy of the Junior School Project data. The
@@ -118,6 +119,23 @@ def run(out_dir: str | Path = "jaxmixed_tour") -> str:
     out += [f"The same model in lme4 syntax, jm.fit({formula!r}):",
             f"  log restricted-likelihood = {r.loglik:.4f}, sd(id) = {r.random.estimate.iloc[0]:.6g}, "
             f"sd(week) = {r.random.estimate.iloc[1]:.6g}, sd(Residual) = {r.random.estimate.iloc[2]:.6g}"]
+    # ---- The talk's future, made real: GLMMs -------------------------------------------------
+    cbpp = datasets.load("cbpp")
+    out += _section("A GLIMPSE AT THE FUTURE, NOW: family() and link() (cbpp, cases out of herd size)")
+    cmd = "meglm incidence i.period || herd:, family(binomial size) link(logit) intmethod(laplace) nolog"
+    out += _cmd(cmd)
+    lap = meglm(cmd, cbpp)
+    out += [str(lap), ""]
+    cmd = "meglm incidence i.period || herd:, family(binomial size) link(logit) intpoints(25) or nolog"
+    out += _cmd(cmd)
+    agq = meglm(cmd, cbpp)
+    out += [str(agq), ""]
+    formula = "cbind(incidence, size - incidence) ~ period + (1|herd)"
+    r = fit(formula, cbpp, family="binomial")
+    out += [f"The Laplace fit in lme4 syntax, jm.fit({formula!r}, family='binomial'):",
+            f"  log likelihood = {r.loglik:.4f} (lme4's glmer stops at -92.0266; the exact optimum, glmmTMB's, "
+            "is -92.0263), sd(herd) = " + f"{r.random.estimate.iloc[0]:.6g}",
+            f"  estat icc (latent logistic scale): {lap.icc().iloc[0, 0]:.4f}"]
     out += _section("Done")
     out += [f"Tour finished in {time.perf_counter() - t0:.1f} s; plots in {out_dir}/."]
     return "\n".join(out)

@@ -86,8 +86,8 @@ def _header(r, show_groups: bool = True) -> list[str]:
     if glmm:
         out.append("")
         if glmm_title(r) == "Mixed-effects GLM":
-            out.append(f"{'Family: ' + _family_word(r):<48}")
-            out.append(f"{'Link: ' + r.link:<48}")
+            out.append(f"Family: {_family_word(r)}")
+            out.append(f"Link: {r.link}")
             out.append("")
         method = "Laplace" if r.nagq == 1 else "mvaghermite"
         pts = f"Integration pts.   = {r.nagq:>9}" if r.nagq > 1 else ""
@@ -134,7 +134,10 @@ def _random(r) -> list[str]:
     if getattr(r.engine, "residual_title", None):
         title = "Residual: " + r.engine.residual_title
         out.append(f"{title:<28} |" if len(title) <= 28 else title)
-    out += [_re_line(row) for row in rows[pos:]]
+    rest = [_re_line(row) for row in rows[pos:]]
+    if not rest and out[-1] == sep:  # (a GLMM without a scale: no residual rows after the terms)
+        out.pop()
+    out += rest
     out.append(RULE)
     return out
 
