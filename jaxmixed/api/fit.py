@@ -20,26 +20,11 @@ from jaxmixed.errors import DataError, ModelError, warn
 from jaxmixed.fit.estimate import best_fit, optimize
 from jaxmixed.fit.search import moment_start
 from jaxmixed.inference import distributions, tables
+from jaxmixed.api.options import check_level, method_is_reml  # noqa: F401 (public here too)
 from jaxmixed.model.spec import ModelSpec
 from jaxmixed.results.fitresult import FitResult
 from jaxmixed.runtime import programs
 from jaxmixed.runtime.devices import host_array as _host
-
-
-def method_is_reml(method: str) -> bool:
-    """True for REML, False for ML (``"ml"`` or Stata's ``"mle"``); else a ModelError."""
-    m = str(method).lower()
-    if m in ("reml",):
-        return True
-    if m in ("ml", "mle"):
-        return False
-    raise ModelError(f"method must be 'reml' or 'ml', not {method!r}")
-
-
-def check_level(level) -> float:
-    if not (10.0 <= float(level) <= 99.99):
-        raise ModelError(f"level must be between 10 and 99.99, not {level}")
-    return float(level)
 
 
 @programs.cached(static_argnames=("shape",))

@@ -29,6 +29,7 @@ from jaxmixed.inference import tables
 from jaxmixed.model.family import family_of, link_of
 from jaxmixed.model.spec import ModelSpec
 from jaxmixed.results.fitresult import FitResult
+from jaxmixed.runtime import programs
 from jaxmixed.syntax.formula import RESPONSE_COLUMN
 
 TRIALS, WEIGHTS, OFFSET = "_jm_trials", "_jm_weights", "_jm_offset"
@@ -112,7 +113,7 @@ def fit_glmm_spec(spec: ModelSpec, data: pd.DataFrame, family, link=None, *, res
     """Fit a GLMM from a model description (the response ``spec.response`` unless ``response``:
     the response text or a (successes, failures) pair); see the module docstring."""
     from jaxmixed import runtime
-    from jaxmixed.api.fit import check_level
+    from jaxmixed.api.options import check_level
 
     fam = family_of(family)
     link = link_of(fam, link)
@@ -138,7 +139,7 @@ def _column_or_array(df, value, what):
     return arr
 
 
-@partial(jax.jit, static_argnames=("shape",), compiler_options=laplace.COMPILER_OPTIONS)
+@programs.cached(static_argnames=("shape",))
 def _optimize(x0, lower, unit, data, shape):
     """Projected BFGS on exact gradients (the exact Hessian comes once, after the fit: a Newton
     loop holding the Hessian of the implicit mode compiles three times longer, for no fewer
@@ -267,7 +268,8 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
         if note.startswith(("boundary", "convergence", "complete")):
             warn(note)
     sigma = float(np.exp(x[-1])) if fam.name == "gaussian" else float("nan")
-    sol = laplace.GLMMSolution(beta=beta, cov_beta=cov_beta, u=np.asarray(u), b=tuple(np.asarray(v) for v in b))
+    sol = laplace.GLMMSolution(beta=beta, cov_beta=cov_beta, u=np.asarray(u), b=tuple(np.asarray(v) for v in b),
+                               V=tuple(np.asarray(v) for v in V))
     history = np.asarray(opt.history)[: int(opt.n_iter) + 1]
     shown = {"response": resp_name, "title": title, "eform": bool(eform), "glm_loglik": ll_glm,
              "scale_name": residual[0][0] if residual else None}

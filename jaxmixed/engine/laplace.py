@@ -40,10 +40,7 @@ from jaxmixed.data.crossprod import accumulate
 from jaxmixed.data.pattern import dense_block_index
 from jaxmixed.engine import kernels, pls, pls_dense
 from jaxmixed.model.family import family_of
-
-#: XLA options of the GLMM programs: the backend's optimisation level 1 compiles them a quarter
-#: faster than the default (3) and runs them as fast (measured on VerbAgg's Laplace fit)
-COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+from jaxmixed.runtime import programs
 
 PIRLS_MAX_ITER = 60
 PIRLS_MAX_HALVINGS = 30
@@ -58,6 +55,7 @@ class GLMMSolution(NamedTuple):
     cov_beta: np.ndarray
     u: np.ndarray  # spherical conditional modes
     b: tuple  # per factor (L_f, q_f): b = Λu
+    V: tuple  # per factor (L_f, q_f, q_f): Var(b | y) at the mode (inverse curvature, through Λ)
 
 
 class GLMMArrays(NamedTuple):
@@ -304,7 +302,7 @@ def _erfinv(x):
     return erfinv(x)
 
 
-@partial(jax.jit, static_argnames=("family", "link", "has_scale", "max_iter"), compiler_options=COMPILER_OPTIONS)
+@programs.cached(static_argnames=("family", "link", "has_scale", "max_iter"))
 def _glm_loop(z0, X, y, m, pw, offset, family: str, link: str, has_scale: bool, max_iter: int = 100):
     """Damped Newton on the GLM log likelihood in z = (β, s): (z, value, converged)."""
     fam = family_of(family)
@@ -449,6 +447,7 @@ class LaplaceEngine:
         return [lam @ lam.T for lam in lams]
 
     def conditional_variances(self, params, sigma, data, design=None) -> list[np.ndarray]:
+        """Var(b | y) blocks per factor at ``params`` (a fit keeps them in its solution)."""
         return [np.asarray(v) for v in _conditional(jnp.asarray(params), data, self.shape)[2]]
 
     @property
@@ -462,14 +461,14 @@ class LaplaceEngine:
                            [t.theta for t in self.shape.re.terms], unit)
 
 
-_conditional = jax.jit(conditional, static_argnames=("shape",), compiler_options=COMPILER_OPTIONS)
+_conditional = jax.jit(conditional, static_argnames=("shape",))
 
 
-@partial(jax.jit, static_argnames=("shape",), compiler_options=COMPILER_OPTIONS)
+@programs.cached(static_argnames=("shape",))
 def after_fit(x, xi, data: GLMMArrays, shape: GLMMShape, B, fixed_mask):
     """One program for what follows the optimiser: the Hessian in the reporting metric
     (:func:`hessian_report`) and the conditional modes and variances (:func:`conditional`)."""
     return hessian_of_report(xi, data, shape, B, fixed_mask), conditional(x, data, shape)
 
 
-hessian_report = jax.jit(hessian_of_report, static_argnames=("shape",), compiler_options=COMPILER_OPTIONS)
+hessian_report = jax.jit(hessian_of_report, static_argnames=("shape",))

@@ -29,7 +29,10 @@ def blups(result, se: bool = False) -> dict:
     """{level: DataFrame indexed by group level, one column per random effect}."""
     des = result.design
     b = result.solution.b
-    V = result.engine.conditional_variances(result.params, result.sigma, result.data, des) if se else None
+    V = None
+    if se:  # (a GLMM's solution holds them, computed with its Hessian)
+        V = getattr(result.solution, "V", None) or \
+            result.engine.conditional_variances(result.params, result.sigma, result.data, des)
     out = {}
     for k, fac in enumerate(des.factors):
         terms = [t for t in des.terms if t.factor == k]

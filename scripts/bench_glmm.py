@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""GLMM benchmarks: jaxmixed against lme4's glmer and glmmTMB (Rscript), same machine, one run.
+
+    python scripts/bench_glmm.py                    # every case
+    python scripts/bench_glmm.py --case verbagg     # verbagg, sim200k, scaling
+    python scripts/bench_glmm.py --json out.json
+
+Cases:
+  verbagg   lme4::VerbAgg (7,584 rows): r2 ~ Anger + Gender + btype + situ + (1|id) + (1|item),
+            Bernoulli logit, Laplace (crossed factors)
+  sim200k   200,000 Bernoulli rows, 2,000 groups: y ~ x + (1 + x | g), Laplace (seed 11)
+  scaling   one Laplace objective evaluation (and value+gradient) at n, 10n, 100n rows
+            (20,000 to 2,000,000) on a fixed structure (500 groups, (1 + x | g)): flat apart
+            from the O(n) reweighting pass
+
+Every fit runs in its own subprocess and times the fit call alone (data loaded): ``jm.fit``,
+``glmer``, ``glmmTMB``. jaxmixed's first fit compiles its programs: with an empty compilation
+cache ("cold"), in a fresh process with that cache warm ("warm cache"), and refitted in the same
+process ("refit"). R peers are skipped when Rscript or the package is missing. The log
+likelihoods are printed beside the times: glmer's default fit stops short of the optimum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pandas as pd
+
+DATA = os.path.join(os.path.expanduser("~"), ".cache", "jaxmixed", "data")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+CASES = {
+    "verbagg": dict(formula="r2 ~ Anger + Gender + btype + situ + (1|id) + (1|item)", factors=["id", "item"]),
+    "sim200k": dict(formula="y ~ x + (1 + x|g)", factors=["g"]),
+}
+
+
+def data_path(case: str) -> str:
+    if case == "verbagg":
+        import jaxmixed
+
+        return os.path.join(os.path.dirname(jaxmixed.__file__), "data", "datasets", "verbagg.csv")
+    os.makedirs(DATA, exist_ok=True)
+    path = os.path.join(DATA, "glmm_sim200k.csv")
+    if not os.path.exists(path):
+        simulate(200_000, 2_000, 11).to_csv(path, index=False)
+    return path
+
+
+def simulate(n: int, groups: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    g = rng.integers(0, groups, n)
+    x = rng.normal(size=n)
+    b0 = rng.normal(0, 0.8, groups)
+    b1 = 0.4 * b0 + rng.normal(0, 0.4, groups)
+    eta = -0.5 + 0.7 * x + b0[g] + b1[g] * x
+    y = (rng.uniform(size=n) < 1 / (1 + np.exp(-eta))).astype(int)
+    return pd.DataFrame({"y": y, "x": np.round(x, 8), "g": [f"g{k}" for k in g]})
+
+
+WORKER_PY = r"""
+import json, sys, time
+import pandas as pd
+import jaxmixed as jm
+path, formula, factors, refit = sys.argv[1:5]
+d = pd.read_csv(path, dtype={c: str for c in filter(None, factors.split(","))})
+t = time.perf_counter(); r = jm.fit(formula, d, family="binomial"); wall = time.perf_counter() - t
+out = dict(wall=wall, loglik=r.loglik, converged=bool(r.converged))
+if refit == "1":
+    t = time.perf_counter(); r = jm.fit(formula, d, family="binomial"); out["refit"] = time.perf_counter() - t
+print(json.dumps(out))
+"""
+
+WORKER_R = r"""
+a <- commandArgs(trailingOnly = TRUE)
+tool <- a[1]; d <- read.csv(a[2])
+for (f in strsplit(a[4], ",")[[1]]) d[[f]] <- factor(d[[f]])
+if ("r2" %in% names(d)) d$r2 <- factor(d$r2)
+suppressMessages({library(lme4); if (tool == "glmmTMB") library(glmmTMB)})
+t <- system.time(m <- if (tool == "glmer") glmer(as.formula(a[3]), d, family = binomial) else
+                          glmmTMB(as.formula(a[3]), d, family = binomial))[["elapsed"]]
+cat(sprintf('{"wall": %.4f, "loglik": %.10f}\n', t, as.numeric(logLik(m))))
+"""
+
+
+def _run(cmd, env=None, timeout=3600):
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE, timeout=timeout)
+    if p.returncode != 0:
+        return dict(status="failed: " + " | ".join((p.stderr or p.stdout).strip().splitlines()[-3:]))
+    return dict(status="ok", **json.loads(p.stdout.strip().splitlines()[-1]))
+
+
+def have_r(pkg: str) -> bool:
+    return bool(shutil.which("Rscript")) and subprocess.run(
+        ["Rscript", "-e", f"suppressMessages(library({pkg}))"], capture_output=True).returncode == 0
+
+
+def jaxmixed_runs(case: str) -> dict:
+    spec = CASES[case]
+    args = [data_path(case), spec["formula"], ",".join(spec["factors"])]
+    cache = tempfile.mkdtemp(prefix="jm_glmm_cache_")
+    env = {**os.environ, "JAXMIXED_CACHE_DIR": cache}
+    env.pop("JAXMIXED_NO_CACHE", None)
+    cold = _run([sys.executable, "-c", WORKER_PY, *args, "0"], env)
+    warm = _run([sys.executable, "-c", WORKER_PY, *args, "1"], env)
+    shutil.rmtree(cache, ignore_errors=True)
+    return dict(cold=cold, warm=warm)
+
+
+def r_run(case: str, tool: str) -> dict:
+    spec = CASES[case]
+    with tempfile.NamedTemporaryFile("w", suffix=".R", delete=False) as fh:
+        fh.write(WORKER_R)
+    return _run(["Rscript", fh.name, tool, data_path(case), spec["formula"], ",".join(spec["factors"])])
+
+
+def fmt(x):
+    return f"{x:8.3f} s" if isinstance(x, (int, float)) else str(x)
+
+
+def fit_case(case: str, results: dict) -> None:
+    print(f"\n== {case}: {CASES[case]['formula']} (Bernoulli logit, Laplace)")
+    jm_ = jaxmixed_runs(case)
+    peers = {tool: (r_run(case, tool) if have_r(pkg) else dict(status=f"skipped (no {pkg})"))
+             for tool, pkg in (("glmer", "lme4"), ("glmmTMB", "glmmTMB"))}
+    results[case] = dict(jaxmixed=jm_, **peers)
+    w = jm_["warm"]
+    rows = [("jaxmixed cold (empty cache)", jm_["cold"].get("wall"), jm_["cold"].get("loglik")),
+            ("jaxmixed warm cache (fresh process)", w.get("wall"), w.get("loglik")),
+            ("jaxmixed refit (same process)", w.get("refit"), w.get("loglik"))]
+    rows += [(tool, p.get("wall", p["status"]), p.get("loglik")) for tool, p in peers.items()]
+    for name, wall, ll in rows:
+        print(f"  {name:<38} {fmt(wall)}   logLik {ll if ll is None else f'{ll:.6f}'}")
+    if w.get("status") == "ok":
+        for tool, p in peers.items():
+            if p.get("status") == "ok":
+                print(f"  {tool} / jaxmixed warm cache: {p['wall'] / w['wall']:.2f}x   "
+                      f"(cold: {p['wall'] / jm_['cold']['wall']:.2f}x, refit: {p['wall'] / w['refit']:.2f}x)"
+                      f"   logLik difference jaxmixed - {tool}: {w['loglik'] - p['loglik']:+.2e}")
+
+
+def scaling_case(results: dict) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    import jaxmixed as jm
+    from jaxmixed.engine import laplace
+
+    print("\n== scaling: one Laplace evaluation, (1 + x | g) with 500 groups, n rows")
+    out = []
+    for n in (20_000, 200_000, 2_000_000):
+        d = simulate(n, 500, 5)
+        r = jm.fit("y ~ x + (1 + x|g)", d, family="binomial")
+        x = jnp.asarray(r.params)
+        val = jax.jit(laplace.deviance, static_argnames=("shape",))
+        vg = jax.jit(jax.value_and_grad(laplace.deviance), static_argnames=("shape",))
+        times = {}
+        for name, f in (("value", val), ("value+grad", vg)):
+            jax.block_until_ready(f(x, r.data, r.engine.shape))
+            reps = 5
+            t = time.perf_counter()
+            for _ in range(reps):
+                jax.block_until_ready(f(x, r.data, r.engine.shape))
+            times[name] = (time.perf_counter() - t) / reps
+        u, conv, k = jax.jit(laplace.pirls, static_argnames=("shape",))(x, r.data, r.engine.shape)
+        out.append(dict(n=n, pirls_iterations=int(k), **times))
+        print(f"  n = {n:>9,}: value {times['value'] * 1e3:8.2f} ms   value+grad {times['value+grad'] * 1e3:8.2f} ms"
+              f"   ({int(k)} PIRLS steps; {times['value'] / int(k) / n * 1e9:.1f} ns per row per step)")
+    results["scaling"] = out
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import jax
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GB; jax {jax.__version__} on {jax.default_backend()}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", action="append", choices=["verbagg", "sim200k", "scaling"])
+    ap.add_argument("--json")
+    opts = ap.parse_args()
+    cases = opts.case or ["verbagg", "sim200k", "scaling"]
+    print("machine:", machine())
+    results = dict(machine=machine())
+    for case in cases:
+        if case == "scaling":
+            scaling_case(results)
+        else:
+            fit_case(case, results)
+    if opts.json:
+        with open(opts.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
