@@ -24,12 +24,11 @@ from jaxmixed.data.design import build_design
 from jaxmixed.data.pattern import build_pattern
 from jaxmixed.engine import laplace, pls
 from jaxmixed.errors import DataError, FormulaError, ModelError, warn
-from jaxmixed.fit.optimizers import minimize_scaled
+from jaxmixed.fit import glmm as glmm_fit
 from jaxmixed.inference import tables
 from jaxmixed.model.family import family_of, link_of
 from jaxmixed.model.spec import ModelSpec
 from jaxmixed.results.fitresult import FitResult
-from jaxmixed.runtime import programs
 from jaxmixed.syntax.formula import RESPONSE_COLUMN
 
 TRIALS, WEIGHTS, OFFSET = "_jm_trials", "_jm_weights", "_jm_offset"
@@ -139,15 +138,6 @@ def _column_or_array(df, value, what):
     return arr
 
 
-@programs.cached(static_argnames=("shape",))
-def _optimize(x0, lower, unit, data, shape):
-    """Projected BFGS on exact gradients (the exact Hessian comes once, after the fit: a Newton
-    loop holding the Hessian of the implicit mode compiles three times longer, for no fewer
-    seconds of running on the reference models)."""
-    return minimize_scaled(lambda x: laplace.deviance(x, data, shape), x0, lower, unit, max_iter=300,
-                           quasi_newton=True)
-
-
 def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials, exposure, variance, level,
          start, display, device, eform, title):
     from jaxmixed.runtime.devices import put, resolve_device
@@ -213,7 +203,7 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
                              f"not {x0.shape}")
     lower = np.concatenate([np.full(design.p, -np.inf), design.theta_lower, [-np.inf] * shape.n_scale])
     unit = np.concatenate([np.ones(design.p), design.theta_scale, [1.0] * shape.n_scale])
-    opt = _optimize(jnp.asarray(x0), jnp.asarray(lower), jnp.asarray(unit), arrays, shape)
+    opt = glmm_fit.optimize(jnp.asarray(x0), jnp.asarray(lower), jnp.asarray(unit), arrays, shape)
     x = np.asarray(opt.x)
     dev_hat = float(opt.fun)
     if not np.isfinite(dev_hat):
@@ -272,7 +262,7 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
                                V=tuple(np.asarray(v) for v in V))
     history = np.asarray(opt.history)[: int(opt.n_iter) + 1]
     shown = {"response": resp_name, "title": title, "eform": bool(eform), "glm_loglik": ll_glm,
-             "scale_name": residual[0][0] if residual else None}
+             "residual_rows": tuple(residual), "bounds": (lower, unit)}
     return FitResult(
         loglik=loglik, method="laplace" if nagq == 1 else "agq", nobs=design.nobs, converged=converged,
         singular=singular, fixed=fixed, random=random, wald=tables.wald_test(design.xnames, beta, cov_beta),
@@ -306,6 +296,70 @@ def _separation(fam, design, beta, cov_beta):
         return (f"complete or quasi-complete separation suspected: {', '.join(bad)} predict(s) the response "
                 "(nearly) perfectly; its coefficient and standard error are not meaningful")
     return None
+
+
+def fit_many(formula: str, data: pd.DataFrame, responses, family, link=None, *, nagq: int = 1, weights=None,
+             offset=None, level: float = 95.0, variance: bool = False, chunk_size: int = 32,
+             progress: bool = False):
+    """``jm.fit_many(formula, data, responses, family=...)``: the GLMM of ``formula`` fitted to
+    each response column (counts, 0/1 values or successes; the trials, weights and offset are
+    the formula's), all in one vmapped program started from the first response's fit. Rows: those
+    the first response's fit uses; every response must be complete there. Standard errors are
+    not computed (NaN): refit a response with ``jm.fit`` for its table."""
+    from jaxmixed.results.many import ManyResult
+    from jaxmixed.syntax.formula import glm_parts
+
+    if isinstance(responses, str):
+        responses = [responses]
+    names = [str(c) for c in responses]
+    if not names or not all(c in data.columns for c in names):
+        missing = [c for c in names if c not in data.columns]
+        raise DataError(f"response column(s) {', '.join(map(repr, missing)) or '(none)'} not in the data")
+    text, response, _ = glm_parts(formula)
+    if isinstance(response, tuple):
+        raise ModelError("fit_many with a GLMM takes 0/1, count or success columns as responses; for "
+                         "cbind(successes, failures) give the successes and weights= the trials")
+    first = fit_formula(formula.replace(response, names[0], 1) if response != names[0] else formula, data,
+                        family, link, nagq=nagq, weights=weights, offset=offset, variance=variance, level=level)
+    rows = first.design.rows
+    fam = family_of(family)
+    Y = np.column_stack([_response(data.iloc[rows].reset_index(drop=True), c, fam, None)[0] for c in names])
+    if np.isnan(Y).any():
+        bad = [names[j] for j in np.flatnonzero(np.isnan(Y).any(axis=0))]
+        raise DataError(f"response(s) {', '.join(map(repr, bad))} have missing values in rows the model uses")
+    m = np.asarray(first.data.m)
+    if fam.name == "binomial" and weights is not None:
+        Y = Y * m[:, None]  # proportions with weights= the trials, as in the fit
+    for j, c in enumerate(names):
+        fam.check_response(Y[:, j], m, c)
+    lower, unit = first.display["bounds"]
+    raw = glmm_fit.fit_responses(Y, first.params, lower, unit, first.data, first.engine.shape, chunk_size, progress)
+    from jaxmixed.inference.glmm import report_draws
+
+    beta, est = report_draws(first, raw["x"])
+    k, p = len(names), first.design.p
+    loglik = -0.5 * raw["fun"]
+    singular = np.array([first.engine.singular(x, first.design.theta_scale) for x in raw["x"]])
+    summary = pd.DataFrame({"loglik": loglik, "converged": raw["converged"], "singular": singular,
+                            "iterations": np.full(k, -1)}, index=pd.Index(names, name="response"))
+    nan = np.full(k * p, np.nan)
+    fixed = pd.DataFrame({"response": np.repeat(names, p), "term": np.tile(first.design.xnames, k),
+                          "coef": beta.ravel(), "se": nan, "z": nan, "p": nan, "ci_lower": nan, "ci_upper": nan})
+    rows_r = len(first.random)
+    nr = np.full(k * rows_r, np.nan)
+    random = pd.DataFrame({"response": np.repeat(names, rows_r), "group": list(first.random.group) * k,
+                           "name": list(first.random.name) * k, "estimate": est.ravel(), "se": nr,
+                           "ci_lower": nr, "ci_upper": nr})
+    notes = ["GLMM fits: standard errors not computed (refit a response with jm.fit for its table)"]
+    if first.n_dropped:
+        notes.append(f"{first.n_dropped} observation(s) dropped because of missing values")
+    if (~raw["converged"]).any():
+        notes.append(f"{int((~raw['converged']).sum())} response(s) did not converge (see summary.converged)")
+    th = raw["x"][:, p:p + first.engine.shape.re.n_theta]
+    return ManyResult(responses=tuple(names), method=first.method, nobs=first.nobs, n_dropped=first.n_dropped,
+                      level=float(level), variance=bool(variance), summary=summary, fixed=fixed, random=random,
+                      theta=th, beta=beta, sigma=np.full(k, np.nan), loglik=loglik, notes=tuple(notes),
+                      design=first.design)
 
 
 def fit_formula(formula: str, data, family, link=None, *, nagq=1, weights=None, offset=None, variance=False,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from jaxmixed.api.fit import check_level, method_is_reml
+from jaxmixed.api.options import check_level, method_is_reml
 from jaxmixed.data.design import Design, build_design, model_variables, response_problems
 from jaxmixed.errors import DataError, ModelError
 from jaxmixed.fit.batched import fit_responses
@@ -97,8 +97,13 @@ def _check_responses(Y: np.ndarray, design: Design, names) -> None:
 
 def fit_many(formula: str, data: pd.DataFrame, responses=None, method: str = "reml", *,
              chunk_size: int | None = None, progress: bool = False, device=None, level: float = 95.0,
-             variance: bool = False, start=None, warm_start="auto", engine: str = "auto") -> ManyResult:
+             variance: bool = False, start=None, warm_start="auto", engine: str = "auto", family=None,
+             link=None, nagq: int = 1, weights=None, offset=None) -> ManyResult:
     """Fit one mixed model to many responses that share its design, in one batched program.
+
+    ``family`` (with ``link``, ``nagq``, ``weights``, ``offset`` as for ``jm.fit``): a GLMM fitted
+    to every response column by one vmapped program (:func:`jaxmixed.api.glmm.fit_many`;
+    maximum likelihood; standard errors are not computed there).
 
     formula     lme4-style formula (``"y ~ x + (1 + x || g)"``) or a Stata ``mixed`` command
                 (``"y x || g: x"``); its response names a placeholder when ``responses`` is given
@@ -128,6 +133,13 @@ def fit_many(formula: str, data: pd.DataFrame, responses=None, method: str = "re
     from jaxmixed.syntax.formula import parse_formula
     from jaxmixed.syntax.stata import parse_stata
 
+    if family is not None:
+        from jaxmixed.api import glmm
+
+        if responses is None:
+            raise ModelError("fit_many with family= needs responses= (the columns to fit)")
+        return glmm.fit_many(formula, data, responses, family, link, nagq=nagq, weights=weights, offset=offset,
+                             level=level, variance=variance, chunk_size=chunk_size or 32, progress=progress)
     reml = method_is_reml(method)
     level = check_level(level)
     if not isinstance(data, pd.DataFrame):

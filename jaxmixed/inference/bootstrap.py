@@ -152,6 +152,19 @@ def bootstrap(result, n: int = 1000, seed: int = 0, level: float | None = None, 
     level = float(result.level if level is None else level)
     if not (10.0 <= level <= 99.99):
         raise ModelError(f"level must be between 10 and 99.99, not {level}")
+    if getattr(result, "family", None) is not None:  # a GLMM: simulate from its family, refit, vmapped
+        from jaxmixed.inference import glmm
+
+        table, draws, n_failed, n_nc, x = glmm.bootstrap(result, n, seed, level, chunk_size, progress)
+        notes = []
+        if n_failed:
+            notes.append(f"{n_failed} draw(s) left out: the refit broke down")
+        if n_nc:
+            notes.append(f"{n_nc} draw(s) kept although the optimiser did not meet its tolerance")
+        p = result.design.p
+        return BootstrapResult(table=table, draws=draws, n=n, n_failed=n_failed, n_nonconverged=n_nc, seed=int(seed),
+                               level=level, method=result.method, notes=tuple(notes),
+                               theta=x[:, p:p + result.engine.shape.re.n_theta])
     sim = _Simulator(result, n, seed, device)
     reml = result.method == "reml"
     raw = fit_responses(result.design, sim, n, reml, chunk_size=chunk_size, progress=progress, device=device,
