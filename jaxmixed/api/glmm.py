@@ -192,7 +192,14 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
     B = R0_inv * np.sqrt(n)
     arrays = put(laplace.GLMMArrays(jnp.asarray(y), jnp.asarray(m), jnp.asarray(pw), jnp.asarray(off),
                                     jnp.asarray(Xs), tuple(jnp.asarray(f.codes, jnp.int32) for f in design.factors),
-                                    tuple(jnp.asarray(f.Z, float) for f in design.factors)), dev)
+                                    tuple(jnp.asarray(f.Z, float) for f in design.factors),
+                                    jnp.asarray(float(fam.constant(y, m, pw)))), dev)
+    # load the optimiser's and the post-fit programs from disk in the background (when kept
+    # there) while the GLM start runs: their executables' loading then overlaps with work
+    f64 = np.dtype("float64")
+    vec = jax.ShapeDtypeStruct((shape.n_params,), f64)
+    glmm_fit.optimize.prefetch(vec, vec, vec, arrays, shape)
+    laplace.after_fit.prefetch(vec, vec, arrays, shape, jax.ShapeDtypeStruct((design.p, design.p), f64), vec)
     beta0, s0, ll_glm, glm_ok = laplace.glm_fit(Xs, y, m, pw, off, fam.name, link)
     if start is None:
         x0 = np.concatenate([beta0, design.theta0, [s0] if shape.n_scale else []])

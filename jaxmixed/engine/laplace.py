@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmixed.data.crossprod import accumulate
+from jaxmixed.data.crossprod import CrossProducts, segment_cross
 from jaxmixed.data.pattern import dense_block_index
 from jaxmixed.engine import kernels, pls, pls_dense
 from jaxmixed.model.family import family_of
@@ -68,6 +68,7 @@ class GLMMArrays(NamedTuple):
     X: jnp.ndarray  # (n, p) fixed-effects columns in the design's basis
     codes: tuple  # per factor (n,) int32, engine order
     Z: tuple  # per factor (n, q_f)
+    const: jnp.ndarray  # Σᵢ of the rows' parameter-free log-density terms (Family.constant)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def linear_predictor(u, x, data: GLMMArrays, shape: GLMMShape, lams=None):
 
 def row_loglik(eta, x, data: GLMMArrays, shape: GLMMShape):
     _, _, s = split(x, shape)
-    return family_of(shape.family).loglik(shape.link, data.y, data.m, data.pw, eta, s)
+    return family_of(shape.family).loglik(shape.link, data.y, data.m, data.pw, eta, s, constant=False)
 
 
 def _h(u, x, data, shape):
@@ -141,19 +142,38 @@ def _curvature(eta, x, data, shape):
     return g1, -g2
 
 
+def weighted_arrays(data: GLMMArrays, shape: GLMMShape, weights):
+    """The linear engine's dense-layout arrays of ZᵀWZ (W = diag(weights)): only the blocks of
+    Z (D₁₁, D₂₂, A₂₁, X₂₂, from :func:`jaxmixed.data.crossprod.segment_cross` over the full
+    pattern's blocks); a GLMM's PIRLS step has no fixed-effects or response columns."""
+    re = shape.re
+    n = data.y.shape[0]
+    codes, Z, L = data.codes, data.Z, re.L
+    blocks = dense_block_index(codes, L, jnp)
+    D11 = segment_cross(codes[0], Z[0], Z[0], L[0], weights, jnp)
+    D22, A21, X22 = [], [], []
+    for k in range(1, len(codes)):
+        D22.append(segment_cross(codes[k], Z[k], Z[k], L[k], weights, jnp))
+        A21.append(segment_cross(blocks.a21[k - 1], Z[0], Z[k], blocks.n_a21[k - 1], weights, jnp))
+    pairs = [(a, b) for a in range(len(codes) - 1) for b in range(a + 1, len(codes) - 1)]
+    for m, (a, b) in enumerate(pairs):
+        X22.append(segment_cross(blocks.x22[m], Z[a + 1], Z[b + 1], blocks.n_x22[m], weights, jnp))
+    zero = jnp.zeros((), data.y.dtype)
+    cp = CrossProducts(n=jnp.asarray(float(n)), WW=jnp.zeros((1, 1)) + zero, D11=D11,
+                       Z1W=jnp.zeros((L[0], re.q[0], 1)), Z2W=tuple(jnp.zeros((Lk, qk, 1)) for Lk, qk in
+                                                                  zip(L[1:], re.q[1:])),
+                       D22=tuple(D22), A21=tuple(A21), X22=tuple(X22))
+    return pls.arrange(cp, re, None, xp=jnp)
+
+
 def factor_at(u, x, data: GLMMArrays, shape: GLMMShape, weights=None):
     """The blocked Cholesky factor of ΛᵀZᵀWZΛ + I at u, W the observed curvature (or
     ``weights``), from weighted cross-products of Z."""
     _, theta, _ = split(x, shape)
-    re = shape.re
-    lams = pls.factor_lambdas(theta, re)
+    lams = pls.factor_lambdas(theta, shape.re)
     if weights is None:
         _, weights = _curvature(linear_predictor(u, x, data, shape, lams), x, data, shape)
-    n = data.y.shape[0]
-    cp = accumulate(jnp.zeros((n, 1), data.y.dtype), data.codes, data.Z, re.L,
-                    dense_block_index(data.codes, re.L, jnp), weights, xp=jnp)
-    arrays = pls.arrange(cp._replace(n=jnp.asarray(float(n))), re, None, xp=jnp)
-    return pls_dense.factorize_random(arrays, re, lams)
+    return pls_dense.factorize_random(weighted_arrays(data, shape, weights), shape.re, lams)
 
 
 def _solve(f, r, shape: GLMMShape):
@@ -163,43 +183,72 @@ def _solve(f, r, shape: GLMMShape):
     return jnp.concatenate([x1.reshape(-1), x2])
 
 
+def _z_lambda(v, lams, data, shape):
+    """ZΛv per row (the random part of η for spherical effects v)."""
+    out = jnp.zeros(data.y.shape, data.y.dtype)
+    for b, c, Z in zip(_effects(v, lams, shape), data.codes, data.Z):
+        out = out + jnp.sum(Z * b[c], axis=1)
+    return out
+
+
+def _z_lambda_t(r, lams, data, shape):
+    """ΛᵀZᵀr (the transpose of :func:`_z_lambda`): per factor segment sums, then Λᵀ."""
+    parts = []
+    for lam, c, Z, L in zip(lams, data.codes, data.Z, shape.re.L):
+        parts.append((jax.ops.segment_sum(Z * r[:, None], c, num_segments=L) @ lam).reshape(-1))
+    return jnp.concatenate(parts)
+
+
 def pirls(x, data: GLMMArrays, shape: GLMMShape, u0=None):
-    """(û, converged, iterations): the conditional mode at x by damped Newton."""
+    """(û, converged, iterations): the conditional mode at x by damped Newton.
+
+    Each step: ℓ' and ℓ'' at the current η (carried: η(u + t d) = η(u) + t ZΛd is linear in u,
+    so the step's trial points cost elementwise work only), the gradient ΛᵀZᵀℓ' − u, the
+    weighted cross-products of Z and their blocked Cholesky factor, the Newton direction, and
+    step halving on h."""
+    _, theta, s = split(x, shape)
+    lams = pls.factor_lambdas(theta, shape.re)
+    fam = family_of(shape.family)
     u0 = jnp.zeros((shape.n_u,), data.y.dtype) if u0 is None else u0
-    grad_h = jax.grad(_h)
+    eta0 = linear_predictor(u0, x, data, shape, lams)
+
+    def h_of(u, eta):
+        return jnp.sum(fam.loglik(shape.link, data.y, data.m, data.pw, eta, s, constant=False)) - 0.5 * jnp.dot(u, u)
 
     def step(state):
-        k, u, hu, _, _ = state
-        eta = linear_predictor(u, x, data, shape)
-        _, w = _curvature(eta, x, data, shape)
-        f = factor_at(u, x, data, shape, jnp.maximum(w, MIN_WEIGHT * data.pw))
-        g = grad_h(u, x, data, shape)
+        k, u, eta, hu, _, _ = state
+        l1, w = _curvature(eta, x, data, shape)
+        f = pls_dense.factorize_random(weighted_arrays(data, shape, jnp.maximum(w, MIN_WEIGHT * data.pw)),
+                                       shape.re, lams)
+        g = _z_lambda_t(l1, lams, data, shape) - u
         d = _solve(f, g, shape)
         dec = jnp.dot(g, d)
+        deta = _z_lambda(d, lams, data, shape)
+        tol = 1e-12 * (1.0 + jnp.abs(hu))
 
         def ls_cond(ls):
-            j, t, hn, _ = ls
-            return (j < PIRLS_MAX_HALVINGS) & ~(hn >= hu - 1e-12 * (1.0 + jnp.abs(hu)))
+            j, t, hn = ls
+            return (j < PIRLS_MAX_HALVINGS) & ~(hn >= hu - tol)
 
         def ls_body(ls):
-            j, t, _, _ = ls
-            un = u + 0.5 * t * d
-            return j + 1, 0.5 * t, _h(un, x, data, shape), un
+            j, t, _ = ls
+            t = 0.5 * t
+            return j + 1, t, h_of(u + t * d, eta + t * deta)
 
-        un = u + d
-        j, _, hn, un = jax.lax.while_loop(ls_cond, ls_body, (0, 1.0, _h(un, x, data, shape), un))
-        ok = jnp.isfinite(hn) & (hn >= hu - 1e-12 * (1.0 + jnp.abs(hu)))
-        u_next = jnp.where(ok, un, u)
+        j, t, hn = jax.lax.while_loop(ls_cond, ls_body, (0, 1.0, h_of(u + d, eta + deta)))
+        ok = jnp.isfinite(hn) & (hn >= hu - tol)
+        u_next = jnp.where(ok, u + t * d, u)
+        eta_next = jnp.where(ok, eta + t * deta, eta)
         h_next = jnp.where(ok, hn, hu)
+        conv = (dec <= PIRLS_TOL) | (ok & (jnp.abs(hn - hu) <= 1e-14 * (1 + jnp.abs(hu))))
         done = (dec <= PIRLS_TOL) | ~ok | ~jnp.isfinite(dec)
-        return k + 1, u_next, h_next, done, (dec <= PIRLS_TOL) | (ok & (jnp.abs(hn - hu) <= 1e-14 * (1 + jnp.abs(hu))))
+        return k + 1, u_next, eta_next, h_next, done, conv
 
     def cond(state):
-        k, _, _, done, _ = state
-        return (k < PIRLS_MAX_ITER) & ~done
+        return (state[0] < PIRLS_MAX_ITER) & ~state[4]
 
-    init = (0, u0, _h(u0, x, data, shape), False, False)
-    k, u, _, _, conv = jax.lax.while_loop(cond, step, init)
+    init = (0, u0, eta0, h_of(u0, eta0), False, False)
+    k, u, _, _, _, conv = jax.lax.while_loop(cond, step, init)
     return u, conv, k
 
 
@@ -223,7 +272,7 @@ def laplace_deviance(x, data: GLMMArrays, shape: GLMMShape):
     """−2 × the Laplace approximation of the log likelihood at x."""
     u = mode(x, data, shape)
     f = factor_at(u, x, data, shape)
-    return -2.0 * _h(u, x, data, shape) + f.logdet
+    return -2.0 * (_h(u, x, data, shape) + data.const) + f.logdet
 
 
 def gh_grid(nagq: int, q: int):
@@ -257,11 +306,11 @@ def agq_deviance(x, data: GLMMArrays, shape: GLMMShape):
     eta = eta0[:, None] + jnp.einsum("iq,ikq->ik", Z, B[codes])  # (n, K)
     _, _, s = split(x, shape)
     fam = family_of(shape.family)
-    ll = fam.loglik(shape.link, data.y[:, None], data.m[:, None], data.pw[:, None], eta, s)
+    ll = fam.loglik(shape.link, data.y[:, None], data.m[:, None], data.pw[:, None], eta, s, constant=False)
     S = jax.ops.segment_sum(ll, codes, num_segments=L1) - 0.5 * jnp.sum(U**2, axis=1)  # (L1, K)
     S = S + 0.5 * jnp.sum(jnp.asarray(nodes) ** 2, axis=1) + jnp.asarray(logw)
     logdet_g = jnp.sum(jnp.log(jnp.diagonal(f.L1, axis1=1, axis2=2)), axis=1)
-    return -2.0 * jnp.sum(jax.scipy.special.logsumexp(S, axis=1) - logdet_g)
+    return -2.0 * (jnp.sum(jax.scipy.special.logsumexp(S, axis=1) - logdet_g) + data.const)
 
 
 def deviance(x, data: GLMMArrays, shape: GLMMShape):
@@ -277,11 +326,8 @@ def conditional(x, data: GLMMArrays, shape: GLMMShape):
     _, theta, _ = split(x, shape)
     lams = pls.factor_lambdas(theta, shape.re)
     u, conv, _ = pirls(x, data, shape)
-    n = data.y.shape[0]
     _, w = _curvature(linear_predictor(u, x, data, shape, lams), x, data, shape)
-    cp = accumulate(jnp.zeros((n, 1)), data.codes, data.Z, shape.re.L, dense_block_index(data.codes, shape.re.L, jnp),
-                    w, xp=jnp)
-    arrays = pls.arrange(cp._replace(n=jnp.asarray(float(n))), shape.re, None, xp=jnp)
+    arrays = weighted_arrays(data, shape, w)
     blocks = pls_dense.conditional_blocks(theta, arrays, shape.re, lams)
     V = [jnp.einsum("ij,ljk,hk->lih", lam, Vb, lam) for lam, Vb in zip(lams, blocks)]
     return u, _effects(u, lams, shape), V, conv

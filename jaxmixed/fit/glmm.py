@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxmixed.engine import laplace
 from jaxmixed.fit.optimizers import minimize_scaled
+from jaxmixed.model.family import family_of
 from jaxmixed.runtime import programs
 
 
@@ -32,9 +33,12 @@ def optimize(x0, lower, unit, data, shape):
 def optimize_responses(x0, lower, unit, Y, data, shape):
     """Fits of the responses Y (k × n) sharing everything else in ``data``, vmapped: (x̂ (k × m),
     −2ℓ (k,), converged (k,))."""
+    fam = family_of(shape.family)
+
     def one(y):
-        opt = minimize_scaled(lambda x: laplace.deviance(x, data._replace(y=y), shape), x0, lower, unit,
-                              max_iter=300, quasi_newton=True)
+        d = data._replace(y=y, const=fam.constant(y, data.m, data.pw, jnp))
+        opt = minimize_scaled(lambda x: laplace.deviance(x, d, shape), x0, lower, unit, max_iter=300,
+                              quasi_newton=True)
         return opt.x, opt.fun, opt.converged
 
     return jax.vmap(one)(Y)

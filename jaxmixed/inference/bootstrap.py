@@ -83,6 +83,9 @@ class _Simulator:
 
 
 def _check_simulable(result):
+    if getattr(result, "family", None) is not None:
+        raise ModelError("bootstrap_lrtest is not offered for GLMMs yet (result.bootstrap() is); "
+                         "compare GLMMs with jm.lrtest")
     if not result.engine.supports_batched:
         raise ModelError("bootstrap supports models with independent, homoskedastic residuals only "
                          "(this fit has a residuals() structure)")
@@ -155,23 +158,18 @@ def bootstrap(result, n: int = 1000, seed: int = 0, level: float | None = None, 
     if getattr(result, "family", None) is not None:  # a GLMM: simulate from its family, refit, vmapped
         from jaxmixed.inference import glmm
 
-        table, draws, n_failed, n_nc, x = glmm.bootstrap(result, n, seed, level, chunk_size, progress)
-        notes = []
-        if n_failed:
-            notes.append(f"{n_failed} draw(s) left out: the refit broke down")
-        if n_nc:
-            notes.append(f"{n_nc} draw(s) kept although the optimiser did not meet its tolerance")
+        P, ok, converged, x = glmm.bootstrap_draws(result, n, seed, chunk_size, progress)
         p = result.design.p
-        return BootstrapResult(table=table, draws=draws, n=n, n_failed=n_failed, n_nonconverged=n_nc, seed=int(seed),
-                               level=level, method=result.method, notes=tuple(notes),
-                               theta=x[:, p:p + result.engine.shape.re.n_theta])
-    sim = _Simulator(result, n, seed, device)
-    reml = result.method == "reml"
-    raw = fit_responses(result.design, sim, n, reml, chunk_size=chunk_size, progress=progress, device=device,
-                        engine=result.engine.shape.kind,
-                        hessian=False, label="bootstrap", warm_start=np.asarray(result.theta))
-    P = _params(result, raw)
-    ok = np.isfinite(raw["fun"]) & np.all(np.isfinite(raw["beta"]), axis=1)
+        theta = x[:, p:p + result.engine.shape.re.n_theta]
+    else:
+        sim = _Simulator(result, n, seed, device)
+        reml = result.method == "reml"
+        raw = fit_responses(result.design, sim, n, reml, chunk_size=chunk_size, progress=progress, device=device,
+                            engine=result.engine.shape.kind,
+                            hessian=False, label="bootstrap", warm_start=np.asarray(result.theta))
+        P = _params(result, raw)
+        ok = np.isfinite(raw["fun"]) & np.all(np.isfinite(raw["beta"]), axis=1)
+        converged, theta = raw["opt_converged"], raw["theta"]
     labels = _labels(result)
     draws = pd.DataFrame(P[ok], columns=labels)
     alpha = 1.0 - level / 100.0
@@ -185,14 +183,14 @@ def bootstrap(result, n: int = 1000, seed: int = 0, level: float | None = None, 
             "ci_upper": np.nanquantile(P[ok], 1 - alpha / 2, axis=0) if ok.any() else np.nan,
         }, index=pd.Index(labels, name="parameter"))
     n_failed = int((~ok).sum())
-    n_nc = int((ok & ~raw["opt_converged"]).sum())
+    n_nc = int((ok & ~converged).sum())
     notes = []
     if n_failed:
         notes.append(f"{n_failed} draw(s) left out: the refit broke down")
     if n_nc:
         notes.append(f"{n_nc} draw(s) kept although the optimiser did not meet its tolerance")
     return BootstrapResult(table=table, draws=draws, n=n, n_failed=n_failed, n_nonconverged=n_nc, seed=int(seed),
-                           level=level, method=result.method, notes=tuple(notes), theta=raw["theta"][ok])
+                           level=level, method=result.method, notes=tuple(notes), theta=theta[ok])
 
 
 class BootstrapLRTest(LRTest):

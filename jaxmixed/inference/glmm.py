@@ -1,5 +1,5 @@
 """Post-estimation of GLMMs that needs many fits: draws of parameters in the reporting metric,
-simulation from a fitted GLMM, and its parametric bootstrap (one vmapped program,
+simulation from a fitted GLMM, and the draws of its parametric bootstrap (one vmapped program,
 :func:`jaxmixed.fit.glmm.fit_responses`).
 
 Draw d of the bootstrap uses ``numpy.random.default_rng([seed, d])``: the results depend only on
@@ -11,7 +11,6 @@ prior weights and offset; the refit starts from the fit's estimate.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
 from jaxmixed.engine import laplace
 from jaxmixed.fit.glmm import fit_responses
@@ -63,8 +62,9 @@ def simulate(result, n: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def bootstrap(result, n: int, seed: int, level: float, chunk_size=None, progress: bool = False):
-    """(table, draws, n_failed, n_nonconverged, x) of the parametric bootstrap of a GLMM fit."""
+def bootstrap_draws(result, n: int, seed: int, chunk_size=None, progress: bool = False):
+    """(P (n × parameters) in the table's metric, ok (the refit did not break down), converged,
+    x (n × m) the refitted parameters) of the parametric bootstrap of a GLMM fit."""
     Y = simulate(result, n, seed)
     lower, unit = result.display["bounds"]
     raw = fit_responses(Y, result.params, lower, unit, result.data, result.engine.shape, chunk_size or 32,
@@ -72,17 +72,4 @@ def bootstrap(result, n: int, seed: int, level: float, chunk_size=None, progress
     beta, est = report_draws(result, raw["x"])
     P = np.concatenate([beta, est], axis=1)
     ok = np.isfinite(raw["fun"]) & np.all(np.isfinite(beta), axis=1)
-    alpha = 1.0 - level / 100.0
-    labels = list(result.fixed.index) + [f"{g}: {nm}" if g else nm for g, nm in zip(result.random.group,
-                                                                                     result.random.name)]
-    point = np.concatenate([result.fixed["coef"].to_numpy(), result.random["estimate"].to_numpy()])
-    with np.errstate(invalid="ignore"):
-        table = pd.DataFrame({
-            "estimate": point,
-            "mean": np.nanmean(P[ok], axis=0) if ok.any() else np.nan,
-            "se": np.nanstd(P[ok], axis=0, ddof=1) if ok.sum() > 1 else np.nan,
-            "ci_lower": np.nanquantile(P[ok], alpha / 2, axis=0) if ok.any() else np.nan,
-            "ci_upper": np.nanquantile(P[ok], 1 - alpha / 2, axis=0) if ok.any() else np.nan,
-        }, index=pd.Index(labels, name="parameter"))
-    draws = pd.DataFrame(P[ok], columns=labels)
-    return table, draws, int((~ok).sum()), int((ok & ~raw["converged"]).sum()), raw["x"][ok]
+    return P, ok, raw["converged"], raw["x"]

@@ -90,21 +90,22 @@ class Family:
     title: str  # Stata's header word: "Bernoulli", "Poisson", ...
     glm_name: str  # "logistic", "Poisson", ... in "LR test vs. ... model"
 
-    def loglik(self, link: str, y, m, pw, eta, s):
-        """ℓᵢ(ηᵢ) per row (full log density, times the prior weight)."""
+    def loglik(self, link: str, y, m, pw, eta, s, constant: bool = True):
+        """ℓᵢ(ηᵢ) per row (full log density, times the prior weight); ``constant=False`` leaves
+        out the terms free of every parameter (:meth:`constant`: log C(m, y), −log y!), which
+        the engines add once instead of at every evaluation."""
         if self.name == "binomial":
-            lc = gammaln(m + 1.0) - gammaln(y + 1.0) - gammaln(m - y + 1.0)
-            ll = lc + jnp.where(y > 0, y * _log_mu(link, eta), 0.0) \
+            ll = jnp.where(y > 0, y * _log_mu(link, eta), 0.0) \
                 + jnp.where(m - y > 0, (m - y) * _log_1m_mu(link, eta), 0.0)
         elif self.name == "poisson":
             mu_log = _log_mu(link, eta)
-            ll = jnp.where(y > 0, y * mu_log, 0.0) - jnp.exp(mu_log) - gammaln(y + 1.0)
+            ll = jnp.where(y > 0, y * mu_log, 0.0) - jnp.exp(mu_log)
         elif self.name == "negbinomial":
             mu_log = _log_mu(link, eta)
             la = s
             a = jnp.exp(la)
             lsum = jnp.logaddexp(la, mu_log)
-            ll = gammaln(y + a) - gammaln(a) - gammaln(y + 1.0) + a * (la - lsum) + y * (mu_log - lsum)
+            ll = gammaln(y + a) - gammaln(a) + a * (la - lsum) + y * (mu_log - lsum)
         elif self.name == "gamma":
             mu_log = _log_mu(link, eta)
             nu = jnp.exp(s)
@@ -115,7 +116,26 @@ class Family:
             return ll
         else:  # pragma: no cover - families are checked on construction
             raise ModelError(f"unknown family {self.name!r}")
+        if constant:
+            ll = ll + self.row_constant(y, m, jnp)
         return pw * ll
+
+    def row_constant(self, y, m, xp=np):
+        """The parameter-free part of each row's log density (before the prior weight):
+        log C(m, y) for the binomial, −log y! for counts, 0 elsewhere."""
+        if xp is np:
+            from scipy.special import gammaln as lg  # noqa: PLC0415
+        else:
+            lg = gammaln
+        if self.name == "binomial":
+            return lg(m + 1.0) - lg(y + 1.0) - lg(m - y + 1.0)
+        if self.name in ("poisson", "negbinomial"):
+            return -lg(y + 1.0)
+        return xp.zeros_like(y)
+
+    def constant(self, y, m, pw, xp=np):
+        """Σᵢ wᵢ × :meth:`row_constant` (numpy or jax.numpy)."""
+        return xp.sum(pw * self.row_constant(y, m, xp))
 
     def variance(self, mu, s, xp=np):
         """Var(y | b) of one trial / count at mean μ (without the prior weight)."""
