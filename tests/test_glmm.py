@@ -232,3 +232,15 @@ def test_bootstrap_glmm_is_reproducible_and_sensible():
     for term in ("_cons", "period[T.2]"):
         assert t.loc[term, "se"] == pytest.approx(r.fixed.loc[term, "se"], rel=0.3)
         assert t.loc[term, "ci_lower"] < r.fixed.loc[term, "coef"] < t.loc[term, "ci_upper"]
+
+
+def test_stata_ghermite_is_plain_quadrature():
+    """intmethod(ghermite): nodes on the prior, not at the mode; with enough points it reaches the
+    adaptive rule's value (lme4's nAGQ = 25 here), with few it is visibly worse."""
+    cb = jm.datasets.load("cbpp")
+    r = jm.meglm("incidence i.period || herd:, family(binomial size) intmethod(ghermite) intpoints(40)", cb)
+    assert r.method == "ghq" and r.nagq == 40 and "Integration method: ghermite" in str(r)
+    ref = REF["cbpp"]["agq"]["nAGQ25"]["logLik_normalised"]
+    assert abs(r.loglik - ref) < 1e-5
+    with pytest.raises(jm.ModelError, match="ghermite"):
+        jm.meglm("incidence i.period || herd:, family(binomial size) intmethod(ghermite) intpoints(1)", cb)

@@ -108,7 +108,7 @@ def _response(df, response, family, name_hint):
 def fit_glmm_spec(spec: ModelSpec, data: pd.DataFrame, family, link=None, *, response=None, offsets=(),
                   nagq: int = 1, weights=None, offset=None, trials=None, exposure=None, variance: bool = False,
                   level: float = 95.0, start=None, display: dict | None = None, device=None,
-                  eform: bool = False, title: str | None = None) -> FitResult:
+                  eform: bool = False, title: str | None = None, adaptive: bool = True) -> FitResult:
     """Fit a GLMM from a model description (the response ``spec.response`` unless ``response``:
     the response text or a (successes, failures) pair); see the module docstring."""
     from jaxmixed import runtime
@@ -124,7 +124,8 @@ def fit_glmm_spec(spec: ModelSpec, data: pd.DataFrame, family, link=None, *, res
         raise DataError(f"data must be a pandas DataFrame, not {type(data).__name__}")
     with runtime.fit_blas_threads():
         return _fit(spec, data, fam, link, response if response is not None else spec.response, offsets, nagq,
-                    weights, offset, trials, exposure, variance, level, start, display, device, eform, title)
+                    weights, offset, trials, exposure, variance, level, start, display, device, eform, title,
+                    adaptive)
 
 
 def _column_or_array(df, value, what):
@@ -139,7 +140,7 @@ def _column_or_array(df, value, what):
 
 
 def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials, exposure, variance, level,
-         start, display, device, eform, title):
+         start, display, device, eform, title, adaptive=True):
     from jaxmixed.runtime.devices import put, resolve_device
 
     dev = resolve_device(device)
@@ -179,13 +180,15 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
     fam.check_response(y, m, resp_name)
     if not np.all(np.isfinite(off)):
         raise DataError(f"the offset has {int(np.sum(~np.isfinite(off)))} non-finite value(s)")
+    if not adaptive and nagq < 2:
+        raise ModelError("intmethod(ghermite) needs intpoints() of 2 or more")
     if nagq > 1 and len(design.factors) > 1:
         raise ModelError(f"adaptive quadrature (nagq={nagq}) needs a single grouping factor; this model has "
                          f"{len(design.factors)} ({', '.join(':'.join(f.group) for f in design.factors)}), whose "
                          "integral does not factor over groups: use nagq=1 (Laplace)")
     pattern = build_pattern(design)
     re_shape = replace(pls.shape_of(design, pattern, "dense"), p=0, layout=None)
-    shape = laplace.GLMMShape(re_shape, fam.name, link, design.p, nagq)
+    shape = laplace.GLMMShape(re_shape, fam.name, link, design.p, nagq, bool(adaptive))
     n = design.nobs
     Xt, R0_inv = design.fixed_basis[0], design.fixed_basis[1]
     Xs = Xt * np.sqrt(n)
@@ -271,7 +274,7 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
     shown = {"response": resp_name, "title": title, "eform": bool(eform), "glm_loglik": ll_glm,
              "residual_rows": tuple(residual), "bounds": (lower, unit)}
     return FitResult(
-        loglik=loglik, method="laplace" if nagq == 1 else "agq", nobs=design.nobs, converged=converged,
+        loglik=loglik, method="laplace" if nagq == 1 else ("agq" if adaptive else "ghq"), nobs=design.nobs, converged=converged,
         singular=singular, fixed=fixed, random=random, wald=tables.wald_test(design.xnames, beta, cov_beta),
         lr_vs_linear=lr, groups=design.group_summary, theta=engine.theta(x), beta=beta, sigma=sigma,
         iterations=tuple(-0.5 * history), n_dropped=design.n_dropped, notes=tuple(notes), level=float(level),
@@ -423,7 +426,8 @@ def fit_stata(command: str, data, default_family=None, default_link=None, **over
     eform = bool(opts.get("eform", False))
     return fit_glmm_spec(spec, data, fam, link, nagq=nagq, weights=weights, offset=opts.get("offset"),
                          trials=opts.get("binomial_n"), exposure=opts.get("exposure"), variance=variance,
-                         level=level, start=start, display=display, device=device, eform=eform, title=cmd)
+                         level=level, start=start, display=display, device=device, eform=eform, title=cmd,
+                         adaptive=method != "ghermite")
 
 
 def _command(name: str):

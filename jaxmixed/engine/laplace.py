@@ -81,6 +81,7 @@ class GLMMShape:
     link: str
     p: int
     nagq: int = 1
+    adaptive: bool = True  # False: plain Gauss-Hermite nodes on the prior (Stata's ghermite)
 
     @property
     def n_scale(self) -> int:
@@ -288,18 +289,25 @@ def gh_grid(nagq: int, q: int):
 
 def agq_deviance(x, data: GLMMArrays, shape: GLMMShape):
     """−2 × the adaptive Gauss-Hermite log likelihood (one grouping factor; ``shape.nagq``
-    points per dimension)."""
+    points per dimension). With ``shape.adaptive`` False the nodes are those of the prior
+    N(0, I) itself, not moved to the mode nor scaled by the curvature (Stata's ``ghermite``:
+    needs many more points for the same accuracy)."""
     re = shape.re
     L1, q = re.L[0], re.q[0]
     beta, theta, _ = split(x, shape)
     lams = pls.factor_lambdas(theta, re)
-    u = mode(x, data, shape)
-    f = factor_at(u, x, data, shape)
     nodes, logw = gh_grid(shape.nagq, q)
     K = nodes.shape[0]
     Zn = jnp.broadcast_to(jnp.asarray(nodes.T), (L1, q, K))
-    shift = kernels.solve_lower_t(f.L1, Zn)  # L_g⁻ᵀ z_k: (L1, q, K)
-    U = u.reshape(L1, q)[:, :, None] + shift  # (L1, q, K)
+    if shape.adaptive:
+        u = mode(x, data, shape)
+        f = factor_at(u, x, data, shape)
+        shift = kernels.solve_lower_t(f.L1, Zn)  # L_g⁻ᵀ z_k: (L1, q, K)
+        U = u.reshape(L1, q)[:, :, None] + shift  # (L1, q, K)
+        logdet_g = jnp.sum(jnp.log(jnp.diagonal(f.L1, axis1=1, axis2=2)), axis=1)
+    else:
+        U = Zn
+        logdet_g = jnp.zeros((L1,), x.dtype)
     B = jnp.einsum("lqk,pq->lkp", U, lams[0])  # b = Λu per node: (L1, K, q)
     codes, Z = data.codes[0], data.Z[0]
     eta0 = data.X @ beta + data.offset
@@ -309,13 +317,12 @@ def agq_deviance(x, data: GLMMArrays, shape: GLMMShape):
     ll = fam.loglik(shape.link, data.y[:, None], data.m[:, None], data.pw[:, None], eta, s, constant=False)
     S = jax.ops.segment_sum(ll, codes, num_segments=L1) - 0.5 * jnp.sum(U**2, axis=1)  # (L1, K)
     S = S + 0.5 * jnp.sum(jnp.asarray(nodes) ** 2, axis=1) + jnp.asarray(logw)
-    logdet_g = jnp.sum(jnp.log(jnp.diagonal(f.L1, axis1=1, axis2=2)), axis=1)
     return -2.0 * (jnp.sum(jax.scipy.special.logsumexp(S, axis=1) - logdet_g) + data.const)
 
 
 def deviance(x, data: GLMMArrays, shape: GLMMShape):
     """The objective: Laplace for ``nagq`` 1, adaptive quadrature above."""
-    if shape.nagq > 1:
+    if shape.nagq > 1 or not shape.adaptive:
         return agq_deviance(x, data, shape)
     return laplace_deviance(x, data, shape)
 
