@@ -136,3 +136,15 @@ def test_fit_command_says_each_note_once(tmp_path, capsys):
     out = capsys.readouterr()
     assert "Warning" not in out.err and "boundary" not in out.err
     assert out.out.count("boundary (singular) fit") == 1
+
+
+def test_fit_glmm_family_and_stata_me_command(tmp_path, capsys):
+    path = tmp_path / "cbpp.csv"
+    jm.datasets.load("cbpp").to_csv(path, index=False)
+    assert main(["fit", str(path), "cbind(incidence, size - incidence) ~ C(period) + (1|herd)",
+                 "--family", "binomial", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["method"] == "laplace" and abs(out["loglik"] - (-92.0262818647569)) < 1e-6
+    assert main(["fit", str(path), "meglm incidence i.period || herd:, family(binomial size) intmethod(laplace)",
+                 "--stata", "--nolog"]) == 0
+    assert "Mixed-effects GLM" in capsys.readouterr().out

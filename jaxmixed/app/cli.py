@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="confidence level in percent (default 95, or the Stata command's level())")
     fit.add_argument("--nolog", action="store_true", help="leave the iteration log out of the report")
     fit.add_argument("--json", action="store_true", help="print the estimates as a JSON object")
+    fit.add_argument("--family", default=None, metavar="NAME",
+                     help="a GLMM: binomial, poisson, negbinomial, gamma or gaussian (with --link)")
+    fit.add_argument("--link", default=None, metavar="NAME", help="the GLMM's link (default: the canonical one)")
+    fit.add_argument("--nagq", type=int, default=1, metavar="K",
+                     help="adaptive Gauss-Hermite points per random effect (1: Laplace)")
     return parser
 
 
@@ -85,10 +90,16 @@ def fit_model(args, data: pd.DataFrame):
 
     if args.stata:
         spec = jm.parse_stata(args.formula)  # only to see the command word
-        fn = jm.mixed if spec.options.get("command") == "mixed" else jm.xtmixed
+        cmd = spec.options.get("command")
+        if cmd in ("meglm", "melogit", "meprobit", "mecloglog", "mepoisson", "menbreg"):
+            return getattr(jm, cmd)(args.formula, data, variance=True if args.variance else None, level=args.level)
+        fn = jm.mixed if cmd == "mixed" else jm.xtmixed
         return fn(args.formula, data, method="ml" if args.ml else None,
                   variance=True if args.variance else None, level=args.level)
     level = 95.0 if args.level is None else args.level
+    if args.family or args.link:
+        return jm.fit(args.formula, data, variance=args.variance, level=level, family=args.family or "gaussian",
+                      link=args.link, nagq=args.nagq)
     return jm.fit(args.formula, data, method="ml" if args.ml else "reml", variance=args.variance, level=level)
 
 
