@@ -244,3 +244,14 @@ def test_stata_ghermite_is_plain_quadrature():
     assert abs(r.loglik - ref) < 1e-5
     with pytest.raises(jm.ModelError, match="ghermite"):
         jm.meglm("incidence i.period || herd:, family(binomial size) intmethod(ghermite) intpoints(1)", cb)
+
+
+def test_display_methods_name_the_glmm():
+    r = fitted("cbpp")
+    assert r.to_latex().splitlines()[2].startswith("cbind(incidence, size - incidence) &")
+    assert "<caption>Mixed-effects logistic regression</caption>" in r._repr_html_()
+    assert set(r.tidy().term) >= {"_cons", "sd__(Intercept)"} or len(r.tidy()) == 5
+    with pytest.raises(jm.ModelError, match="wcorrelation is defined for linear"):
+        r.wcorrelation()
+    with pytest.raises(jm.DataError, match="kind for a GLMM"):
+        r.predict("residuals")

@@ -66,6 +66,9 @@ def wcorrelation(result, level: int = 0) -> pd.DataFrame:
     ``level`` picks the group by its position in the outermost factor's levels (0: the first).
     """
     des = result.design
+    if getattr(result, "family", None) is not None:
+        raise ModelError("wcorrelation is defined for linear mixed models; a GLMM's marginal correlation "
+                         "depends on the means (it has no closed form)")
     fac = des.factors[outer_factor(des)]
     if not 0 <= level < fac.n_levels:
         raise ModelError(f"level must be between 0 and {fac.n_levels - 1}")

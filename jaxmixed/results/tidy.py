@@ -81,8 +81,8 @@ def to_html(r) -> str:
                    for g, n, e, s, lo, hi in zip(v.group, v.name, v.estimate, v.se, v.ci_lower, v.ci_upper)]
     parts = [
         '<div class="jaxmixed-fit">',
-        _html_table(f"Mixed-effects {kind} regression", ["", ""], head, "header"),
-        _html_table(f"Fixed effects ({r.design.response})",
+        _html_table(_title(r, kind), ["", ""], head, "header"),
+        _html_table(f"Fixed effects ({_response(r)})",
                     ["", "Coef.", "Std. Err.", "z", "P>|z|", f"[{lvl} Conf.", "Interval]"], fixed_rows, "fixed"),
         _html_table("Random-effects parameters", ["Group", "Parameter", "Estimate", "Std. Err.",
                                                   f"[{lvl} Conf.", "Interval]"], random_rows, "random"),
@@ -117,7 +117,7 @@ def to_latex(r) -> str:
     """The coefficient table and the random-effects table as LaTeX ``tabular`` environments."""
     lvl = f"{r.level:g}\\%"
     f = r.fixed
-    fixed = _tex_table([r.design.response, "Coef.", "Std. Err.", "z", "P>|z|", f"[{lvl}", "Conf. Interval]"],
+    fixed = _tex_table([_response(r), "Coef.", "Std. Err.", "z", "P>|z|", f"[{lvl}", "Conf. Interval]"],
                        [[n, row.coef, row.se, row.z, row.p, row.ci_lower, row.ci_upper] for n, row in f.iterrows()],
                        "lrrrrrr")
     v = r.random
@@ -126,3 +126,16 @@ def to_latex(r) -> str:
                          for g, n, e, s, lo, hi in zip(v.group, v.name, v.estimate, v.se, v.ci_lower, v.ci_upper)],
                         "llrrrr")
     return fixed + "\n\n" + random + "\n"
+
+
+def _response(r) -> str:
+    """The response as the user wrote it (a GLMM's is read into a column of its own)."""
+    return r.display.get("response") or r.design.response
+
+
+def _title(r, kind: str) -> str:
+    if getattr(r, "family", None) is not None:
+        from jaxmixed.results.report import glmm_title
+
+        return glmm_title(r)
+    return f"Mixed-effects {kind} regression"
