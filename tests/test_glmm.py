@@ -189,6 +189,13 @@ def test_predictions_and_residuals():
     assert np.sum(dev**2) == pytest.approx(np.sum(d), rel=1e-10)
     se = r.blups(se=True)["herd"]["_cons"]
     assert np.all((se > 0) & (se < r.random.iloc[0].estimate))
+    # new data: the same rows give the same means; an unseen herd gets b = 0
+    np.testing.assert_allclose(r.predict("mu", data=cb), mu, rtol=1e-12)
+    new = cb.head(2).copy()
+    new["herd"] = ["99", cb["herd"].iloc[1]]
+    with pytest.warns(jm.JaxmixedWarning, match="not seen in the fit"):
+        got = r.predict("eta", data=new)
+    assert got.iloc[0] == pytest.approx(xb.iloc[0]) and got.iloc[1] == pytest.approx(eta.iloc[1])
     # AIC/BIC count the fixed effects and the variance
     assert r.aic == pytest.approx(-2 * r.loglik + 2 * 5)
     assert np.isnan(r.sigma)

@@ -68,6 +68,8 @@ def test_family_matches_glmmtmb(case):
     if family == "gaussian":
         assert est["sd(Residual)"] == pytest.approx(ref["dispersion"], rel=REL)
         assert r.sigma == pytest.approx(ref["dispersion"], rel=REL)
+    if case == "poisson_offset":  # new data get the offset from the formula's offset(log(t))
+        np.testing.assert_allclose(r.predict("eta", data=_data(case)), r.predict("eta"), rtol=1e-12)
     if case == "binomial_prop":  # the same model as cbind(successes, failures)
         c = jm.fit("cbind(s, n - s) ~ x + (1 | g)", _data(case), family="binomial")
         assert c.loglik == pytest.approx(r.loglik, abs=1e-9)

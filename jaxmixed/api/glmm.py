@@ -11,9 +11,7 @@ variances reported).
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from jaxmixed.data.design import build_design
+from jaxmixed.data.design import evaluate_expression as _evaluate
 from jaxmixed.data.pattern import build_pattern
 from jaxmixed.engine import laplace, pls
 from jaxmixed.errors import DataError, FormulaError, ModelError, warn
@@ -41,27 +40,6 @@ ME_COMMANDS = {"melogit": ("bernoulli", "logit"), "meprobit": ("bernoulli", "pro
 _TITLES = {("binomial", "logit"): "logistic", ("binomial", "probit"): "probit",
            ("binomial", "cloglog"): "complementary log-log", ("poisson", "log"): "Poisson",
            ("negbinomial", "log"): "negative binomial"}
-
-
-def _evaluate(df: pd.DataFrame, expr: str, what: str) -> np.ndarray:
-    """The values of a column or an arithmetic expression of columns (``size - incidence``,
-    ``log(exposure)``) in every row of ``df`` (NaN where an input is missing)."""
-    expr = expr.strip()
-    if expr in df.columns:
-        s = df[expr]
-        if not (pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s)):
-            raise DataError(f"{what} {expr!r} must be numeric, not {s.dtype}")
-        return s.to_numpy(dtype=float, na_value=np.nan)
-    text = re.sub(r"\bnp\.|\bnumpy\.", "", expr)
-    try:
-        with np.errstate(all="ignore"):
-            out = df.eval(text, engine="python")
-    except Exception as exc:  # noqa: BLE001 - pandas' errors, named as the model's
-        raise DataError(f"{what} {expr!r} cannot be evaluated on the data: {str(exc).splitlines()[0]}") from None
-    out = np.asarray(out, dtype=float).reshape(-1)
-    if out.shape[0] != len(df):
-        out = np.broadcast_to(out, (len(df),)).copy()
-    return out
 
 
 def _binary(s: pd.Series, name: str) -> np.ndarray:
@@ -158,15 +136,19 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
         # lme4: a proportion response with weights= the trials
         m, y, pw = pw, y * pw, np.ones(len(df))
     off = np.zeros(len(df))
+    offset_exprs = list(offsets)  # how new data get their offset (None: an array was given)
     for expr in offsets:
         off = off + _evaluate(df, expr, "offset")
     if offset is not None:
         off = off + _column_or_array(df, offset, "offset")
+        offset_exprs = offset_exprs + [offset] if isinstance(offset, str) else None
     if exposure is not None:
         e = _column_or_array(df, exposure, "exposure")
         if np.any(e[np.isfinite(e)] <= 0):
             raise DataError(f"exposure {exposure!r} must be positive")
         off = off + np.log(e)
+        if offset_exprs is not None:
+            offset_exprs = offset_exprs + [f"log({exposure})"] if isinstance(exposure, str) else None
     df[RESPONSE_COLUMN], df[TRIALS], df[WEIGHTS], df[OFFSET] = y, m, pw, off
     spec = replace(spec, response=RESPONSE_COLUMN,
                    options={**spec.options, "aux_variables": (TRIALS, WEIGHTS, OFFSET), "glmm": True})
@@ -272,7 +254,8 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
                                V=tuple(np.asarray(v) for v in V))
     history = np.asarray(opt.history)[: int(opt.n_iter) + 1]
     shown = {"response": resp_name, "title": title, "eform": bool(eform), "glm_loglik": ll_glm,
-             "residual_rows": tuple(residual), "bounds": (lower, unit)}
+             "residual_rows": tuple(residual), "bounds": (lower, unit),
+             "offset_exprs": None if offset_exprs is None else tuple(offset_exprs)}
     return FitResult(
         loglik=loglik, method="laplace" if nagq == 1 else ("agq" if adaptive else "ghq"), nobs=design.nobs, converged=converged,
         singular=singular, fixed=fixed, random=random, wald=tables.wald_test(design.xnames, beta, cov_beta),

@@ -12,6 +12,7 @@ block-diagonal over its terms (Stata's repeated equations at one level, lme4's `
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -666,3 +667,24 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
                   omitted=omitted, response=spec.response, rows=rows,
                   fixed_levels=fixed_levels, fixed_basis=basis, fixed_encoder=encoders,
                   column_encoders=column_encoders)
+
+
+def evaluate_expression(df: pd.DataFrame, expr: str, what: str) -> np.ndarray:
+    """The values of a column or an arithmetic expression of columns (``size - incidence``,
+    ``log(exposure)``) in every row of ``df`` (NaN where an input is missing)."""
+    expr = expr.strip()
+    if expr in df.columns:
+        s = df[expr]
+        if not (pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s)):
+            raise DataError(f"{what} {expr!r} must be numeric, not {s.dtype}")
+        return s.to_numpy(dtype=float, na_value=np.nan)
+    text = re.sub(r"\bnp\.|\bnumpy\.", "", expr)
+    try:
+        with np.errstate(all="ignore"):
+            out = df.eval(text, engine="python")
+    except Exception as exc:  # noqa: BLE001 - pandas' errors, named as the model's
+        raise DataError(f"{what} {expr!r} cannot be evaluated on the data: {str(exc).splitlines()[0]}") from None
+    out = np.asarray(out, dtype=float).reshape(-1)
+    if out.shape[0] != len(df):
+        out = np.broadcast_to(out, (len(df),)).copy()
+    return out

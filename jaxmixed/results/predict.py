@@ -145,10 +145,9 @@ def _predict_glmm(result, kind: str, data, conditional: bool):
 
     if kind not in GLMM_KINDS:
         raise DataError(f"predict kind for a GLMM must be one of {', '.join(GLMM_KINDS)}, not {kind!r}")
-    if data is not None:
-        raise DataError("predict on new data is not offered for GLMMs yet; predict on the fitted rows "
-                        "(data=None)")
     des = result.design
+    if data is not None:
+        return _predict_glmm_new(result, kind, data, conditional)
     index = des.rows
     arrays = result.data
     xb = des.X @ result.beta
@@ -183,3 +182,43 @@ def _predict_glmm(result, kind: str, data, conditional: bool):
         return pd.Series((y - mean) / np.sqrt(var), index=index, name="pearson")
     d = fam.unit_deviance(y, mu, m, s) * (pw if fam.name != "gaussian" else pw)
     return pd.Series(np.sign(y - mean) * np.sqrt(np.maximum(d, 0.0)), index=index, name="deviance")
+
+
+def _predict_glmm_new(result, kind: str, data: pd.DataFrame, conditional: bool):
+    """xb, eta and mu of a GLMM for new rows (random effects of unseen levels 0, as for linear
+    models); the offset is re-evaluated from the fit's offset expressions."""
+    from jaxmixed.data.design import evaluate_expression
+    from jaxmixed.model.family import inverse_link
+
+    if kind not in ("xb", "eta", "mu", "fitted"):
+        raise DataError(f"predict on new data for a GLMM gives xb, eta or mu, not {kind!r}")
+    exprs = result.display.get("offset_exprs", ())
+    if exprs is None:
+        raise DataError("this GLMM's offset was given as an array: predict on new data needs it as a column "
+                        "name or an offset(...) term")
+    spec, des = result.spec, result.design
+    aux = set(spec.options.get("aux_variables", ()))
+    need = [v for v in model_variables(spec, data.columns) if v != spec.response and v not in aux]
+    missing = [v for v in need if v not in data.columns]
+    if missing:
+        raise DataError(f"new data lack column(s) {', '.join(map(repr, missing))}")
+    ok = data[need].notna().all(axis=1).to_numpy()
+    df = data.loc[ok].reset_index(drop=True)
+    index = np.flatnonzero(ok)
+    xb = fixed_matrix(spec, des.schema, df[need]) @ result.beta
+    if kind == "xb":
+        return pd.Series(xb, index=index, name="xb")
+    eta = xb.copy()
+    for expr in exprs:
+        eta = eta + evaluate_expression(df, expr, "offset")
+    if conditional:
+        rows, n_unseen = _row_effects(result, df[need])
+        if n_unseen:
+            warnings.warn(f"{n_unseen} row-level group memberships are levels not seen in the fit; "
+                          "their random effects are set to 0", JaxmixedWarning, stacklevel=4)
+        for k, (codes, Z) in enumerate(rows):
+            bk = np.asarray(result.solution.b[k])
+            eta = eta + np.where(codes >= 0, np.sum(Z * bk[np.maximum(codes, 0)], axis=1), 0.0)
+    if kind == "eta":
+        return pd.Series(eta, index=index, name="eta")
+    return pd.Series(inverse_link(result.link, eta, np), index=index, name="mu")
