@@ -222,8 +222,6 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
     beta = xi[:p]
     cov_beta = cov[:p, :p]
     cov_eta = None if (singular or cov_k is None) else cov[p:, p:]
-    if singular and cov_k is not None and shape.n_scale:
-        cov_eta = None
     residual = _scale_rows(fam, variance, stata=spec.syntax == "stata") if shape.n_scale else []
     table = tables.component_table(design.terms, xi[p:], cov_eta, variance, level, residual)
     random = table[["group", "name", "estimate", "se", "ci_lower", "ci_upper"]].copy()
@@ -388,11 +386,10 @@ def fit_stata(command: str, data, default_family=None, default_link=None, **over
         nagq = 1 if method == "laplace" else opts.get("nagq", 7)
     if method == "laplace" and opts.get("nagq", 1) != 1:
         raise ModelError("intpoints() does not go with intmethod(laplace)")
-    if nagq > 1 and len(spec.random) > 1 or (nagq > 1 and len({t.group for t in spec.random}) > 1):
+    if nagq > 1 and len({t.group for t in spec.random}) > 1:
         # Stata's mvaghermite integrates nested levels recursively; jaxmixed integrates one level
-        if len({t.group for t in spec.random}) > 1:
-            raise ModelError(f"adaptive quadrature with {nagq} points needs a single grouping level here; this model "
-                             "has several: add intmethod(laplace)")
+        raise ModelError(f"adaptive quadrature with {nagq} points needs a single grouping level here; this model "
+                         "has several: add intmethod(laplace)")
     variance = overrides.pop("variance", None)
     if variance is None:
         variance = opts.get("variance", True)  # me* commands report variances

@@ -154,7 +154,8 @@ def component_values(eta, layout: list[ComponentRow], cov_eta=None, z: float = 1
                 se_e = np.where(np.isfinite(v), np.sqrt(v), np.nan)
                 est[:, r] = f(e)
                 se[:, r] = np.abs(df(e)) * se_e
-                lo[:, r], hi[:, r] = f(e - z * se_e), f(e + z * se_e)
+                a, b = f(e - z * se_e), f(e + z * se_e)
+                lo[:, r], hi[:, r] = np.minimum(a, b), np.maximum(a, b)  # (exp_neg decreases)
             else:  # cov from (ln sd_i, ln sd_j, atanh rho); i = j for exchangeable (∂cov/∂ln sd = 2 cov)
                 i, j, c = row.idx
                 rho = np.tanh(eta[:, c])
