@@ -77,7 +77,8 @@ def segment_cross(index, A, B, n_segments: int, weights=None, xp=np):
 def accumulate(W, codes, Z, n_levels, blocks: BlockIndex, weights=None, xp=np) -> CrossProducts:
     """The cross-products of one batch of rows.
 
-    W        (n, p+1) = [X y]
+    W        (n, p+1) = [X y], or None for the blocks of Z alone (a GLMM's PIRLS step: WW, Z1W
+             and Z2W then come as zeros with one column, so that the engine's layout holds)
     codes    per factor (n,) integer level codes, engine order (factor 1 first)
     Z        per factor (n, q_f) random-effects covariates
     n_levels per factor L_f
@@ -87,11 +88,20 @@ def accumulate(W, codes, Z, n_levels, blocks: BlockIndex, weights=None, xp=np) -
     """
     c1, Z1 = codes[0], Z[0]
     L1 = n_levels[0]
-    WW = (W.T * weights) @ W if weights is not None else W.T @ W
-    n = W.shape[0]
+    n = Z1.shape[0]
+
+    def with_w(index, A, L):  # Σ z wᵀ per level, or its zero placeholder without W
+        if W is None:
+            return xp.zeros((L, A.shape[1], 1))
+        return segment_cross(index, A, W, L, weights, xp)
+
+    if W is None:
+        WW = xp.zeros((1, 1))
+    else:
+        WW = (W.T * weights) @ W if weights is not None else W.T @ W
     Z2W, D22, A21 = [], [], []
     for k in range(1, len(codes)):
-        Z2W.append(segment_cross(codes[k], Z[k], W, n_levels[k], weights, xp))
+        Z2W.append(with_w(codes[k], Z[k], n_levels[k]))
         D22.append(segment_cross(codes[k], Z[k], Z[k], n_levels[k], weights, xp))
         A21.append(segment_cross(blocks.a21[k - 1], Z1, Z[k], blocks.n_a21[k - 1], weights, xp))
     X22 = []
@@ -99,7 +109,7 @@ def accumulate(W, codes, Z, n_levels, blocks: BlockIndex, weights=None, xp=np) -
     for m, (a, b) in enumerate(pairs):
         X22.append(segment_cross(blocks.x22[m], Z[a + 1], Z[b + 1], blocks.n_x22[m], weights, xp))
     return CrossProducts(n=n, WW=WW, D11=segment_cross(c1, Z1, Z1, L1, weights, xp),
-                         Z1W=segment_cross(c1, Z1, W, L1, weights, xp), Z2W=tuple(Z2W), D22=tuple(D22),
+                         Z1W=with_w(c1, Z1, L1), Z2W=tuple(Z2W), D22=tuple(D22),
                          A21=tuple(A21), X22=tuple(X22))
 
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmixed.data.crossprod import CrossProducts, segment_cross
+from jaxmixed.data.crossprod import accumulate
 from jaxmixed.data.pattern import dense_block_index
 from jaxmixed.engine import kernels, pls, pls_dense
 from jaxmixed.model.family import family_of
@@ -114,14 +114,19 @@ def _effects(u, lams, shape: GLMMShape):
     return out
 
 
+def _z_lambda(v, lams, data, shape):
+    """ZΛv per row (the random part of η for spherical effects v)."""
+    out = jnp.zeros(data.y.shape, data.y.dtype)
+    for b, c, Z in zip(_effects(v, lams, shape), data.codes, data.Z):
+        out = out + jnp.sum(Z * b[c], axis=1)
+    return out
+
+
 def linear_predictor(u, x, data: GLMMArrays, shape: GLMMShape, lams=None):
     """η = X̃β̃ + offset + ZΛu."""
     beta, theta, _ = split(x, shape)
     lams = pls.factor_lambdas(theta, shape.re) if lams is None else lams
-    eta = data.X @ beta + data.offset
-    for b, c, Z in zip(_effects(u, lams, shape), data.codes, data.Z):
-        eta = eta + jnp.sum(Z * b[c], axis=1)
-    return eta
+    return data.X @ beta + data.offset + _z_lambda(u, lams, data, shape)
 
 
 def row_loglik(eta, x, data: GLMMArrays, shape: GLMMShape):
@@ -129,9 +134,14 @@ def row_loglik(eta, x, data: GLMMArrays, shape: GLMMShape):
     return family_of(shape.family).loglik(shape.link, data.y, data.m, data.pw, eta, s, constant=False)
 
 
+def _h_at(u, eta, x, data, shape):
+    """h = Σ ℓᵢ(ηᵢ) − ½‖u‖² with η = η(u) given."""
+    return jnp.sum(row_loglik(eta, x, data, shape)) - 0.5 * jnp.dot(u, u)
+
+
 def _h(u, x, data, shape):
     """h(u) = Σ ℓᵢ − ½‖u‖²."""
-    return jnp.sum(row_loglik(linear_predictor(u, x, data, shape), x, data, shape)) - 0.5 * jnp.dot(u, u)
+    return _h_at(u, linear_predictor(u, x, data, shape), x, data, shape)
 
 
 def _curvature(eta, x, data, shape):
@@ -144,27 +154,12 @@ def _curvature(eta, x, data, shape):
 
 
 def weighted_arrays(data: GLMMArrays, shape: GLMMShape, weights):
-    """The linear engine's dense-layout arrays of ZᵀWZ (W = diag(weights)): only the blocks of
-    Z (D₁₁, D₂₂, A₂₁, X₂₂, from :func:`jaxmixed.data.crossprod.segment_cross` over the full
-    pattern's blocks); a GLMM's PIRLS step has no fixed-effects or response columns."""
+    """The linear engine's dense-layout arrays of ZᵀWZ (W = diag(weights)), from the blocks of Z
+    alone (:func:`jaxmixed.data.crossprod.accumulate` without fixed-effects or response
+    columns, over the full pattern's blocks)."""
     re = shape.re
-    n = data.y.shape[0]
-    codes, Z, L = data.codes, data.Z, re.L
-    blocks = dense_block_index(codes, L, jnp)
-    D11 = segment_cross(codes[0], Z[0], Z[0], L[0], weights, jnp)
-    D22, A21, X22 = [], [], []
-    for k in range(1, len(codes)):
-        D22.append(segment_cross(codes[k], Z[k], Z[k], L[k], weights, jnp))
-        A21.append(segment_cross(blocks.a21[k - 1], Z[0], Z[k], blocks.n_a21[k - 1], weights, jnp))
-    pairs = [(a, b) for a in range(len(codes) - 1) for b in range(a + 1, len(codes) - 1)]
-    for m, (a, b) in enumerate(pairs):
-        X22.append(segment_cross(blocks.x22[m], Z[a + 1], Z[b + 1], blocks.n_x22[m], weights, jnp))
-    zero = jnp.zeros((), data.y.dtype)
-    cp = CrossProducts(n=jnp.asarray(float(n)), WW=jnp.zeros((1, 1)) + zero, D11=D11,
-                       Z1W=jnp.zeros((L[0], re.q[0], 1)), Z2W=tuple(jnp.zeros((Lk, qk, 1)) for Lk, qk in
-                                                                  zip(L[1:], re.q[1:])),
-                       D22=tuple(D22), A21=tuple(A21), X22=tuple(X22))
-    return pls.arrange(cp, re, None, xp=jnp)
+    cp = accumulate(None, data.codes, data.Z, re.L, dense_block_index(data.codes, re.L, jnp), weights, xp=jnp)
+    return pls.arrange(cp._replace(n=jnp.asarray(float(data.y.shape[0]))), re, None, xp=jnp)
 
 
 def factor_at(u, x, data: GLMMArrays, shape: GLMMShape, weights=None):
@@ -184,14 +179,6 @@ def _solve(f, r, shape: GLMMShape):
     return jnp.concatenate([x1.reshape(-1), x2])
 
 
-def _z_lambda(v, lams, data, shape):
-    """ZΛv per row (the random part of η for spherical effects v)."""
-    out = jnp.zeros(data.y.shape, data.y.dtype)
-    for b, c, Z in zip(_effects(v, lams, shape), data.codes, data.Z):
-        out = out + jnp.sum(Z * b[c], axis=1)
-    return out
-
-
 def _z_lambda_t(r, lams, data, shape):
     """ΛᵀZᵀr (the transpose of :func:`_z_lambda`): per factor segment sums, then Λᵀ."""
     parts = []
@@ -207,14 +194,13 @@ def pirls(x, data: GLMMArrays, shape: GLMMShape, u0=None):
     so the step's trial points cost elementwise work only), the gradient ΛᵀZᵀℓ' − u, the
     weighted cross-products of Z and their blocked Cholesky factor, the Newton direction, and
     step halving on h."""
-    _, theta, s = split(x, shape)
+    _, theta, _ = split(x, shape)
     lams = pls.factor_lambdas(theta, shape.re)
-    fam = family_of(shape.family)
     u0 = jnp.zeros((shape.n_u,), data.y.dtype) if u0 is None else u0
     eta0 = linear_predictor(u0, x, data, shape, lams)
 
     def h_of(u, eta):
-        return jnp.sum(fam.loglik(shape.link, data.y, data.m, data.pw, eta, s, constant=False)) - 0.5 * jnp.dot(u, u)
+        return _h_at(u, eta, x, data, shape)
 
     def step(state):
         k, u, eta, hu, _, _ = state

@@ -20,13 +20,17 @@ from jaxmixed.model.family import family_of
 from jaxmixed.runtime import programs
 
 
+def _minimize(x0, lower, unit, data, shape):
+    return minimize_scaled(lambda x: laplace.deviance(x, data, shape), x0, lower, unit, max_iter=300,
+                           quasi_newton=True)
+
+
 @programs.cached(static_argnames=("shape",))
 def optimize(x0, lower, unit, data, shape):
     """One GLMM fit: projected BFGS on exact gradients (the exact Hessian comes once, after the
     fit: a Newton loop holding the Hessian of the implicit mode compiles three times longer, for
     no fewer seconds of running on the reference models)."""
-    return minimize_scaled(lambda x: laplace.deviance(x, data, shape), x0, lower, unit, max_iter=300,
-                           quasi_newton=True)
+    return _minimize(x0, lower, unit, data, shape)
 
 
 @programs.cached(static_argnames=("shape",))
@@ -36,9 +40,7 @@ def optimize_responses(x0, lower, unit, Y, data, shape):
     fam = family_of(shape.family)
 
     def one(y):
-        d = data._replace(y=y, const=fam.constant(y, data.m, data.pw, jnp))
-        opt = minimize_scaled(lambda x: laplace.deviance(x, d, shape), x0, lower, unit, max_iter=300,
-                              quasi_newton=True)
+        opt = _minimize(x0, lower, unit, data._replace(y=y, const=fam.constant(y, data.m, data.pw, jnp)), shape)
         return opt.x, opt.fun, opt.converged
 
     return jax.vmap(one)(Y)
