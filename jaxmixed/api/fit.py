@@ -16,11 +16,11 @@ from jaxmixed.data.crossprod import cross_products
 from jaxmixed.data.design import Design, build_design
 from jaxmixed.data.pattern import build_pattern
 from jaxmixed.engine import pls
-from jaxmixed.errors import DataError, ModelError, warn
+from jaxmixed.errors import DataError, ModelError
 from jaxmixed.fit.estimate import best_fit, optimize
 from jaxmixed.fit.search import moment_start
 from jaxmixed.inference import distributions, tables
-from jaxmixed.api.options import check_level, method_is_reml  # noqa: F401 (public here too)
+from jaxmixed.api.options import check_level, fit_notes, method_is_reml, warn_notes  # noqa: F401 (public here too)
 from jaxmixed.model.spec import ModelSpec
 from jaxmixed.results.fitresult import FitResult
 from jaxmixed.runtime import programs
@@ -170,23 +170,12 @@ def _fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str, *, variance: boo
     lr = tables.lr_vs_linear(loglik, tables.linear_loglik(arrays, design.p, reml) + half_log_w,
                              fitted_engine.n_variance_params)
     history = np.asarray(opt.history)[: int(opt.n_iter) + 1] - 2.0 * half_log_w
-    notes = []
-    if design.n_dropped:
-        notes.append(f"{design.n_dropped} observation(s) dropped because of missing values")
-    for name in design.omitted:
-        notes.append(f"{name} omitted because of collinearity")
-    if singular:
-        notes.append("boundary (singular) fit: a variance is zero or a correlation is ±1; "
-                     "standard errors of the variance components are not reported")
-    if not converged:
-        notes.append(nonconv)
+    notes = fit_notes(design, singular, None if converged else nonconv)
     random = vc.table[["group", "name", "estimate", "se", "ci_lower", "ci_upper"]].copy()
     if not (np.isfinite(loglik) and np.isfinite(sigma) and np.all(np.isfinite(np.asarray(sol.beta)))):
         raise ModelError(f"the fit broke down numerically (log likelihood {loglik:g}, residual sd {sigma:g}); "
                          "check the data for extreme values or a response that the model fits exactly")
-    for note in notes:  # boundary fits and non-convergence are also visible warnings
-        if note.startswith(("boundary", "convergence")):
-            warn(note)
+    warn_notes(notes)
     return FitResult(
         loglik=loglik, method="reml" if reml else "ml", nobs=design.nobs, converged=converged,
         singular=singular, fixed=fixed, random=random, wald=tables.wald_test(design.xnames, sol.beta, sol.cov_beta),

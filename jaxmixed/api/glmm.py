@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from jaxmixed.api.options import check_level, fit_notes, warn_notes
 from jaxmixed.data.design import build_design
 from jaxmixed.data.design import evaluate_expression as _evaluate
 from jaxmixed.data.pattern import build_pattern
 from jaxmixed.engine import laplace, pls
-from jaxmixed.errors import DataError, FormulaError, ModelError, warn
+from jaxmixed.errors import DataError, FormulaError, ModelError
 from jaxmixed.fit import glmm as glmm_fit
 from jaxmixed.inference import tables
 from jaxmixed.model.family import family_of, link_of
@@ -37,9 +38,6 @@ ME_COMMANDS = {"melogit": ("bernoulli", "logit"), "meprobit": ("bernoulli", "pro
                "mecloglog": ("bernoulli", "cloglog"), "mepoisson": ("poisson", "log"),
                "menbreg": ("nbinomial", "log"), "meglm": (None, None)}
 
-_TITLES = {("binomial", "logit"): "logistic", ("binomial", "probit"): "probit",
-           ("binomial", "cloglog"): "complementary log-log", ("poisson", "log"): "Poisson",
-           ("negbinomial", "log"): "negative binomial"}
 
 
 def _binary(s: pd.Series, name: str) -> np.ndarray:
@@ -90,7 +88,6 @@ def fit_glmm_spec(spec: ModelSpec, data: pd.DataFrame, family, link=None, *, res
     """Fit a GLMM from a model description (the response ``spec.response`` unless ``response``:
     the response text or a (successes, failures) pair); see the module docstring."""
     from jaxmixed import runtime
-    from jaxmixed.api.options import check_level
 
     fam = family_of(family)
     link = link_of(fam, link)
@@ -228,25 +225,13 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
     fixed = tables.fixed_table(design.xnames, beta, cov_beta, level)
     lr = tables.lr_vs_linear(loglik, ll_glm, k_eta)
     converged = bool(opt.converged) and bool(pirls_ok) and (singular or hess_ok)
-    notes = []
-    if design.n_dropped:
-        notes.append(f"{design.n_dropped} observation(s) dropped because of missing values")
-    for name in design.omitted:
-        notes.append(f"{name} omitted because of collinearity")
+    why = ("the conditional modes (PIRLS) did not converge" if not bool(pirls_ok) else
+           "optimiser did not meet its tolerance" if not bool(opt.converged) else
+           "Hessian of the log likelihood is not negative definite")
     sep = _separation(fam, design, beta, cov_beta)
-    if sep:
-        notes.append(sep)
-    if singular:
-        notes.append("boundary (singular) fit: a variance is zero or a correlation is ±1; "
-                     "standard errors of the variance components are not reported")
-    if not converged:
-        why = ("the conditional modes (PIRLS) did not converge" if not bool(pirls_ok) else
-               "optimiser did not meet its tolerance" if not bool(opt.converged) else
-               "Hessian of the log likelihood is not negative definite")
-        notes.append(f"convergence not achieved ({why})")
-    for note in notes:
-        if note.startswith(("boundary", "convergence", "complete")):
-            warn(note)
+    notes = fit_notes(design, singular, None if converged else f"convergence not achieved ({why})",
+                      extra=[sep] if sep else [])
+    warn_notes(notes, ("boundary", "convergence", "complete"))
     sigma = float(np.exp(x[-1])) if fam.name == "gaussian" else float("nan")
     sol = laplace.GLMMSolution(beta=beta, cov_beta=cov_beta, u=np.asarray(u), b=tuple(np.asarray(v) for v in b),
                                V=tuple(np.asarray(v) for v in V))

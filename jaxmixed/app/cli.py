@@ -91,7 +91,9 @@ def fit_model(args, data: pd.DataFrame):
     if args.stata:
         spec = jm.parse_stata(args.formula)  # only to see the command word
         cmd = spec.options.get("command")
-        if cmd in ("meglm", "melogit", "meprobit", "mecloglog", "mepoisson", "menbreg"):
+        from jaxmixed.api.glmm import ME_COMMANDS
+
+        if cmd in ME_COMMANDS:
             return getattr(jm, cmd)(args.formula, data, variance=True if args.variance else None, level=args.level)
         fn = jm.mixed if cmd == "mixed" else jm.xtmixed
         return fn(args.formula, data, method="ml" if args.ml else None,
