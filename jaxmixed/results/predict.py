@@ -87,8 +87,8 @@ def predict(result, kind: str = "fitted", data: pd.DataFrame | None = None, cond
     """
     if getattr(result, "family", None) is not None:
         return _predict_glmm(result, kind, data, conditional)
-    if not conditional and kind not in ("xb", "reffects", "reses"):
-        kind = "xb" if kind == "fitted" else kind
+    if not conditional and kind == "fitted":
+        kind = "xb"
     if kind not in KINDS:
         raise DataError(f"predict kind must be one of {', '.join(KINDS)}, not {kind!r}")
     des = result.design
@@ -97,39 +97,17 @@ def predict(result, kind: str = "fitted", data: pd.DataFrame | None = None, cond
         X, y, index = des.X, des.y, des.rows
         df = None
     else:
-        resp = set(spec.options.get("response_variables", (spec.response,)))
-        need = [v for v in model_variables(spec, data.columns)
-                if v not in resp or kind in ("residuals", "rstandard")]
-        missing = [v for v in need if v not in data.columns]
-        if missing:
-            raise DataError(f"new data lack column(s) {', '.join(map(repr, missing))}")
-        ok = data[need].notna().all(axis=1).to_numpy()
-        df = data.loc[ok, need].reset_index(drop=True)
-        index = np.flatnonzero(ok)
+        df, index = _new_rows(result, data, with_response=kind in ("residuals", "rstandard"))
         X = fixed_matrix(spec, des.schema, df)
+        resp = set(spec.options.get("response_variables", (spec.response,)))
         y = response_values(spec, des, df) if resp <= set(df.columns) else None
     xb = X @ result.beta
     if kind == "xb":
         return pd.Series(xb, index=index, name="xb")
-    rows, n_unseen = _row_effects(result, df)
-    if n_unseen:
-        warnings.warn(f"{n_unseen} row-level group memberships are levels not seen in the fit; "
-                      "their random effects are set to 0", JaxmixedWarning, stacklevel=3)
+    rows = _effect_rows(result, df)
     if kind in ("reffects", "reses"):
-        tables = blups(result, se=(kind == "reses"))
-        cols = {}
-        for k, (codes, _) in enumerate(rows):
-            key = list(tables)[k]
-            t = tables[key].to_numpy()
-            for j, name in enumerate(tables[key].columns):
-                vals = np.where(codes >= 0, t[np.maximum(codes, 0), j], 0.0 if kind == "reffects" else np.nan)
-                cols[f"{key}: {name}"] = vals
-        return pd.DataFrame(cols, index=index)
-    zb = np.zeros(len(xb))
-    for k, (codes, Z) in enumerate(rows):
-        bk = np.asarray(result.solution.b[k])
-        zb += np.where(codes >= 0, np.sum(Z * bk[np.maximum(codes, 0)], axis=1), 0.0)
-    fitted = xb + zb
+        return _effects_frame(result, rows, kind, index)
+    fitted = xb + _random_part(result, rows)
     if kind == "fitted":
         return pd.Series(fitted, index=index, name="fitted")
     if y is None:
@@ -140,32 +118,82 @@ def predict(result, kind: str = "fitted", data: pd.DataFrame | None = None, cond
     return pd.Series(resid / result.sigma, index=index, name="rstandard")
 
 
+def _new_rows(result, data: pd.DataFrame, with_response: bool):
+    """(frame, index) of the new rows complete in every variable the model reads (its response
+    only ``with_response``; never the columns a fit adds for itself: weights, trials, offset)."""
+    spec = result.spec
+    resp = set(spec.options.get("response_variables", (spec.response,)))
+    aux = set(spec.options.get("aux_variables", ())) if getattr(result, "family", None) is not None else set()
+    need = [v for v in model_variables(spec, data.columns) if v not in aux and (v not in resp or with_response)]
+    missing = [v for v in need if v not in data.columns]
+    if missing:
+        raise DataError(f"new data lack column(s) {', '.join(map(repr, missing))}")
+    ok = data[need].notna().all(axis=1).to_numpy()
+    return data.loc[ok, need].reset_index(drop=True), np.flatnonzero(ok)
+
+
+def _effect_rows(result, df):
+    """:func:`_row_effects`, warning once about levels not seen in the fit."""
+    rows, n_unseen = _row_effects(result, df)
+    if n_unseen:
+        warnings.warn(f"{n_unseen} row-level group memberships are levels not seen in the fit; "
+                      "their random effects are set to 0", JaxmixedWarning, stacklevel=4)
+    return rows
+
+
+def _random_part(result, rows) -> np.ndarray:
+    """Σ_f z_fᵢᵀ b_f[level of row i] (0 for unseen levels)."""
+    zb = np.zeros(len(rows[0][0]))
+    for k, (codes, Z) in enumerate(rows):
+        bk = np.asarray(result.solution.b[k])
+        zb += np.where(codes >= 0, np.sum(Z * bk[np.maximum(codes, 0)], axis=1), 0.0)
+    return zb
+
+
+def _effects_frame(result, rows, kind: str, index) -> pd.DataFrame:
+    """reffects / reses per row, one column per random effect ("level: name")."""
+    tables = blups(result, se=(kind == "reses"))
+    cols = {}
+    for k, (codes, _) in enumerate(rows):
+        key = list(tables)[k]
+        t = tables[key].to_numpy()
+        for j, name in enumerate(tables[key].columns):
+            cols[f"{key}: {name}"] = np.where(codes >= 0, t[np.maximum(codes, 0), j],
+                                              0.0 if kind == "reffects" else np.nan)
+    return pd.DataFrame(cols, index=index)
+
+
 def _predict_glmm(result, kind: str, data, conditional: bool):
+    """A GLMM's predictions (see :func:`predict`): on the fitted rows every kind; on new rows
+    xb, eta and mu, the offset re-evaluated from the fit's offset expressions."""
+    from jaxmixed.data.design import evaluate_expression
     from jaxmixed.model.family import family_of, inverse_link
 
     if kind not in GLMM_KINDS:
         raise DataError(f"predict kind for a GLMM must be one of {', '.join(GLMM_KINDS)}, not {kind!r}")
-    des = result.design
-    if data is not None:
-        return _predict_glmm_new(result, kind, data, conditional)
-    index = des.rows
-    arrays = result.data
-    xb = des.X @ result.beta
+    des, arrays = result.design, result.data
+    if data is None:
+        X, index, df = des.X, des.rows, None
+        offset = np.asarray(arrays.offset)
+    else:
+        if kind not in ("xb", "eta", "mu", "fitted"):
+            raise DataError(f"predict on new data for a GLMM gives xb, eta or mu, not {kind!r}")
+        exprs = result.display.get("offset_exprs", ())
+        if exprs is None:
+            raise DataError("this GLMM's offset was given as an array: predict on new data needs it as a "
+                            "column name or an offset(...) term")
+        df, index = _new_rows(result, data, with_response=False)
+        X = fixed_matrix(result.spec, des.schema, df)
+        offset = np.zeros(len(df))
+        for expr in exprs:
+            offset = offset + evaluate_expression(data.loc[index].reset_index(drop=True), expr, "offset")
+    xb = X @ result.beta
     if kind == "xb":
         return pd.Series(xb, index=index, name="xb")
+    rows = _effect_rows(result, df)
     if kind in ("reffects", "reses"):
-        tables = blups(result, se=(kind == "reses"))
-        cols = {}
-        for k, fac in enumerate(des.factors):
-            key = list(tables)[k]
-            t = tables[key].to_numpy()
-            for j, name in enumerate(tables[key].columns):
-                cols[f"{key}: {name}"] = t[fac.codes, j]
-        return pd.DataFrame(cols, index=index)
-    eta = xb + np.asarray(arrays.offset)
-    if conditional:
-        for k, fac in enumerate(des.factors):
-            eta = eta + np.sum(fac.Z * np.asarray(result.solution.b[k])[fac.codes], axis=1)
+        return _effects_frame(result, rows, kind, index)
+    eta = xb + offset + (_random_part(result, rows) if conditional else 0.0)
     if kind == "eta":
         return pd.Series(eta, index=index, name="eta")
     mu = inverse_link(result.link, eta, np)
@@ -175,50 +203,10 @@ def _predict_glmm(result, kind: str, data, conditional: bool):
     if kind == "response":
         return pd.Series(y, index=index, name="response")
     fam = family_of(result.family)
-    s = np.log(result.sigma) if fam.name == "gaussian" else (result.params[-1] if fam.has_scale else 0.0)
+    s = float(result.params[-1]) if fam.has_scale else 0.0
     mean = m * mu
     if kind == "pearson":
         var = m * fam.variance(mu, s, np) / pw
         return pd.Series((y - mean) / np.sqrt(var), index=index, name="pearson")
-    d = fam.unit_deviance(y, mu, m, s) * (pw if fam.name != "gaussian" else pw)
+    d = fam.unit_deviance(y, mu, m, s) * pw
     return pd.Series(np.sign(y - mean) * np.sqrt(np.maximum(d, 0.0)), index=index, name="deviance")
-
-
-def _predict_glmm_new(result, kind: str, data: pd.DataFrame, conditional: bool):
-    """xb, eta and mu of a GLMM for new rows (random effects of unseen levels 0, as for linear
-    models); the offset is re-evaluated from the fit's offset expressions."""
-    from jaxmixed.data.design import evaluate_expression
-    from jaxmixed.model.family import inverse_link
-
-    if kind not in ("xb", "eta", "mu", "fitted"):
-        raise DataError(f"predict on new data for a GLMM gives xb, eta or mu, not {kind!r}")
-    exprs = result.display.get("offset_exprs", ())
-    if exprs is None:
-        raise DataError("this GLMM's offset was given as an array: predict on new data needs it as a column "
-                        "name or an offset(...) term")
-    spec, des = result.spec, result.design
-    aux = set(spec.options.get("aux_variables", ()))
-    need = [v for v in model_variables(spec, data.columns) if v != spec.response and v not in aux]
-    missing = [v for v in need if v not in data.columns]
-    if missing:
-        raise DataError(f"new data lack column(s) {', '.join(map(repr, missing))}")
-    ok = data[need].notna().all(axis=1).to_numpy()
-    df = data.loc[ok].reset_index(drop=True)
-    index = np.flatnonzero(ok)
-    xb = fixed_matrix(spec, des.schema, df[need]) @ result.beta
-    if kind == "xb":
-        return pd.Series(xb, index=index, name="xb")
-    eta = xb.copy()
-    for expr in exprs:
-        eta = eta + evaluate_expression(df, expr, "offset")
-    if conditional:
-        rows, n_unseen = _row_effects(result, df[need])
-        if n_unseen:
-            warnings.warn(f"{n_unseen} row-level group memberships are levels not seen in the fit; "
-                          "their random effects are set to 0", JaxmixedWarning, stacklevel=4)
-        for k, (codes, Z) in enumerate(rows):
-            bk = np.asarray(result.solution.b[k])
-            eta = eta + np.where(codes >= 0, np.sum(Z * bk[np.maximum(codes, 0)], axis=1), 0.0)
-    if kind == "eta":
-        return pd.Series(eta, index=index, name="eta")
-    return pd.Series(inverse_link(result.link, eta, np), index=index, name="mu")
