@@ -118,3 +118,5 @@ def test_linear_model_prior_weights_match_lme4(method):
     w[0] = np.nan
     r2 = jm.fit("Reaction ~ Days + (Days | Subject)", d, method=method.lower(), weights=w)
     assert r2.nobs == 179 and r2.n_dropped == 1
+    # new data need no weights column (the weights are the fit's, not a covariate)
+    np.testing.assert_allclose(r.predict("fitted", data=d.drop(columns="w")), r.predict("fitted"), rtol=1e-12)

@@ -123,7 +123,7 @@ def _new_rows(result, data: pd.DataFrame, with_response: bool):
     only ``with_response``; never the columns a fit adds for itself: weights, trials, offset)."""
     spec = result.spec
     resp = set(spec.options.get("response_variables", (spec.response,)))
-    aux = set(spec.options.get("aux_variables", ())) if getattr(result, "family", None) is not None else set()
+    aux = set(spec.options.get("aux_variables", ()))
     need = [v for v in model_variables(spec, data.columns) if v not in aux and (v not in resp or with_response)]
     missing = [v for v in need if v not in data.columns]
     if missing:
