@@ -57,7 +57,7 @@ def _binary(s: pd.Series, name: str) -> np.ndarray:
     return out
 
 
-def _response(df, response, family, name_hint):
+def _response(df, response, family):
     """(y, trials, response name) from the response text or cbind pair."""
     fam = family
     if isinstance(response, tuple):
@@ -78,7 +78,7 @@ def _response(df, response, family, name_hint):
             raise DataError(f"response {text!r} is not numeric ({df[text].dtype}); the {fam.name} family needs "
                             "numbers")
         return _binary(df[text], text), np.ones(len(df)), text
-    return _evaluate(df, text, "response"), np.ones(len(df)), name_hint or text
+    return _evaluate(df, text, "response"), np.ones(len(df)), text
 
 
 def fit_glmm_spec(spec: ModelSpec, data: pd.DataFrame, family, link=None, *, response=None, offsets=(),
@@ -120,7 +120,7 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
 
     dev = resolve_device(device)
     df = data.copy(deep=False)
-    y, m, resp_name = _response(df, response, fam, None)
+    y, m, resp_name = _response(df, response, fam)
     pw = np.ones(len(df)) if weights is None else _column_or_array(df, weights, "weights")
     if weights is not None and np.any(pw[np.isfinite(pw)] <= 0):
         raise DataError(f"weights must be positive; {int(np.sum(pw[np.isfinite(pw)] <= 0))} are not")
@@ -283,7 +283,6 @@ def fit_many(formula: str, data: pd.DataFrame, responses, family, link=None, *, 
     the first response's fit uses; every response must be complete there. Standard errors are
     not computed (NaN): refit a response with ``jm.fit`` for its table."""
     from jaxmixed.results.many import ManyResult
-    from jaxmixed.syntax.formula import glm_parts
 
     if isinstance(responses, str):
         responses = [responses]
@@ -291,15 +290,15 @@ def fit_many(formula: str, data: pd.DataFrame, responses, family, link=None, *, 
     if not names or not all(c in data.columns for c in names):
         missing = [c for c in names if c not in data.columns]
         raise DataError(f"response column(s) {', '.join(map(repr, missing)) or '(none)'} not in the data")
-    text, response, _ = glm_parts(formula)
+    spec, response, offsets = _formula_spec(formula)
     if isinstance(response, tuple):
         raise ModelError("fit_many with a GLMM takes 0/1, count or success columns as responses; for "
                          "cbind(successes, failures) give the successes and weights= the trials")
-    first = fit_formula(formula.replace(response, names[0], 1) if response != names[0] else formula, data,
-                        family, link, nagq=nagq, weights=weights, offset=offset, variance=variance, level=level)
+    first = fit_glmm_spec(spec, data, family, link, response=names[0], offsets=offsets, nagq=nagq, weights=weights,
+                          offset=offset, variance=variance, level=level)
     rows = first.design.rows
     fam = family_of(family)
-    Y = np.column_stack([_response(data.iloc[rows].reset_index(drop=True), c, fam, None)[0] for c in names])
+    Y = np.column_stack([_response(data.iloc[rows].reset_index(drop=True), c, fam)[0] for c in names])
     if np.isnan(Y).any():
         bad = [names[j] for j in np.flatnonzero(np.isnan(Y).any(axis=0))]
         raise DataError(f"response(s) {', '.join(map(repr, bad))} have missing values in rows the model uses")
@@ -338,9 +337,8 @@ def fit_many(formula: str, data: pd.DataFrame, responses, family, link=None, *, 
                       design=first.design)
 
 
-def fit_formula(formula: str, data, family, link=None, *, nagq=1, weights=None, offset=None, variance=False,
-                level=95.0, start=None, device=None) -> FitResult:
-    """``jm.fit(..., family=...)``: an lme4 ``glmer``-style formula."""
+def _formula_spec(formula: str):
+    """(spec, response, offset expressions) of a glmer-style formula (:func:`glm_parts`)."""
     from jaxmixed.syntax.formula import glm_parts, parse_formula
 
     text, response, offsets = glm_parts(formula)
@@ -348,7 +346,13 @@ def fit_formula(formula: str, data, family, link=None, *, nagq=1, weights=None, 
         spec = parse_formula(text)
     except FormulaError as err:  # positions in the user's formula, not the rewritten one
         raise FormulaError(str(err).splitlines()[0].replace(RESPONSE_COLUMN, "response"), formula, 0) from None
-    spec = replace(spec, text=formula)
+    return replace(spec, text=formula), response, offsets
+
+
+def fit_formula(formula: str, data, family, link=None, *, nagq=1, weights=None, offset=None, variance=False,
+                level=95.0, start=None, device=None) -> FitResult:
+    """``jm.fit(..., family=...)``: an lme4 ``glmer``-style formula."""
+    spec, response, offsets = _formula_spec(formula)
     return fit_glmm_spec(spec, data, family, link, response=response, offsets=offsets, nagq=nagq, weights=weights,
                          offset=offset, variance=variance, level=level, start=start, device=device)
 
