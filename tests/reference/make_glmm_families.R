@@ -29,8 +29,7 @@ write_and_read <- function(d, file) {
 ## ---------------------------------------------------------------- result extraction
 named <- function(v) as.list(v)
 
-varcomp_tmb <- function(fit) {
-  vc <- VarCorr(fit)$cond
+varcomp_of <- function(vc) {  # per grouping factor: terms, variances, sds, correlations
   lapply(vc, function(m) {
     sds <- attr(m, "stddev")
     out <- list(terms = I(names(sds)), variance = named(diag(as.matrix(m))), sd = named(sds))
@@ -45,21 +44,8 @@ varcomp_tmb <- function(fit) {
   })
 }
 
-varcomp_lme4 <- function(fit) {
-  vc <- VarCorr(fit)
-  lapply(vc, function(m) {
-    sds <- attr(m, "stddev")
-    out <- list(terms = I(names(sds)), variance = named(diag(as.matrix(m))), sd = named(sds))
-    if (length(sds) > 1) {
-      cr <- attr(m, "correlation")
-      pairs <- list()
-      for (i in 1:(length(sds) - 1)) for (j in (i + 1):length(sds))
-        pairs[[paste(names(sds)[i], names(sds)[j], sep = ",")]] <- cr[i, j]
-      out$correlation <- pairs
-    }
-    out
-  })
-}
+varcomp_tmb <- function(fit) varcomp_of(VarCorr(fit)$cond)
+varcomp_lme4 <- function(fit) varcomp_of(VarCorr(fit))
 
 # nlminb followed by Newton steps on TMB's (Laplace) objective, used as glmmTMB's optimizer so that
 # glmmTMB's own post-processing (sdreport, vcov, VarCorr, logLik) runs at the polished optimum.
