@@ -78,8 +78,13 @@ def _with_weights(spec: ModelSpec, data: pd.DataFrame, weights):
 
 def fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str = "reml", *, variance: bool = False,
              level: float = 95.0, start=None, display: dict | None = None,
-             residuals=None, device=None, engine: str = "auto", weights=None) -> FitResult:
+             residuals=None, device=None, engine: str = "auto", weights=None, dfmethod=None) -> FitResult:
     """Fit a model description to data.
+
+    ``dfmethod``: small-sample inference for the fixed effects, "satterthwaite" (lmerTest's,
+    REML or ML), "kroger" (Kenward-Roger as pbkrtest, REML only), or Stata's "residual",
+    "repeated", "anova": the fixed-effects table then has t, df and p and CIs from t(df), and
+    ``r.test``/``r.anova`` give F tests (:mod:`jaxmixed.inference.smallsample`).
 
     ``weights``: lme4's prior (precision) weights, a column name or an array with one positive
     value per row: row i has residual variance σ²/wᵢ, and the log likelihood includes
@@ -102,12 +107,17 @@ def fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str = "reml", *, varia
 
     with runtime.fit_blas_threads():  # one OpenBLAS thread while the programs run (runtime docstring)
         return _fit_spec(spec, data, method, variance=variance, level=level, start=start, display=display,
-                         residuals=residuals, device=device, engine=engine, weights=weights)
+                         residuals=residuals, device=device, engine=engine, weights=weights, dfmethod=dfmethod)
 
 
 def _fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str, *, variance: bool, level: float, start,
-              display: dict | None, residuals, device, engine, weights=None) -> FitResult:
+              display: dict | None, residuals, device, engine, weights=None, dfmethod=None) -> FitResult:
+    from jaxmixed.inference import smallsample
+
     reml = method_is_reml(method)
+    dfmethod = smallsample.check_method(dfmethod if dfmethod is not None else spec.options.get("dfmethod"))
+    if dfmethod == "kroger" and not reml:
+        raise ModelError("dfmethod kroger needs a REML fit (as in Stata and pbkrtest); refit with method='reml'")
     if weights is not None:
         spec, data = _with_weights(spec, data, weights)
     from jaxmixed.runtime.devices import put, resolve_device
@@ -167,6 +177,13 @@ def _fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str, *, variance: boo
     singular = vc.singular
     loglik = -0.5 * float(opt.fun) + half_log_w
     fixed = tables.fixed_table(design.xnames, sol.beta, sol.cov_beta, level)
+    small = f_test = None
+    if dfmethod is not None:
+        small = smallsample.small_sample(dfmethod, (fitted_engine, data_e, params, sigma, reml, design, sol.cov_beta))
+        fixed = tables.fixed_table_t(design.xnames, sol.beta, small.vcov, small.df, level)
+        others = [j for j, nm in enumerate(design.xnames) if nm != "_cons"]
+        if others:
+            f_test = small.test(np.asarray(sol.beta), np.eye(design.p)[others], np.zeros(len(others)))
     lr = tables.lr_vs_linear(loglik, tables.linear_loglik(arrays, design.p, reml) + half_log_w,
                              fitted_engine.n_variance_params)
     history = np.asarray(opt.history)[: int(opt.n_iter) + 1] - 2.0 * half_log_w
@@ -183,13 +200,13 @@ def _fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str, *, variance: boo
         beta=np.asarray(sol.beta), sigma=sigma, iterations=tuple(-0.5 * history), n_dropped=design.n_dropped,
         notes=tuple(notes), level=float(level), variance=bool(variance), spec=spec, design=design,
         engine=fitted_engine, data=data_e, params=params, solution=sol, cov_eta=vc.cov_eta,
-        display=dict(display or {}),
+        display=dict(display or {}), dfmethod=dfmethod, small=small, f_test=f_test,
     )
 
 
 def fit(formula: str, data: pd.DataFrame, method: str | None = None, *, variance: bool = False,
         level: float = 95.0, start=None, residuals=None, device=None, engine: str = "auto",
-        family=None, link=None, nagq: int = 1, weights=None, offset=None) -> FitResult:
+        family=None, link=None, nagq: int = 1, weights=None, offset=None, dfmethod=None) -> FitResult:
     """Fit an lme4/glmmTMB-style formula, e.g. ``"y ~ x + (1 + x | g)"``, by REML (the default
     for linear models, as lmer) or ML (``method="ml"``; GLMMs always).
 
@@ -205,6 +222,9 @@ def fit(formula: str, data: pd.DataFrame, method: str | None = None, *, variance
     (:mod:`jaxmixed.api.glmm`): ``cbind(successes, failures) ~ ...``, ``offset(expr)`` terms,
     ``weights=`` (lme4's prior weights: binomial trials for a proportion response, precision
     weights for the Gaussian family) and ``offset=`` (a column name or an array).
+
+    ``dfmethod``: "satterthwaite", "kroger", "residual", "repeated" or "anova" for t and F
+    tests with small-sample degrees of freedom (see ``fit_spec``).
     """
     from jaxmixed.syntax.formula import parse_formula
 
@@ -216,6 +236,8 @@ def fit(formula: str, data: pd.DataFrame, method: str | None = None, *, variance
         if not (fam.name == "gaussian" and link_of(fam, link) == "identity"):
             if residuals is not None:
                 raise ModelError("residuals= is for linear mixed models; a GLMM's residuals follow its family")
+            if dfmethod is not None:
+                raise ModelError("dfmethod= is for linear mixed models; a GLMM's tests are z and χ² tests")
             if method is not None and str(method).lower() not in ("ml", "mle"):
                 raise ModelError(f"a generalized linear mixed model is fitted by maximum likelihood (method='ml'), "
                                  f"not {method!r}: REML is defined for linear models only")
@@ -228,7 +250,8 @@ def fit(formula: str, data: pd.DataFrame, method: str | None = None, *, variance
         raise ModelError("offset= is for generalized linear mixed models (give family=); for a linear model "
                          "subtract the offset from the response")
     return fit_spec(parse_formula(formula), data, "reml" if method is None else method, variance=variance,
-                    level=level, start=start, residuals=residuals, device=device, engine=engine, weights=weights)
+                    level=level, start=start, residuals=residuals, device=device, engine=engine, weights=weights,
+                    dfmethod=dfmethod)
 
 
 def _stata(command: str, data: pd.DataFrame, default_method: str, overrides: dict) -> FitResult:
@@ -244,9 +267,15 @@ def _stata(command: str, data: pd.DataFrame, default_method: str, overrides: dic
         if not (fam.name == "gaussian" and link_of(fam, opts.get("link")) == "identity"):
             if overrides.pop("method", None) not in (None, "ml", "mle") or opts.get("method") == "reml":
                 raise ModelError("a generalized linear mixed model is fitted by maximum likelihood, not REML")
+            if opts.get("dfmethod") or overrides.get("dfmethod"):
+                raise ModelError("dfmethod() is for linear mixed models; a GLMM's tests are z and χ² tests")
             overrides.pop("engine", None)
             return glmm.fit_stata(command, data, **overrides)
     method = overrides.pop("method", None) or opts.get("method") or default_method
+    dfmethod = overrides.pop("dfmethod", None) or opts.get("dfmethod")
+    if dfmethod is not None and str(dfmethod).lower().startswith("sat") and not method_is_reml(method):
+        raise ModelError("dfmethod(satterthwaite) needs REML in Stata's mixed (add the reml option); "
+                         "jm.fit(..., method='ml', dfmethod='satterthwaite') gives lmerTest's ML version")
     variance = overrides.pop("variance", None)
     if variance is None:
         variance = opts.get("variance", False)
@@ -258,18 +287,18 @@ def _stata(command: str, data: pd.DataFrame, default_method: str, overrides: dic
         raise ModelError(f"unknown argument(s): {', '.join(sorted(overrides))}")
     display = {k: opts[k] for k in ("log", "group", "fetable", "retable", "header", "lrtest") if k in opts}
     return fit_spec(spec, data, method, variance=variance, level=level, start=start, display=display,
-                    device=device, engine=engine)
+                    device=device, engine=engine, dfmethod=dfmethod)
 
 
 def xtmixed(command: str, data: pd.DataFrame, **overrides) -> FitResult:
     """Fit a model written in Stata's ``xtmixed`` syntax (REML by default, as ``xtmixed`` did).
 
-    Keyword overrides: method, variance, level, start, device, engine (see ``fit_spec``)."""
+    Keyword overrides: method, variance, level, start, device, engine, dfmethod (see ``fit_spec``)."""
     return _stata(command, data, "reml", overrides)
 
 
 def mixed(command: str, data: pd.DataFrame, **overrides) -> FitResult:
     """Fit a model written in Stata's ``mixed`` syntax (ML by default, as ``mixed`` does).
 
-    Keyword overrides: method, variance, level, start, device, engine (see ``fit_spec``)."""
+    Keyword overrides: method, variance, level, start, device, engine, dfmethod (see ``fit_spec``)."""
     return _stata(command, data, "ml", overrides)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from typing import Any
 from functools import cached_property
 
 import numpy as np
@@ -114,6 +115,7 @@ class Design:
     fixed_basis: tuple = None  # (X̃, R₀⁻¹, log|R₀|²): see fixed_effects_basis
     fixed_encoder: tuple = None  # formulaic's model specs (response, fixed part) of a formulaic fixed part
     column_encoders: dict = None  # formulaic's model spec of each random slope written as an expression
+    fixed_terms: Any = None  # FixedTerms of the fixed part (native columns; None for formulaic ones)
 
     @property
     def nobs(self) -> int:
@@ -395,16 +397,21 @@ def _check_response(y: np.ndarray, X: np.ndarray, xnames, response: str) -> None
                         f"({_short(xnames)}): the residual variance would be zero")
 
 
-def _fixed_columns(spec: ModelSpec, df: pd.DataFrame, known: dict | None = None):
+def _fixed_columns(spec: ModelSpec, df: pd.DataFrame, known: dict | None = None, all_levels: bool = False,
+                   keys: list | None = None):
     """Columns of X with their names: each term is the product of its factors' columns.
 
     ``known`` maps a categorical variable to the levels seen when the model was fitted, so that
     new data get the same dummy columns; the levels used are returned for that purpose.
+    ``all_levels``: every level of every categorical variable gets a column (the
+    overparameterised design behind SAS/lmerTest type III contrasts); ``keys``, a list, receives
+    each column's (term index, ((variable, level), ...)) (-1 for ``_cons``).
     """
     stata = spec.syntax == "stata"
     used_levels: dict = {}
     cols: list[np.ndarray] = []
     names: list[str] = []
+    keys = [] if keys is None else keys
 
     def is_cat(f) -> bool:
         return f.categorical if f.categorical is not None else not _is_numeric(df[f.var])
@@ -443,22 +450,25 @@ def _fixed_columns(spec: ModelSpec, df: pd.DataFrame, known: dict | None = None)
             dummies = []
             every = (k, f.var) in full
             for lv in levels:
-                if base is not None and lv == base and not every:
+                if base is not None and lv == base and not every and not all_levels:
                     continue
                 name = f"{lv}.{f.var}" if stata else (f"{f.var}[{lv}]" if every else f"{f.var}[T.{lv}]")
-                dummies.append((name, (s == lv).to_numpy(dtype=float)))
+                dummies.append((name, (s == lv).to_numpy(dtype=float), ((f.var, lv),)))
             parts.append(dummies)
-        combos: list[tuple[str, np.ndarray]] = [("", np.ones(len(df)))]
+        combos: list[tuple[str, np.ndarray, tuple]] = [("", np.ones(len(df)), ())]
         for part in parts:
-            combos = [((a + ("#" if stata else ":") + b) if a else b, x * z)
-                      for a, x in combos for b, z in part]
-        for name, x in combos:
+            part = [(a[0], a[1], ()) if len(a) == 2 else a for a in part]
+            combos = [((a + ("#" if stata else ":") + b) if a else b, x * z, ka + kb)
+                      for a, x, ka in combos for b, z, kb in part]
+        for name, x, key in combos:
             if name not in names:
                 names.append(name)
                 cols.append(x)
+                keys.append((k, key))
     if spec.intercept:
         names.append(CONS)
         cols.append(np.ones(len(df)))
+        keys.append((-1, ()))
     X = np.column_stack(cols) if cols else np.zeros((len(df), 0))
     return X, names, used_levels
 
@@ -502,6 +512,43 @@ def _full_dummies(spec: ModelSpec, is_cat) -> set[tuple[int, str]]:
             if rest and is_cat(f) and not any(rest <= sets[j] for j in order[:pos]):
                 full.add((k, f.var))
     return full
+
+
+@dataclass(frozen=True)
+class FixedTerms:
+    """The fixed part's terms: label, columns of X, variables and numeric variables of each (in
+    the spec's order; ``_cons`` is not a term), and the overparameterised design's contrast
+    basis for type III tests: ``rd_basis`` (r × p, rdX = X Bᵀ... rows: the all-levels columns
+    expressed in X's columns) with ``rd_keys`` and ``x_keys`` identifying columns."""
+
+    labels: tuple
+    columns: tuple  # per term: tuple of column indices into xnames
+    variables: tuple  # per term: frozenset of variable names
+    numerics: tuple  # per term: frozenset of its numeric variables
+    rd_basis: np.ndarray
+    rd_keys: tuple
+    x_keys: tuple
+
+
+def _fixed_terms(spec: ModelSpec, df: pd.DataFrame, X, xnames, x_keys) -> FixedTerms:
+    stata = spec.syntax == "stata"
+    labels, columns, variables, numerics = [], [], [], []
+    for k, term in enumerate(spec.fixed):
+        cols = tuple(j for j, key in enumerate(x_keys) if key[0] == k)
+        if not cols:
+            continue
+        def is_cat(f):
+            return f.categorical if f.categorical is not None else not _is_numeric(df[f.var])
+        labels.append(("#" if stata else ":").join(f.var for f in term.factors))
+        columns.append(cols)
+        variables.append(frozenset(f.var for f in term.factors))
+        numerics.append(frozenset(f.var for f in term.factors if not is_cat(f)))
+    rd_keys: list = []
+    rdX, _, _ = _fixed_columns(spec, df, all_levels=True, keys=rd_keys)
+    # rdX = X B: B = X⁺ rdX (from the cross-products; X has full column rank)
+    B = np.linalg.solve(X.T @ X, X.T @ rdX) if X.shape[1] else np.zeros((0, rdX.shape[1]))
+    return FixedTerms(tuple(labels), tuple(columns), tuple(variables), tuple(numerics), B.T, tuple(rd_keys),
+                      tuple(x_keys))
 
 
 def fixed_matrix(spec: ModelSpec, design, df: pd.DataFrame) -> np.ndarray:
@@ -578,14 +625,20 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
     _check_values(spec, df, variables)
 
     encoders = None
+    col_keys: list = []
     if spec.options.get("fixed_formula"):
         y, X, xnames, encoders = _formulaic_columns(spec, df)
         fixed_levels = {}
     else:
         y = _numeric(df[spec.response], "response")
-        X, xnames, fixed_levels = _fixed_columns(spec, df)
+        X, xnames, fixed_levels = _fixed_columns(spec, df, keys=col_keys)
     _check_magnitude(X, xnames, "fixed-effect column")
+    all_names = list(xnames)
     X, xnames, omitted = _drop_collinear(X, xnames)
+    terms_info = None
+    if col_keys:  # the terms of the fixed part (for F tests per term), native columns only
+        key_of = dict(zip(all_names, col_keys))
+        terms_info = _fixed_terms(spec, df, X, xnames, [key_of[n] for n in xnames])
     if spec.syntax and len(y) <= X.shape[1]:
         after = f" (after dropping {n_dropped} with missing values)" if n_dropped else ""
         many = [f"{v} has {len(lv)} levels" for v, lv in fixed_levels.items() if isinstance(v, str) and len(lv) > 2]
@@ -666,7 +719,7 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
                   n_theta=pos, group_summary=_summary(spec, df), n_dropped=n_dropped,
                   omitted=omitted, response=spec.response, rows=rows,
                   fixed_levels=fixed_levels, fixed_basis=basis, fixed_encoder=encoders,
-                  column_encoders=column_encoders)
+                  column_encoders=column_encoders, fixed_terms=terms_info)
 
 
 def evaluate_expression(df: pd.DataFrame, expr: str, what: str) -> np.ndarray:

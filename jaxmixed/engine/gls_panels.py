@@ -227,6 +227,15 @@ def gls_solution(x, buckets, ps: PanelStruct):
     return beta, cov_beta, ws, Vinvs
 
 
+@partial(jax.jit, static_argnames=("ps",))
+def satterthwaite_parts(x, buckets, n, ps: PanelStruct, reml):
+    """(Var(β̂), ∂Var(β̂)/∂x (p × p × k), ∇²_x −2ℓ) at x, the engine's unprofiled parameters."""
+    def vcov(x_):
+        return gls_solution(x_, buckets, ps)[1]
+
+    return vcov(x), jax.jacfwd(vcov)(x), jax.hessian(deviance)(x, buckets, n, ps, reml)
+
+
 # ---- data -------------------------------------------------------------------------------------
 
 def _panel_factor(design: Design) -> int:
@@ -512,6 +521,11 @@ class MarginalEngine:
 
     def hessian_eta(self, eta, data, reml):
         return hessian_eta(eta, data.buckets, data.n, self.ps, reml)
+
+    def satterthwaite_parts(self, params, sigma, data, reml):
+        """(Var(β̂), ∂Var(β̂)/∂x (k × p × p), ∇²_x −2ℓ) in the engine's parameters x."""
+        V, J, H = satterthwaite_parts(jnp.asarray(params, dtype=float), data.buckets, data.n, self.ps, reml)
+        return np.asarray(V), np.moveaxis(np.asarray(J), -1, 0), np.asarray(H)
 
     def residual_rows(self, variance: bool) -> list[tuple[str, str]]:
         return residual_param_info(self.ps, self.residual, dict(by_levels=list(self.by_levels),

@@ -32,6 +32,7 @@ from jaxmixed.data.pattern import Layout, choose_engine, cross_pairs
 from jaxmixed.engine import kernels, pls_dense, pls_sparse
 from jaxmixed.engine.numerics import LOG_2PI, hessian, safe_log
 from jaxmixed.model.covariance import SINGULAR_TOL, is_singular
+from jaxmixed.runtime import programs
 from jaxmixed.runtime.devices import host_array
 
 
@@ -362,6 +363,99 @@ def hessian_eta(eta, data: PLSArrays, shape: ModelShape, reml):
     return -0.5 * (J.T @ H_x @ J + curvature)
 
 
+# ---------------------------------------------------------------------------------------------
+# small-sample inference: the derivatives Satterthwaite and Kenward-Roger need (all p × p or
+# k × k quantities from the blocked factorisation; never an n × n matrix)
+
+
+def fixed_gram(theta, data: PLSArrays, shape: ModelShape):
+    """(log|L|², G̃) at θ: G̃ = R̃_XᵀR̃_X = X̃ᵀ(ZΛΛᵀZᵀ + I)⁻¹X̃ in the basis X̃ (so that
+    XᵀV⁻¹X = R₀ᵀG̃R₀/σ²)."""
+    lams = factor_lambdas(theta, shape)
+    p = shape.p
+    if shape.layout is not None:
+        ld_L, LM = pls_sparse.fixed_factor(theta, data, shape, lams)
+    else:
+        f = pls_dense.factorize(theta, data, shape, lams)
+        ld_L, LM = f.logdet_L, f.LM
+    R = LM[:p, :p]
+    return ld_L, R @ R.T
+
+
+def vcov_beta_x(x, data: PLSArrays, shape: ModelShape):
+    """Var(β̂) = σ² R₀⁻¹ G̃(θ)⁻¹ R₀⁻ᵀ as a function of x = (θ, σ), unprofiled (lmerTest's
+    parameterisation of the variance parameters)."""
+    _, G = fixed_gram(x[:-1], data, shape)
+    Gi = jnp.linalg.inv(G)
+    return x[-1] ** 2 * data.R0_inv @ (0.5 * (Gi + Gi.T)) @ data.R0_inv.T
+
+
+def deviance_x(x, data: PLSArrays, shape: ModelShape, reml):
+    """−2ℓ (restricted for REML) at x = (θ, σ), β profiled (:func:`deviance_at_sigma`)."""
+    return deviance_at_sigma(x[:-1], jnp.log(x[-1]), data, shape, reml)
+
+
+@programs.cached(static_argnames=("shape",))
+def satterthwaite_parts(x, data: PLSArrays, shape: ModelShape, reml):
+    """(Var(β̂), ∂Var(β̂)/∂x (p × p × k), ∇²_x deviance (k × k)) at x = (θ, σ): exact forward-
+    and reverse-mode derivatives of the cross-product solve."""
+    V = vcov_beta_x(x, data, shape)
+    J = jax.jacfwd(vcov_beta_x)(x, data, shape)
+    H = jax.hessian(deviance_x)(x, data, shape, reml)
+    return V, J, H
+
+
+def theta_sigma_of_gamma(gamma, shape: ModelShape):
+    """(θ, σ) from γ = (each term's linear covariance parameters, σ²) (``sigma_from_gamma``)."""
+    sigma = jnp.sqrt(gamma[-1])
+    parts = []
+    for t in shape.terms:
+        s = t.structure
+        S = s.sigma_from_gamma(gamma[t.theta[0]:t.theta[1]])
+        parts.append(s.theta_from_eta(s.eta_from_sigma(S, jnp), sigma))
+    return jnp.concatenate(parts), sigma
+
+
+def gamma_of(theta, sigma, shape: ModelShape):
+    """γ at θ, σ (numpy): each term's Σ_k = σ²Λ_kΛ_kᵀ in its linear parameters, then σ²."""
+    parts = []
+    for t, lam in zip(shape.terms, term_lambdas(jnp.asarray(theta), shape)):
+        lam = np.asarray(lam)
+        parts.append(np.asarray(t.structure.gamma_from_sigma(sigma**2 * lam @ lam.T, np), dtype=float))
+    return np.concatenate(parts + [np.array([sigma**2])])
+
+
+def _kr_functions(gamma, data: PLSArrays, shape: ModelShape):
+    """(log|Σ| + log|XᵀΣ⁻¹X|, R₀⁻ᵀ(XᵀΣ⁻¹X)R₀⁻¹ = G̃/σ²) as functions of γ, up to constants."""
+    theta, sigma = theta_sigma_of_gamma(gamma, shape)
+    ld_L, G = fixed_gram(theta, data, shape)
+    s2 = sigma**2
+    ld_G = jnp.linalg.slogdet(G)[1]
+    return ld_L + data.n * jnp.log(s2) + ld_G - shape.p * jnp.log(s2), G / s2
+
+
+@programs.cached(static_argnames=("shape",))
+def kenward_roger_parts(gamma, data: PLSArrays, shape: ModelShape):
+    """(M, ∂M/∂γ (p × p × k), ∂²M/∂γ∂γ (p × p × k × k), IE2 (k × k)) with M = XᵀΣ⁻¹X in the basis X̃
+    (M = R₀⁻ᵀ XᵀΣ⁻¹X R₀⁻¹) and IE2 = −∇²_γ[log|Σ| + log|XᵀΣ⁻¹X|] = tr(P G_r P G_s) (pbkrtest's
+    expected-information matrix; Σ linear in γ, so its second derivatives vanish)."""
+    p = shape.p
+
+    def F(g):  # (ℓ, M) as one vector: one forward-over-forward pass gives every derivative
+        ell, M = _kr_functions(g, data, shape)
+        return jnp.concatenate([ell[None], M.reshape(-1)])
+
+    def first(g):
+        J = jax.jacfwd(F)(g)
+        return J, (F(g), J)
+
+    H, (v, J) = jax.jacfwd(first, has_aux=True)(gamma)
+    M = v[1:].reshape(p, p)
+    P = J[1:].reshape(p, p, -1)
+    Q = H[1:].reshape(p, p, H.shape[1], H.shape[2])
+    return M, P, Q, -H[0]
+
+
 def residual_rows(variance: bool) -> list[tuple[str, str]]:
     """The reporting-metric row of R = σ²I after the terms' rows: ln σ, shown as sd(Residual)
     (var(Residual) with ``variance``)."""
@@ -436,6 +530,25 @@ class PLSEngine:
     def singular(self, params, unit) -> bool:
         return is_singular(np.asarray(params), [t.structure for t in self.shape.terms],
                            [t.theta for t in self.shape.terms], unit)
+
+    def satterthwaite_parts(self, params, sigma, data, reml):
+        """(Var(β̂), ∂Var(β̂)/∂x (k × p × p), ∇²_x −2ℓ (k × k)) in x = (θ, σ), numpy."""
+        x = jnp.concatenate([jnp.asarray(params, dtype=float), jnp.asarray([sigma], dtype=float)])
+        V, J, H = satterthwaite_parts(x, data, self.shape, reml)
+        return np.asarray(V), np.moveaxis(np.asarray(J), -1, 0), np.asarray(H)
+
+    def kenward_roger_parts(self, params, sigma, data):
+        """(Φ = (XᵀΣ⁻¹X)⁻¹, P_r = ∂(XᵀΣ⁻¹X)/∂γ_r (k × p × p), ∂²(XᵀΣ⁻¹X)/∂γ_r∂γ_s
+        (k × k × p × p), IE2 (k × k)) at the REML estimate, γ the linear covariance parameters
+        (:func:`kenward_roger_parts`), in the original fixed-effects columns."""
+        gamma = gamma_of(params, sigma, self.shape)
+        M, P, Q, IE2 = (np.asarray(a) for a in kenward_roger_parts(jnp.asarray(gamma), data, self.shape))
+        R0 = np.linalg.inv(np.asarray(data.R0_inv))  # X = X̃R₀: XᵀΣ⁻¹X = R₀ᵀ M R₀
+        M = R0.T @ M @ R0
+        P = np.einsum("ai,abk,bj->kij", R0, P, R0)
+        Q = np.einsum("ai,abkl,bj->klij", R0, Q, R0)
+        Phi = np.linalg.inv(M)
+        return 0.5 * (Phi + Phi.T), P, Q, 0.5 * (IE2 + IE2.T)
 
     supports_batched = True
     residual_title = None

@@ -375,15 +375,21 @@ def prepare(theta, data, shape, lams) -> Prepared:
     return Prepared(L1, K, ld1, M1, tuple(S), tuple(C))
 
 
-def deviance_parts(theta, data, shape, lams):
-    """(log|L|², log|R_X|², r²) at θ through the blocked engine."""
+def fixed_factor(theta, data, shape, lams):
+    """(log|L|², LM): the random part's log-determinant and the lower Cholesky factor of the
+    fixed-effects Schur complement [X y]ᵀ(I − ZΛ(LLᵀ)⁻¹ΛᵀZᵀ)[X y] at θ."""
     pr = prepare(theta, data, shape, lams)
     ld, M = pr.ld1, pr.M1
     for S, C in zip(pr.S, pr.C):
         l2, Q = logdet_quad(S, C, shape.kernels)
         ld = ld + l2
         M = M - Q
-    LM = xla.cholesky(M)
+    return ld, xla.cholesky(M)
+
+
+def deviance_parts(theta, data, shape, lams):
+    """(log|L|², log|R_X|², r²) at θ through the blocked engine."""
+    ld, LM = fixed_factor(theta, data, shape, lams)
     p = shape.p
     d = jnp.diagonal(LM)
     logdet_RX = 2.0 * jnp.sum(jnp.log(jnp.maximum(d[:p], 1e-300)))

@@ -197,6 +197,18 @@ def fixed_table(names, beta, cov_beta, level) -> pd.DataFrame:
                          "ci_lower": beta - z * se, "ci_upper": beta + z * se}, index=list(names))
 
 
+def fixed_table_t(names, beta, cov_beta, df, level) -> pd.DataFrame:
+    """The fixed-effects table with a df method: coef, se, t, df, p and CIs from t(df)."""
+    beta = np.asarray(beta)
+    df = np.asarray(df, dtype=float)
+    se = np.sqrt(np.diag(np.asarray(cov_beta)))
+    ts = beta / se
+    p = 2 * sps.t.sf(np.abs(ts), df)
+    q = sps.t.ppf(0.5 + level / 200.0, df)
+    return pd.DataFrame({"coef": beta, "se": se, "t": ts, "df": df, "p": p,
+                         "ci_lower": beta - q * se, "ci_upper": beta + q * se}, index=list(names))
+
+
 def wald_test(names, beta, cov_beta):
     """χ² test that every fixed effect but ``_cons`` is zero: (chi2, df, p)."""
     idx = [i for i, n in enumerate(names) if n != "_cons"]

@@ -16,6 +16,10 @@ Interface (all pure functions of arrays; sizes are static):
     theta_from_eta(eta, sigma)  θ for the same Σ; used to differentiate the log likelihood in η
     theta_scale(ms)     the optimiser's unit for each θ entry, from the mean squares ``ms`` of the
                         term's random-effects columns (see below)
+    sigma_from_gamma(g), gamma_from_sigma(S, xp)
+                        a parameterisation γ (n_theta entries) in which Σ is *linear*: the free
+                        variances and covariances (Kenward-Roger's γ, pbkrtest's; the second
+                        derivative of Σ in γ is zero)
 
 Scale of the random-effects columns. θ is in the units of the data (lme4's θ): with a covariate
 x multiplied by c, the θ entries of x's row of Λ are divided by c. The optimiser's tolerances
@@ -104,6 +108,12 @@ class Identity:
     def boundary(self, theta, tol):
         return bool(theta[0] < tol)
 
+    def sigma_from_gamma(self, g):
+        return g[0] * jnp.eye(self.q)
+
+    def gamma_from_sigma(self, S, xp=np):
+        return xp.reshape(xp.mean(xp.diagonal(S)), (1,))
+
     def theta_scale(self, ms, xp=np):
         return xp.reshape(1.0 / _common(ms, xp), (1,))
 
@@ -147,6 +157,12 @@ class Independent:
 
     def theta_from_eta(self, eta, sigma):
         return jnp.exp(eta) / sigma
+
+    def sigma_from_gamma(self, g):
+        return jnp.diag(g)
+
+    def gamma_from_sigma(self, S, xp=np):
+        return xp.diagonal(S)
 
     def boundary(self, theta, tol):
         return bool(np.any(np.asarray(theta) < tol))
@@ -206,6 +222,14 @@ class Exchangeable:
         sd = jnp.exp(eta[0])
         rho = jnp.tanh(eta[1])
         return jnp.stack([sd * jnp.sqrt(1 - rho), sd * jnp.sqrt(1 + (self.q - 1) * rho)]) / sigma
+
+    def sigma_from_gamma(self, g):
+        """γ = (variance, covariance)."""
+        return g[0] * jnp.eye(self.q) + g[1] * (jnp.ones((self.q, self.q)) - jnp.eye(self.q))
+
+    def gamma_from_sigma(self, S, xp=np):
+        q = self.q
+        return xp.stack([xp.mean(xp.diagonal(S)), (xp.sum(S) - xp.trace(S)) / (q * (q - 1))])
 
     def boundary(self, theta, tol):
         return bool(np.any(np.asarray(theta) < tol))
@@ -272,6 +296,16 @@ class Unstructured:
         lam = sd[:, None] * jnp.linalg.cholesky(R) / sigma
         r, c = _tril_indices(q)
         return lam[r, c]
+
+    def sigma_from_gamma(self, g):
+        """γ = the lower triangle of Σ, column-major (lme4's θ order)."""
+        r, c = _tril_indices(self.q)
+        L = jnp.zeros((self.q, self.q), dtype=g.dtype).at[r, c].set(g)
+        return L + L.T - jnp.diag(jnp.diagonal(L))
+
+    def gamma_from_sigma(self, S, xp=np):
+        r, c = _tril_indices(self.q)
+        return S[r, c]
 
     def boundary(self, theta, tol):
         return bool(np.any(np.asarray(theta)[self._diag_mask] < tol))

@@ -18,7 +18,9 @@ class FitResult:
     nobs         observations used, after dropping incomplete rows
     converged    optimiser met its tolerance and the Hessian is negative definite
     singular     some variance parameter is on its boundary (sd 0, corr ±1)
-    fixed        DataFrame: coef, se, z, p, ci_lower, ci_upper; index the term names
+    fixed        DataFrame: coef, se, z, p, ci_lower, ci_upper; index the term names (with a
+                 df method: coef, se, t, df, p, ci_lower, ci_upper from t(df); Kenward-Roger's
+                 se is the adjusted one)
     random       DataFrame: group, name, estimate, se, ci_lower, ci_upper
     wald         (chi2, df, p) for all fixed effects but _cons
     lr_vs_linear (stat, df, p, kind)
@@ -62,6 +64,9 @@ class FitResult:
     link: str | None = None
     nagq: int | None = None  # 1: Laplace; > 1: adaptive Gauss-Hermite points per dimension
     cov_params: Any = field(default=None, repr=False)  # GLMMs: Cov of (β, each term's η, s)
+    dfmethod: str | None = None  # small-sample df method ("satterthwaite", "kroger", ...) or None
+    small: Any = field(default=None, repr=False)  # its inference.smallsample.SmallSample
+    f_test: Any = field(default=None, repr=False)  # with a df method: F test of all but _cons
 
     @property
     def lr_vs_fixed(self) -> tuple:
@@ -124,6 +129,36 @@ class FitResult:
         from jaxmixed.inference.bootstrap import bootstrap
 
         return bootstrap(self, n=n, seed=seed, level=level, **kwargs)
+
+    def test(self, which, rhs=0.0):
+        """Test of linear hypotheses on the fixed effects (Stata's ``test``/``testparm``): a
+        coefficient name, a list of names (each = ``rhs``), or a contrast matrix L (rows × p, or
+        one row) with ``Lβ = rhs``. An F test with the fit's df method, else χ²
+        (``inference.hypotheses.TestResult``: stat, df1, df2, p, kind)."""
+        from jaxmixed.inference.hypotheses import test
+
+        return test(self, which, rhs)
+
+    def lincom(self, L, rhs=0.0) -> pd.DataFrame:
+        """Estimate, se, t or z, df, p and CI of a linear combination ℓᵀβ − rhs (Stata's ``lincom``)."""
+        from jaxmixed.inference.hypotheses import lincom
+
+        return lincom(self, L, rhs)
+
+    def anova(self, type: int = 3) -> pd.DataFrame:
+        """One row per fixed-effects term: numdf, dendf, F, p (type 3: marginal, SAS/lmerTest
+        contrasts; type 1: sequential); χ² with dendf = inf when the fit has no df method."""
+        from jaxmixed.inference.hypotheses import anova
+
+        return anova(self, type)
+
+    def confint(self, method: str = "wald", level: float | None = None, **kwargs) -> pd.DataFrame:
+        """Intervals for every parameter (fixed effects, then the random-effects rows):
+        ``"wald"`` (the tables'), ``"profile"`` (profile likelihood, lme4's
+        ``confint(method = "profile")``) or ``"bootstrap"`` (parametric, ``n=`` draws)."""
+        from jaxmixed.inference.profile import confint
+
+        return confint(self, method, level, **kwargs)
 
     def tidy(self) -> pd.DataFrame:
         """One row per parameter with broom.mixed's columns (``jaxmixed.results.tidy.tidy``)."""

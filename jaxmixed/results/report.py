@@ -92,7 +92,22 @@ def _header(r, show_groups: bool = True) -> list[str]:
         method = "Laplace" if r.nagq == 1 else ("mvaghermite" if r.method == "agq" else "ghermite")
         pts = f"Integration pts.   = {r.nagq:>9}" if r.nagq > 1 else ""
         out.append(f"{'Integration method: ' + method:<48}{pts}".rstrip())
+    small = getattr(r, "small", None)
+    if small is not None:  # Stata's dfmethod() header: the method, df min/avg/max, F(k, ddf)
+        df = np.asarray(small.df, dtype=float)
+        out.append(f"{'DF method: ' + small.title:<48}DF:           min = {df.min():>9.2f}")
+        out.append(f"{'':<48}              avg = {df.mean():>9.2f}")
+        out.append(f"{'':<48}              max = {df.max():>9.2f}")
     out.append("")
+    if small is not None:
+        ft = r.f_test
+        if ft is None:
+            out.append(f"{ll_name + ' = ' + f'{r.loglik:.4f}':<48}")
+        else:
+            head = f"F({ft.df1},{ft.df2:.2f})"
+            out.append(f"{'':<48}{head:<19}= {_num(ft.stat, 9, '.2f')}")
+            out.append(f"{ll_name + ' = ' + f'{r.loglik:.4f}':<48}Prob > F           = {_num(ft.p, 9, '.4f')}")
+        return out
     chi2, df, p = r.wald
     out.append(f"{'':<48}{'Wald chi2(' + str(df) + ')':<19}= {_num(chi2, 9, '.2f')}")
     out.append(f"{ll_name + ' = ' + f'{r.loglik:.4f}':<48}Prob > chi2        = {_num(p, 9, '.4f')}")
@@ -107,13 +122,14 @@ def _fixed(r) -> list[str]:
     head = "     Coef."
     if eform:
         head = f"{_EFORM.get((r.family, r.link), 'exp(b)'):>10}"
-    out.append(f"{response[:12]:>12} | {head}   Std. Err.      z    P>|z|     [{lvl}% Conf. Interval]")
+    stat = "t" if "t" in r.fixed.columns else "z"
+    out.append(f"{response[:12]:>12} | {head}   Std. Err.      {stat}    P>|{stat}|     [{lvl}% Conf. Interval]")
     out.append("-" * 13 + "+" + "-" * 64)
     for name, row in r.fixed.iterrows():
         coef, se, lo, hi = row.coef, row.se, row.ci_lower, row.ci_upper
         if eform:  # exp(b), its delta-method se, the exponentiated interval (Stata's or / irr)
             coef, se, lo, hi = np.exp(coef), np.exp(coef) * se, np.exp(lo), np.exp(hi)
-        out.append(f"{str(name)[:12]:>12} | {stata_g(coef):>10} {stata_g(se):>10} {_num(row.z, 8, '.2f')}"
+        out.append(f"{str(name)[:12]:>12} | {stata_g(coef):>10} {stata_g(se):>10} {_num(row[stat], 8, '.2f')}"
                    f" {_num(row.p, 7, '.3f')}    {stata_g(lo):>10}  {stata_g(hi):>10}")
     out.append(RULE)
     return out

@@ -68,6 +68,7 @@ _OPTIONS = {
     "nolrtest": (4, False),
     "level": (1, True),
     "residuals": (3, True),
+    "dfmethod": (3, True),
     # generalized linear mixed models (meglm and the me* commands)
     "family": (2, True),
     "link": (4, True),
@@ -81,6 +82,7 @@ _OPTIONS = {
     "eform": (5, False),
 }
 _INTMETHODS = {"mvaghermite": 2, "ghermite": 2, "laplace": 2, "mcaghermite": 2}
+_DFMETHODS = {"residual": 3, "repeated": 3, "anova": 3, "satterthwaite": 3, "kroger": 2}
 # global option -> (ModelSpec.options key, value); level() is handled separately
 _GLOBAL = {
     "reml": ("method", "reml"),
@@ -402,6 +404,13 @@ class _Parser:
         if opt.name in ("family", "link", "binomial", "offset", "exposure", "intpoints", "intmethod",
                         "or", "irr", "eform"):
             key, value = self.glm_option(opt)
+        elif opt.name == "dfmethod":
+            args = opt.args or ()
+            name = _abbrev(args[0].value, _DFMETHODS) if len(args) == 1 and args[0].kind == "name" else None
+            if name is None:
+                self.error("dfmethod() takes one of residual, repeated, anova, satterthwaite or kroger",
+                           args[0].pos if args else opt.pos)
+            key, value = "dfmethod", name
         elif opt.name == "level":
             arg = opt.args[0]
             if len(opt.args) != 1 or arg.kind != "num" or not 10 <= float(arg.value) <= 99.99:
