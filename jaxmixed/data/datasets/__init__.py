@@ -9,6 +9,12 @@
   lme4's ``VerbAgg``).
 - ``contraception``: contraceptive use of 1,934 women in 60 districts of Bangladesh (1988
   Bangladesh Fertility Survey; mlmRev's ``Contraception``).
+- ``sleepstudy``: reaction times of 18 subjects over 10 days of sleep deprivation (Belenky et
+  al. 2003; lme4's ``sleepstudy``).
+- ``orthodont_unbal``: nlme's ``Orthodont`` (Potthoff and Roy 1964) without every fifth row, an
+  unbalanced design; ``Sex`` a categorical with R's level order (Male, Female).
+- ``penicillin``: inhibition-zone diameters of 6 samples on 24 plates, crossed (Davies and
+  Goldsmith 1972; lme4's ``Penicillin``).
 """
 
 from __future__ import annotations
@@ -19,9 +25,13 @@ import pandas as pd
 
 from jaxmixed.errors import DataError
 
-NAMES = ("pig", "productivity", "jsp", "cbpp", "verbagg", "contraception")
+NAMES = ("pig", "productivity", "jsp", "cbpp", "verbagg", "contraception", "sleepstudy", "orthodont_unbal",
+         "penicillin")
 # columns read as labels (R factors stored as numbers in the CSV)
-_LABELS = {"cbpp": ("herd", "period"), "verbagg": ("id", "item"), "contraception": ("woman", "district", "livch")}
+_LABELS = {"cbpp": ("herd", "period"), "verbagg": ("id", "item"), "contraception": ("woman", "district", "livch"),
+           "sleepstudy": ("Subject",)}
+# categorical columns with R's level order (the first level is the reference level)
+_ORDERED = {"orthodont_unbal": {"Sex": ["Male", "Female"]}}
 
 
 def load(name: str) -> pd.DataFrame:
@@ -29,7 +39,10 @@ def load(name: str) -> pd.DataFrame:
     if name not in NAMES:
         raise DataError(f"unknown data set {name!r}; available: {', '.join(NAMES)}")
     with resources.files(__package__).joinpath(f"{name}.csv").open("r") as fh:
-        return pd.read_csv(fh, dtype={c: str for c in _LABELS.get(name, ())})
+        df = pd.read_csv(fh, dtype={c: str for c in _LABELS.get(name, ())})
+    for col, levels in _ORDERED.get(name, {}).items():
+        df[col] = pd.Categorical(df[col], categories=levels)
+    return df
 
 
 def provenance() -> str:

@@ -1,0 +1,304 @@
+"""Small-sample inference: Satterthwaite and Kenward-Roger df, F tests, type 1/3 tables, Stata's
+counting rules, profile intervals.
+
+References: ``reference/df_public.json`` (copied unchanged from the shared reference folder:
+lmerTest 3.1.3 and pbkrtest 0.5.2 on REML fits refitted to the optimum), ``reference/df_extra.json``
+(made by ``reference/make_df_extra.R``: lmerTest's anova tables, an ML Satterthwaite fit, a
+contrast with a right-hand side, lme4's profile intervals and exact roots of ζ).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+import jaxmixed as jm
+from jaxmixed.errors import FormulaError, ModelError
+
+REF = Path(__file__).parent / "reference"
+PUBLIC = json.loads((REF / "df_public.json").read_text())["cases"]
+EXTRA = json.loads((REF / "df_extra.json").read_text())
+
+
+def _data(name):
+    return jm.datasets.load(name.replace(".csv", ""))
+
+
+def _name(n):
+    return "_cons" if n == "(Intercept)" else n.replace("SexFemale", "Sex[T.Female]")
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return np.max(np.abs(a - b) / np.abs(b))
+
+
+@pytest.fixture(scope="module")
+def fits():
+    out = {}
+    for case, c in PUBLIC.items():
+        d = _data(c["data_file"])
+        for method in ("satterthwaite", "kroger"):
+            out[case, method] = jm.fit(c["formula"], d, dfmethod=method)
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(PUBLIC))
+@pytest.mark.parametrize("method,key", [("satterthwaite", "sat"), ("kroger", "kr")])
+def test_coefficients_match_lmertest_and_pbkrtest(fits, case, method, key):
+    c = PUBLIC[case]
+    r = fits[case, method]
+    names = [_name(n) for n in np.atleast_1d(c["fixef"])]
+    fx = r.fixed.loc[names]
+    assert list(r.fixed.columns) == ["coef", "se", "t", "df", "p", "ci_lower", "ci_upper"]
+    assert _rel(fx["coef"], np.atleast_1d(c["est"])) < 1e-6
+    assert _rel(fx["se"], np.atleast_1d(c[key]["se"])) < 1e-6  # KR: the adjusted se
+    df_tol = 1e-3 if key == "sat" else 1e-5  # lmerTest's df are numerically differentiated
+    assert _rel(fx["df"], np.atleast_1d(c[key]["df"])) < df_tol
+    assert _rel(fx["t"], np.atleast_1d(c[key]["t"])) < 1e-5
+    if key == "kr":
+        assert _rel(fx["p"], np.atleast_1d(c[key]["p"])) < 1e-5
+    else:  # lmerTest's p carries its df's noise (17.0000052 for 17): ours at its df
+        assert _rel(2 * stats.t.sf(np.abs(fx["t"]), np.atleast_1d(c[key]["df"])), np.atleast_1d(c[key]["p"])) < 1e-5
+        assert _rel(fx["p"], np.atleast_1d(c[key]["p"])) < 1e-4
+    # the t-based interval
+    q = stats.t.ppf(0.975, fx["df"])
+    np.testing.assert_allclose(fx["ci_upper"], fx["coef"] + q * fx["se"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("case", sorted(PUBLIC))
+@pytest.mark.parametrize("method,key", [("satterthwaite", "sat"), ("kroger", "kr")])
+def test_joint_tests_and_type3_tables(fits, case, method, key):
+    c = PUBLIC[case]
+    r = fits[case, method]
+    names = [_name(n) for n in np.atleast_1d(c["fixef"])]
+    for k, v in c.items():
+        if k.startswith("contest") and k.endswith("_" + key):
+            L = np.zeros((len(v["L"]), len(r.fixed)))
+            for j, n in enumerate(names):
+                L[:, list(r.fixed.index).index(n)] = np.asarray(v["L"], float)[:, j]
+            t = r.test(L)
+            assert t.kind == "F" and t.df1 == v["numdf"]
+            assert _rel(t.stat, v["F"]) < 1e-5
+            assert _rel(t.df2, v["dendf"]) < (1e-3 if key == "sat" else 1e-5)
+            assert _rel(t.p, v["p"]) < (1e-4 if key == "sat" else 1e-5)
+        if k.startswith("KRmodcomp") and key == "kr":  # the same L as contest_<suffix>_kr
+            Lr = np.asarray(c["contest_" + k[len("KRmodcomp_"):] + "_kr"]["L"], float)
+            L = np.zeros((len(Lr), len(r.fixed)))
+            for j, n in enumerate(names):
+                L[:, list(r.fixed.index).index(n)] = Lr[:, j]
+            t = r.test(L)
+            assert _rel(t.stat, v["F_scaled"]) < 1e-5 and _rel(t.df2, v["ddf"]) < 1e-5 and _rel(t.p, v["p"]) < 1e-5
+    ref = c.get(f"anova3_{key}")
+    if ref is not None:
+        a = r.anova(3)
+        terms = list(np.atleast_1d(ref["term"]))
+        assert list(a.index) == terms
+        assert _rel(a["F"], np.atleast_1d(ref["F"])) < 1e-5
+        assert _rel(a["dendf"], np.atleast_1d(ref["dendf"])) < (1e-3 if key == "sat" else 1e-5)
+        assert _rel(a["p"], np.atleast_1d(ref["p"])) < (1e-4 if key == "sat" else 1e-5)
+        assert list(a["numdf"]) == list(np.atleast_1d(ref["numdf"]))
+
+
+def _dcat(d):
+    d = d.copy()
+    d["Dcat"] = pd.cut(d["Days"], [-1, 2, 5, 9], labels=["a", "b", "c"]).astype(str)
+    return d
+
+
+@pytest.mark.parametrize("key,data,formula", [
+    ("anova_orthodont", "orthodont_unbal", "distance ~ age*Sex + (1|Subject)"),
+    ("anova_sleep_dcat", "sleepstudy", "Reaction ~ Dcat*Days + (1|Subject)"),
+])
+@pytest.mark.parametrize("method,mkey", [("satterthwaite", "satterthwaite"), ("kroger", "kenward_roger")])
+def test_type1_and_type3_tables_match_lmertest(key, data, formula, method, mkey):
+    d = _data(data)
+    if "Dcat" in formula:
+        d = _dcat(d)
+    r = jm.fit(formula, d, dfmethod=method)
+    for typ in (1, 3):
+        ref = EXTRA["lmertest"][key][mkey][f"type{typ}"]
+        a = r.anova(typ)
+        assert list(a.index) == ref["term"]
+        assert list(a["numdf"]) == ref["NumDF"]
+        for col, rk in [("F", "F"), ("p", "p"), ("sum_sq", "SumSq"), ("mean_sq", "MeanSq")]:
+            assert _rel(a[col], ref[rk]) < 1e-5, (typ, col)
+        assert _rel(a["dendf"], ref["DenDF"]) < (1e-3 if method == "satterthwaite" else 1e-5)
+
+
+def test_satterthwaite_under_ml_and_a_contrast_with_rhs():
+    ref = EXTRA["lmertest"]["summary_sleep_ml"]
+    r = jm.fit("Reaction ~ Days + (Days|Subject)", _data("sleepstudy"), method="ml", dfmethod="satterthwaite")
+    fx = r.fixed.loc[[_name(n) for n in ref["term"]]]
+    assert _rel(fx["se"], ref["se"]) < 1e-6 and _rel(fx["df"], ref["df"]) < 1e-3 and _rel(fx["p"], ref["p"]) < 1e-5
+    con = EXTRA["lmertest"]["contest_sleep_ml"]
+    lc = r.lincom("Days", rhs=10)  # Stata's lincom Days - 10
+    assert abs(lc["estimate"][0] - (con["t_test"]["estimate"] - 10)) < 1e-6
+    assert _rel(lc["t"][0], con["t_test"]["t"]) < 1e-5 and _rel(lc["p"][0], con["t_test"]["p"]) < 1e-5
+    t = r.test("Days", rhs=10)
+    assert _rel(t.stat, con["F_test"]["F"]) < 1e-5 and _rel(t.df2, con["F_test"]["DenDF"]) < 1e-3
+
+
+def test_no_dfmethod_gives_chi2_tests():
+    r = jm.fit("distance ~ age*Sex + (1|Subject)", _data("orthodont_unbal"))
+    t = r.test(["Sex[T.Female]", "age:Sex[T.Female]"])
+    assert t.kind == "chi2" and np.isinf(t.df2) and t.df1 == 2
+    b = r.beta[[1, 2]]
+    V = r.solution.cov_beta[np.ix_([1, 2], [1, 2])]
+    assert abs(t.stat - b @ np.linalg.solve(V, b)) < 1e-9
+    a = r.anova(3)
+    assert list(a.columns) == ["chi2", "df", "p"]
+    assert "z" in r.fixed.columns and "df" not in r.fixed.columns
+
+
+def test_derivatives_match_finite_differences():
+    r = jm.fit("distance ~ age*Sex + (1|Subject)", _data("orthodont_unbal"))
+    from jaxmixed.engine import pls
+    import jax.numpy as jnp
+
+    eng, data = r.engine, r.data
+    V, J, H = eng.satterthwaite_parts(r.params, r.sigma, data, True)
+    x = np.concatenate([r.params, [r.sigma]])
+    h = 1e-5
+    for k in range(len(x)):
+        e = np.zeros(len(x))
+        e[k] = h * max(1.0, abs(x[k]))
+        Vp = np.asarray(pls.vcov_beta_x(jnp.asarray(x + e), data, eng.shape))
+        Vm = np.asarray(pls.vcov_beta_x(jnp.asarray(x - e), data, eng.shape))
+        np.testing.assert_allclose(J[k], (Vp - Vm) / (2 * e[k]), rtol=1e-6, atol=1e-9 * np.abs(J[k]).max())
+
+        import jax
+
+        def grad(xx):
+            return np.asarray(jax.grad(pls.deviance_x)(jnp.asarray(xx), data, eng.shape, True))
+
+        np.testing.assert_allclose(H[k], (grad(x + e) - grad(x - e)) / (2 * e[k]), rtol=1e-6, atol=1e-8 * np.abs(H).max())
+    # Kenward-Roger: ∂(XᵀΣ⁻¹X)/∂γ against differences of the solve's Var(β̂)⁻¹
+    Phi, P, Q, IE2 = eng.kenward_roger_parts(r.params, r.sigma, data)
+    gamma = pls.gamma_of(r.params, r.sigma, eng.shape)
+
+    def M_of(g):
+        th, s = pls.theta_sigma_of_gamma(jnp.asarray(g), eng.shape)
+        return np.linalg.inv(np.asarray(pls.vcov_beta_x(jnp.concatenate([th, s[None]]), data, eng.shape)))
+
+    np.testing.assert_allclose(np.linalg.inv(M_of(gamma)), Phi, rtol=1e-9)
+    for k in range(len(gamma)):
+        e = np.zeros(len(gamma))
+        e[k] = 1e-5 * gamma[k]
+        np.testing.assert_allclose(P[k], (M_of(gamma + e) - M_of(gamma - e)) / (2 * e[k]), rtol=1e-5,
+                                   atol=1e-8 * np.abs(P[k]).max())
+    # second derivatives: Q against differences of P (via a second fit's parts)
+    from jaxmixed.engine.pls import kenward_roger_parts
+    for k in range(len(gamma)):
+        e = np.zeros(len(gamma))
+        e[k] = 1e-4 * gamma[k]
+        Pp = np.asarray(kenward_roger_parts(jnp.asarray(gamma + e), data, eng.shape)[1])
+        Pm = np.asarray(kenward_roger_parts(jnp.asarray(gamma - e), data, eng.shape)[1])
+        Qn = np.asarray(kenward_roger_parts(jnp.asarray(gamma), data, eng.shape)[2])
+        np.testing.assert_allclose(Qn[..., k], (Pp - Pm) / (2 * e[k]), rtol=1e-4, atol=1e-7 * np.abs(Qn).max())
+
+
+# --- Stata's counting rules, by hand on a balanced design ---------------------------------------
+
+@pytest.fixture(scope="module")
+def balanced():
+    rng = np.random.default_rng(3)
+    m, T = 12, 4
+    g = np.repeat(np.arange(m), T)
+    trt = np.tile(np.arange(T), m)
+    w = np.repeat(rng.normal(size=m), T)  # a between-subject covariate
+    arm = np.repeat(np.arange(m) % 2, T)  # a between-subject factor
+    y = 1 + 0.5 * w + 0.3 * arm + 0.2 * trt + np.repeat(rng.normal(size=m), T) + rng.normal(size=m * T)
+    return pd.DataFrame({"y": y, "g": g, "trt": trt, "w": w, "arm": arm})
+
+
+def test_residual_and_repeated_df_by_hand(balanced):
+    n, m = len(balanced), 12
+    cmd = "y w i.arm i.trt || g:, reml"
+    r = jm.mixed(cmd.replace("reml", "reml dfmethod(residual)"), balanced)
+    p = len(r.fixed)  # w, arm, 3 trt dummies, _cons
+    assert p == 6
+    np.testing.assert_array_equal(r.fixed["df"], n - p)
+    rr = jm.mixed(cmd.replace("reml", "reml dfmethod(repeated)"), balanced)
+    between = ["w", "1.arm", "_cons"]
+    p_b, p_w = 3, 3
+    for name, row in rr.fixed.iterrows():
+        assert row["df"] == (m - p_b if name in between else n - m - p_w), name
+    ra = jm.mixed(cmd.replace("reml", "reml dfmethod(anova)"), balanced)
+    np.testing.assert_array_equal(ra.fixed["df"], rr.fixed["df"])  # two levels: the same rule
+    # the F header: every coefficient but _cons, ddf the smallest df among them
+    assert rr.f_test.df1 == 5 and rr.f_test.df2 == m - p_b
+    text = str(rr)
+    assert "DF method: Repeated" in text and "F(5,9.00)" in text and "P>|t|" in text
+    # t-based p values with those df
+    row = rr.fixed.loc["w"]
+    assert abs(row["p"] - 2 * stats.t.sf(abs(row["t"]), m - p_b)) < 1e-12
+
+
+def test_stata_front_end_and_refusals(balanced):
+    d = _data("sleepstudy")
+    a = jm.mixed("Reaction Days || Subject: Days, reml cov(unstructured) dfmethod(kroger)", d)
+    b = jm.fit("Reaction ~ Days + (Days|Subject)", d, dfmethod="kroger")
+    np.testing.assert_allclose(a.fixed["df"], b.fixed["df"], rtol=1e-8)
+    assert "DF method: Kenward-Roger" in str(a)
+    with pytest.raises(ModelError, match="REML"):
+        jm.mixed("Reaction Days || Subject:, dfmethod(satterthwaite)", d)  # Stata: not under mle
+    with pytest.raises(ModelError, match="REML"):
+        jm.fit("Reaction ~ Days + (1|Subject)", d, method="ml", dfmethod="kroger")
+    with pytest.raises(ModelError, match="unknown dfmethod"):
+        jm.fit("Reaction ~ Days + (1|Subject)", d, dfmethod="containment")
+    with pytest.raises(FormulaError, match="dfmethod"):
+        jm.mixed("Reaction Days || Subject:, reml dfmethod(bogus)", d)
+    with pytest.raises(ModelError, match="random-intercept"):
+        jm.fit("Reaction ~ Days + (Days|Subject)", d, dfmethod="repeated")
+    with pytest.raises(ModelError, match="linear mixed models"):
+        jm.fit("incidence ~ period + (1|herd)", jm.datasets.load("cbpp").assign(incidence=lambda x: x.incidence > 0),
+               family="binomial", dfmethod="kroger")
+    r = jm.fit("Reaction ~ Days + (1|Subject)", d, dfmethod="satterthwaite")
+    with pytest.raises(ModelError, match="not a fixed-effect coefficient"):
+        r.test("day")
+    with pytest.raises(ModelError, match="columns"):
+        r.test(np.ones(3))
+    with pytest.raises(ModelError, match="inconsistent"):
+        r.test([[0, 1], [0, 2]], rhs=[1, 1])
+
+
+# --- profile intervals ---------------------------------------------------------------------------
+
+PROFILE_NAMES = {
+    "sd_(Intercept)|Subject": "Subject: sd(_cons)", "sd_Days|Subject": "Subject: sd(Days)",
+    "cor_Days.(Intercept)|Subject": "Subject: corr(Days,_cons)", "sigma": "sd(Residual)",
+    "sd_(Intercept)|plate": "plate: sd(_cons)", "sd_(Intercept)|sample": "sample: sd(_cons)",
+    "sd_(Intercept)|g": "g: sd(_cons)", "(Intercept)": "_cons", "Days": "Days", "x": "x",
+}
+
+
+@pytest.mark.filterwarnings("ignore:boundary")
+@pytest.mark.parametrize("case,data,formula", [
+    ("sleepstudy_reml", "sleepstudy", "Reaction ~ Days + (Days|Subject)"),
+    ("penicillin_reml", "penicillin", "diameter ~ 1 + (1|plate) + (1|sample)"),
+    ("boundary_ml", None, "y ~ x + (1|g)"),
+])
+def test_profile_intervals_match_lme4(case, data, formula):
+    ref = EXTRA["profile"][case]
+    d = pd.read_csv(REF / "profile_boundary.csv", dtype={"g": str}) if data is None else _data(data)
+    r = jm.fit(formula, d, method="reml" if ref["REML"] else "ml")
+    ci = r.confint("profile")
+    assert list(ci.columns) == ["estimate", "lower", "upper"]
+    for key, tol in (("exact_root_ci", 1e-4), ("profile_ci", 1e-3)):
+        if key == "profile_ci" and ref["singular"]:
+            continue  # lme4's spline falls back to linear interpolation there (its own warnings)
+        refci = ref[key]
+        for parm, lo, hi in zip(refci["parm"], refci["lower"], refci["upper"]):
+            row = ci.loc[PROFILE_NAMES[parm]]
+            for ours, theirs in ((row["lower"], lo), (row["upper"], hi)):
+                assert abs(ours - theirs) <= tol * max(abs(theirs), 1e-2), (parm, ours, theirs)
+    if ref["singular"]:
+        assert ci.loc["g: sd(_cons)", "lower"] == 0.0
+    wald = r.confint("wald")
+    np.testing.assert_allclose(wald.loc[list(r.fixed.index), "lower"], r.fixed["ci_lower"], rtol=1e-12)
