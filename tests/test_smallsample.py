@@ -302,3 +302,27 @@ def test_profile_intervals_match_lme4(case, data, formula):
         assert ci.loc["g: sd(_cons)", "lower"] == 0.0
     wald = r.confint("wald")
     np.testing.assert_allclose(wald.loc[list(r.fixed.index), "lower"], r.fixed["ci_lower"], rtol=1e-12)
+
+
+def test_command_line_dfmethod(tmp_path, capsys):
+    from jaxmixed.app.cli import main
+
+    path = tmp_path / "sleep.csv"
+    _data("sleepstudy").to_csv(path, index=False)
+    assert main(["fit", str(path), "Reaction ~ Days + (Days|Subject)", "--dfmethod", "kroger", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["dfmethod"] == "kroger" and abs(out["fixed"]["Days"]["df"] - 17) < 1e-6
+    assert abs(out["f_test"]["F"] - PUBLIC["sleepstudy"]["anova3_kr"]["F"]) < 1e-4
+    assert main(["fit", str(path), "mixed Reaction Days || Subject:, reml dfmethod(residual)", "--stata", "--nolog"]) == 0
+    text = capsys.readouterr().out
+    assert "DF method: Residual" in text and "F(1,178.00)" in text
+
+
+def test_tidy_html_and_latex_use_t():
+    r = jm.fit("Reaction ~ Days + (Days|Subject)", _data("sleepstudy"), dfmethod="satterthwaite")
+    t = r.tidy()
+    fixed = t[t.effect == "fixed"].set_index("term")
+    np.testing.assert_allclose(fixed["df"], r.fixed["df"])
+    np.testing.assert_allclose(fixed["statistic"], r.fixed["t"])
+    assert "P&gt;|t|" in r._repr_html_() or "P>|t|" in r._repr_html_()
+    assert "P>|t|" in r.to_latex()

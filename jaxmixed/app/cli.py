@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--link", default=None, metavar="NAME", help="the GLMM's link (default: the canonical one)")
     fit.add_argument("--nagq", type=int, default=1, metavar="K",
                      help="adaptive Gauss-Hermite points per random effect (1: Laplace)")
+    fit.add_argument("--dfmethod", default=None, metavar="NAME",
+                     help="small-sample df for the fixed effects: satterthwaite, kroger, residual, repeated, anova")
     return parser
 
 
@@ -97,12 +99,13 @@ def fit_model(args, data: pd.DataFrame):
             return getattr(jm, cmd)(args.formula, data, variance=True if args.variance else None, level=args.level)
         fn = jm.mixed if cmd == "mixed" else jm.xtmixed
         return fn(args.formula, data, method="ml" if args.ml else None,
-                  variance=True if args.variance else None, level=args.level)
+                  variance=True if args.variance else None, level=args.level, dfmethod=args.dfmethod)
     level = 95.0 if args.level is None else args.level
     if args.family or args.link:
         return jm.fit(args.formula, data, variance=args.variance, level=level, family=args.family or "gaussian",
                       link=args.link, nagq=args.nagq)
-    return jm.fit(args.formula, data, method="ml" if args.ml else "reml", variance=args.variance, level=level)
+    return jm.fit(args.formula, data, method="ml" if args.ml else "reml", variance=args.variance, level=level,
+                  dfmethod=args.dfmethod)
 
 
 def _clean(x):
@@ -129,7 +132,8 @@ def _clean(x):
 
 def result_dict(r) -> dict:
     """The estimates of a FitResult as plain data (NaN left as NaN; ``_clean`` makes it JSON)."""
-    fixed = {str(name): {c: row[c] for c in ("coef", "se", "z", "p", "ci_lower", "ci_upper")}
+    cols = [c for c in ("coef", "se", "z", "t", "df", "p", "ci_lower", "ci_upper") if c in r.fixed.columns]
+    fixed = {str(name): {c: row[c] for c in cols}
              for name, row in r.fixed.iterrows()}
     random = [{"group": (None if pd.isna(row["group"]) or row["group"] == "" else row["group"]),
                "name": row["name"],
@@ -139,7 +143,7 @@ def result_dict(r) -> dict:
     stat, lr_df, lr_p, kind = r.lr_vs_linear
     groups = {str(lev): {"n_groups": int(row["n_groups"]), "min": int(row["min"]), "mean": float(row["mean"]),
                          "max": int(row["max"])} for lev, row in r.groups.iterrows()}
-    return {
+    out = {
         "formula": r.spec.text, "syntax": r.spec.syntax,
         "loglik": r.loglik, "method": r.method, "nobs": r.nobs, "converged": r.converged, "singular": r.singular,
         "level": r.level, "variance": r.variance, "aic": r.aic, "bic": r.bic,
@@ -148,6 +152,11 @@ def result_dict(r) -> dict:
         "lr_vs_linear": {"stat": stat, "df": lr_df, "p": lr_p, "kind": kind},
         "groups": groups, "notes": list(r.notes),
     }
+    if getattr(r, "dfmethod", None) is not None:
+        ft = r.f_test
+        out["dfmethod"] = r.dfmethod
+        out["f_test"] = None if ft is None else {"F": ft.stat, "df1": ft.df1, "df2": ft.df2, "p": ft.p}
+    return out
 
 
 def to_json(r) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxmixed.data import datasets
 from jaxmixed.inference.compare import lrtest
-from jaxmixed.api.fit import fit, xtmixed
+from jaxmixed.api.fit import fit, mixed, xtmixed
 from jaxmixed.api.glmm import meglm
 
 JSP_NOTE = """\
@@ -136,6 +136,21 @@ def run(out_dir: str | Path = "jaxmixed_tour") -> str:
             f"  log likelihood = {r.loglik:.4f} (lme4's glmer stops at -92.0266; the exact optimum, glmmTMB's, "
             "is -92.0263), sd(herd) = " + f"{r.random.estimate.iloc[0]:.6g}",
             f"  estat icc (latent logistic scale): {lap.icc().iloc[0, 0]:.4f}"]
+    # ---- The talk's other future item: small-sample degrees of freedom ----------------------
+    sleep = datasets.load("sleepstudy")
+    out += _section("A GLIMPSE AT THE FUTURE, NOW: degrees of freedom (sleepstudy, 18 subjects)")
+    cmd = "mixed Reaction Days || Subject: Days, reml cov(unstructured) dfmethod(kroger) nolog"
+    out += _cmd(cmd)
+    kr = mixed(cmd, sleep)
+    out += [str(kr), ""]
+    ft = kr.test("Days")
+    out += [". test Days", "", " ( 1)  Days = 0", "",
+            f"       F({ft.df1}, {ft.df2:.2f}) = {ft.stat:8.2f}", f"            Prob > F = {ft.p:10.4f}", ""]
+    ortho = datasets.load("orthodont_unbal")
+    formula = "distance ~ age*Sex + (1|Subject)"
+    r = fit(formula, ortho, dfmethod="satterthwaite")
+    out += [f"lmerTest's type III table in lme4 syntax, jm.fit({formula!r}, dfmethod='satterthwaite').anova(3):",
+            r.anova(3).to_string(float_format=lambda v: f"{v:.6g}"), ""]
     out += _section("Done")
     out += [f"Tour finished in {time.perf_counter() - t0:.1f} s; plots in {out_dir}/."]
     return "\n".join(out)

@@ -14,15 +14,22 @@ TIDY_COLUMNS = ["effect", "group", "term", "estimate", "std_error", "statistic",
                 "conf_high"]
 
 
+def _stat(r) -> str:
+    """The fixed table's test statistic column: "t" with a df method, else "z"."""
+    return "t" if "t" in r.fixed.columns else "z"
+
+
 def tidy(r) -> pd.DataFrame:
     """One row per parameter, broom.mixed's columns: effect ("fixed" | "ran_pars"), group
     (the level for variance parameters, "Residual" for the residual ones), term (the names of
-    ``r.fixed`` and ``r.random``), estimate, std_error, statistic (z), df (NaN: no small-sample
-    df), p_value, conf_low, conf_high."""
+    ``r.fixed`` and ``r.random``), estimate, std_error, statistic (z, or t with a df method), df
+    (the df method's, else NaN), p_value, conf_low, conf_high."""
     f = r.fixed
+    stat = _stat(r)
     fixed = pd.DataFrame({
         "effect": "fixed", "group": "", "term": list(f.index), "estimate": f.coef.to_numpy(),
-        "std_error": f.se.to_numpy(), "statistic": f.z.to_numpy(), "df": np.nan, "p_value": f.p.to_numpy(),
+        "std_error": f.se.to_numpy(), "statistic": f[stat].to_numpy(),
+        "df": f["df"].to_numpy() if "df" in f.columns else np.nan, "p_value": f.p.to_numpy(),
         "conf_low": f.ci_lower.to_numpy(), "conf_high": f.ci_upper.to_numpy()})
     v = r.random
     ran = pd.DataFrame({
@@ -75,7 +82,8 @@ def to_html(r) -> str:
     for lev, g in r.groups.iterrows():
         head.append([f"Groups: {lev}", int(g.n_groups)])
     f = r.fixed
-    fixed_rows = [[name, row.coef, row.se, row.z, row.p, row.ci_lower, row.ci_upper] for name, row in f.iterrows()]
+    st = _stat(r)
+    fixed_rows = [[name, row.coef, row.se, row[st], row.p, row.ci_lower, row.ci_upper] for name, row in f.iterrows()]
     v = r.random
     random_rows = [[g if g else "Residual", n, e, s, lo, hi]
                    for g, n, e, s, lo, hi in zip(v.group, v.name, v.estimate, v.se, v.ci_lower, v.ci_upper)]
@@ -83,7 +91,7 @@ def to_html(r) -> str:
         '<div class="jaxmixed-fit">',
         _html_table(_title(r, kind), ["", ""], head, "header"),
         _html_table(f"Fixed effects ({_response(r)})",
-                    ["", "Coef.", "Std. Err.", "z", "P>|z|", f"[{lvl} Conf.", "Interval]"], fixed_rows, "fixed"),
+                    ["", "Coef.", "Std. Err.", st, f"P>|{st}|", f"[{lvl} Conf.", "Interval]"], fixed_rows, "fixed"),
         _html_table("Random-effects parameters", ["Group", "Parameter", "Estimate", "Std. Err.",
                                                   f"[{lvl} Conf.", "Interval]"], random_rows, "random"),
     ]
@@ -117,8 +125,9 @@ def to_latex(r) -> str:
     """The coefficient table and the random-effects table as LaTeX ``tabular`` environments."""
     lvl = f"{r.level:g}\\%"
     f = r.fixed
-    fixed = _tex_table([_response(r), "Coef.", "Std. Err.", "z", "P>|z|", f"[{lvl}", "Conf. Interval]"],
-                       [[n, row.coef, row.se, row.z, row.p, row.ci_lower, row.ci_upper] for n, row in f.iterrows()],
+    st = _stat(r)
+    fixed = _tex_table([_response(r), "Coef.", "Std. Err.", st, f"P>|{st}|", f"[{lvl}", "Conf. Interval]"],
+                       [[n, row.coef, row.se, row[st], row.p, row.ci_lower, row.ci_upper] for n, row in f.iterrows()],
                        "lrrrrrr")
     v = r.random
     random = _tex_table(["Group", "Parameter", "Estimate", "Std. Err.", f"[{lvl}", "Conf. Interval]"],
