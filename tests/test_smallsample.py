@@ -326,3 +326,73 @@ def test_tidy_html_and_latex_use_t():
     np.testing.assert_allclose(fixed["statistic"], r.fixed["t"])
     assert "P&gt;|t|" in r._repr_html_() or "P>|t|" in r._repr_html_()
     assert "P>|t|" in r.to_latex()
+
+
+def _ar1_data(seed=5, m=30, T=6):
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(m), T)
+    t = np.tile(np.arange(T), m)
+    x = rng.normal(size=m * T)
+    e = np.zeros(m * T)
+    for i in range(m):
+        z = rng.normal(size=T)
+        for k in range(T):
+            e[i * T + k] = z[k] if k == 0 else 0.6 * e[i * T + k - 1] + np.sqrt(1 - 0.36) * z[k]
+    y = 1 + 0.5 * x + 0.3 * t + np.repeat(rng.normal(size=m), T) * 0.8 + e
+    return pd.DataFrame({"y": y, "x": x, "t": t, "g": g.astype(str)})
+
+
+def test_kenward_roger_with_ar1_residuals_matches_a_dense_computation():
+    """Kenward and Roger's (1997) formulas with second derivatives of Σ, written out on the
+    dense per-subject V_i = τ²J + s²ρ^|j−k| (no autodiff), against the engine's."""
+    d = _ar1_data()
+    r = jm.fit("y ~ x + t + (1|g)", d, residuals=jm.ar(1, time="t"), dfmethod="kroger")
+    assert not r.singular
+    tau2 = r.random["estimate"].iloc[0] ** 2
+    s2 = r.random["estimate"].iloc[1] ** 2
+    rho = r.random["estimate"].iloc[2]
+    T = 6
+    lag = np.abs(np.subtract.outer(np.arange(T), np.arange(T)))
+    A = rho ** lag
+    V = tau2 * np.ones((T, T)) + s2 * A
+    dV = [np.ones((T, T)), A, s2 * lag * rho ** np.maximum(lag - 1, 0) * (lag > 0)]
+    d2 = np.zeros((3, 3, T, T))
+    d2[1, 2] = d2[2, 1] = lag * rho ** np.maximum(lag - 1, 0) * (lag > 0)
+    d2[2, 2] = s2 * lag * (lag - 1) * rho ** np.maximum(lag - 2, 0) * (lag > 1)
+    Xs = [np.column_stack([grp["x"], grp["t"], np.ones(T)]) for _, grp in d.groupby("g", sort=False)]
+    Vi = np.linalg.inv(V)
+    M = sum(X.T @ Vi @ X for X in Xs)
+    Phi = np.linalg.inv(M)
+    P = np.array([-sum(X.T @ Vi @ dV[a] @ Vi @ X for X in Xs) for a in range(3)])
+    Q = np.array([[sum(X.T @ Vi @ dV[a] @ Vi @ dV[b] @ Vi @ X for X in Xs) for b in range(3)] for a in range(3)])
+    R = np.array([[sum(X.T @ Vi @ d2[a, b] @ Vi @ X for X in Xs) for b in range(3)] for a in range(3)])
+    Pm = [sum(np.zeros((T, T)) for _ in [0])]  # the REML projection per subject, summed in traces below
+    IE = np.zeros((3, 3))
+    for a in range(3):
+        for b in range(3):
+            tr1 = len(Xs) * np.trace(Vi @ dV[a] @ Vi @ dV[b])
+            IE[a, b] = tr1 - 2 * np.trace(Phi @ Q[a, b]) + np.trace(Phi @ P[a] @ Phi @ P[b])
+    W = 2 * np.linalg.inv(IE)
+    U = sum(W[a, b] * (Q[a, b] - P[a] @ Phi @ P[b] - 0.25 * R[a, b]) for a in range(3) for b in range(3))
+    PhiA = Phi + 2 * Phi @ U @ Phi
+    order = [list(r.fixed.index).index(n) for n in ("x", "t", "_cons")]
+    np.testing.assert_allclose(r.small.vcov_model[np.ix_(order, order)], Phi, rtol=1e-6)
+    np.testing.assert_allclose(r.small.vcov[np.ix_(order, order)], PhiA, rtol=1e-6)
+    del Pm
+    # and the per-coefficient ddf (pbkrtest's formula on these P, W)
+    from jaxmixed.inference.smallsample import SmallSample, _kr_ddf
+
+    ss = SmallSample("kroger", PhiA, Phi, np.zeros(3), P=P, W=W)
+    for k, name in enumerate(("x", "t", "_cons")):
+        assert abs(_kr_ddf(ss, np.eye(3)[k][None])[0] - r.fixed.loc[name, "df"]) < 1e-5 * r.fixed.loc[name, "df"]
+
+
+def test_kenward_roger_on_a_boundary_fit_matches_pbkrtest():
+    """A singular fit (sd 0): derivatives taken just inside the cone (pls.interior_covariance);
+    pbkrtest 0.5.2 via lmerTest: summary(lmer(y ~ x + (1|g), profile_boundary.csv), ddf = "Kenward-Roger")."""
+    d = pd.read_csv(REF / "profile_boundary.csv", dtype={"g": str})
+    with pytest.warns(Warning, match="boundary"):
+        r = jm.fit("y ~ x + (1|g)", d, dfmethod="kroger")
+    ref = EXTRA["lmertest"]["boundary_kr"]
+    fx = r.fixed.loc[["_cons", "x"]]
+    assert _rel(fx["se"], ref["se"]) < 1e-6 and _rel(fx["df"], ref["df"]) < 1e-5

@@ -236,6 +236,98 @@ def satterthwaite_parts(x, buckets, n, ps: PanelStruct, reml):
     return vcov(x), jax.jacfwd(vcov)(x), jax.hessian(deviance)(x, buckets, n, ps, reml)
 
 
+def _corr_forward(c, kind: str):
+    """The correlation parameters Kenward-Roger works in (γ) from the engine's c: correlations or
+    partial autocorrelations tanh(c), MA coefficients as they are, the exponential's r."""
+    if kind == "ma":
+        return c
+    if kind == "exponential":
+        return jax.nn.sigmoid(c)
+    return jnp.tanh(c)
+
+
+def _corr_inverse(g, kind: str):
+    if kind == "ma":
+        return g
+    if kind == "exponential":
+        return jnp.log(g) - jnp.log1p(-g)
+    return jnp.arctanh(g)
+
+
+def gamma_to_x(gamma, ps: PanelStruct):
+    """x = (θ absolute, ln s, c) from γ = (each term's linear covariance parameters, the residual
+    variances s², the correlation parameters on their natural scale)."""
+    parts, pos = [], 0
+    for s in ps.structures:
+        k = s.n_theta
+        S = s.sigma_from_gamma(gamma[pos:pos + k])
+        parts.append(s.theta_from_eta(s.eta_from_sigma(S, jnp), 1.0))
+        pos += k
+    parts.append(0.5 * jnp.log(gamma[pos:pos + ps.n_vgroups]))
+    pos += ps.n_vgroups
+    parts.append(_corr_inverse(gamma[pos:], ps.kind))
+    return jnp.concatenate(parts)
+
+
+def x_to_gamma(x, ps: PanelStruct) -> np.ndarray:
+    from jaxmixed.engine.pls import interior_covariance
+
+    th, logs, cpar = split_params(jnp.asarray(x, dtype=float), ps)
+    scale = float(np.exp(2.0 * np.max(np.asarray(logs))))
+    parts, pos = [], 0
+    for s in ps.structures:
+        lam = np.asarray(s.lam(th[pos:pos + s.n_theta]))
+        S = interior_covariance(lam @ lam.T, scale)
+        parts.append(np.asarray(s.gamma_from_sigma(S, np), dtype=float))
+        pos += s.n_theta
+    parts.append(np.exp(2.0 * np.asarray(logs)))
+    parts.append(np.asarray(_corr_forward(cpar.reshape(-1), ps.kind)))
+    return np.concatenate(parts)
+
+
+@partial(jax.jit, static_argnames=("ps",))
+def kenward_roger_parts(gamma, buckets, ps: PanelStruct):
+    """At γ̂: (M = XᵀV⁻¹X, ∂M/∂γ (p × p × k), ∂²M/∂γ∂γ (p × p × k × k), R = XᵀV⁻¹(∂²V/∂γ∂γ)V⁻¹X
+    (p × p × k × k), IE2 = tr(P V_r P V_s) (k × k)): Kenward and Roger's (1997) quantities for a
+    covariance that is not linear in γ (the correlations), by forward-over-forward autodiff of
+    per-panel factorisations; V⁻¹ at γ̂ is held fixed inside R and tr(V⁻¹ ∂²V)."""
+    p = ps.p
+    x0 = gamma_to_x(gamma, ps)
+    fixed = []
+    for bk in buckets:
+        L0 = xla.cholesky(marginal_V(x0, bk, ps))
+        Li = xla.solve_lower(L0, jnp.broadcast_to(jnp.eye(L0.shape[-1]), L0.shape))
+        V0i = jax.lax.stop_gradient(jnp.einsum("pkj,pkl->pjl", Li, Li))
+        fixed.append((V0i, jax.lax.stop_gradient(jnp.einsum("pjl,plr->pjr", V0i, bk.W[..., :p]))))
+
+    def F(g):
+        x = gamma_to_x(g, ps)
+        LA, logdet = _gls_parts(x, buckets, ps)
+        R = LA[:p, :p]
+        M = R @ R.T
+        N, T = 0.0, 0.0
+        for bk, (V0i, Y) in zip(buckets, fixed):
+            V = marginal_V(x, bk, ps)
+            N = N + jnp.einsum("pjr,pjl,pls->rs", Y, V, Y)
+            T = T + jnp.sum(V0i * V)
+        ell = logdet + logdet_from_chol_diag(jnp.diagonal(R))
+        return jnp.concatenate([ell[None], M.reshape(-1), N.reshape(-1), jnp.reshape(T, (1,))])
+
+    def first(g):
+        J = jax.jacfwd(F)(g)
+        return J, (F(g), J)
+
+    H, (v, J) = jax.jacfwd(first, has_aux=True)(gamma)
+    pp = p * p
+    M = v[1:1 + pp].reshape(p, p)
+    P = J[1:1 + pp].reshape(p, p, -1)
+    d2M = H[1:1 + pp].reshape(p, p, H.shape[1], H.shape[2])
+    Rm = H[1 + pp:1 + 2 * pp].reshape(p, p, H.shape[1], H.shape[2])
+    Phi = jnp.linalg.inv(M)
+    IE2 = -H[0] + H[-1] - jnp.einsum("ij,jikl->kl", Phi, Rm)
+    return M, P, d2M, Rm, IE2
+
+
 # ---- data -------------------------------------------------------------------------------------
 
 def _panel_factor(design: Design) -> int:
@@ -521,6 +613,15 @@ class MarginalEngine:
 
     def hessian_eta(self, eta, data, reml):
         return hessian_eta(eta, data.buckets, data.n, self.ps, reml)
+
+    def kenward_roger_parts(self, params, sigma, data):
+        """(Φ, P (k × p × p), ∂²(XᵀV⁻¹X) (k × k × p × p), IE2, R (k × k × p × p)) at the REML
+        estimate in γ = (linear covariance parameters, residual variances, correlations)."""
+        gamma = x_to_gamma(params, self.ps)
+        M, P, d2M, R, IE2 = (np.asarray(a) for a in kenward_roger_parts(jnp.asarray(gamma), data.buckets, self.ps))
+        Phi = np.linalg.inv(M)
+        return (0.5 * (Phi + Phi.T), np.moveaxis(P, -1, 0), np.moveaxis(d2M, (-2, -1), (0, 1)), 0.5 * (IE2 + IE2.T),
+                np.moveaxis(R, (-2, -1), (0, 1)))
 
     def satterthwaite_parts(self, params, sigma, data, reml):
         """(Var(β̂), ∂Var(β̂)/∂x (k × p × p), ∇²_x −2ℓ) in the engine's parameters x."""

@@ -416,12 +416,24 @@ def theta_sigma_of_gamma(gamma, shape: ModelShape):
     return jnp.concatenate(parts), sigma
 
 
+def interior_covariance(S, scale: float, eps: float = 1e-9):
+    """S, or S + ε·scale·I when S is (numerically) singular: γ → θ goes through a Cholesky factor,
+    whose derivatives are infinite on the boundary, while XᵀΣ⁻¹X is smooth there (Σ is linear in
+    γ), so derivatives taken at S + εI differ from the boundary's by O(ε)."""
+    S = np.asarray(S, dtype=float)
+    if S.size and np.linalg.eigvalsh(S)[0] < eps * scale:
+        return S + eps * scale * np.eye(S.shape[0])
+    return S
+
+
 def gamma_of(theta, sigma, shape: ModelShape):
-    """γ at θ, σ (numpy): each term's Σ_k = σ²Λ_kΛ_kᵀ in its linear parameters, then σ²."""
+    """γ at θ, σ (numpy): each term's Σ_k = σ²Λ_kΛ_kᵀ in its linear parameters (moved inside the
+    cone by :func:`interior_covariance` on a boundary), then σ²."""
     parts = []
     for t, lam in zip(shape.terms, term_lambdas(jnp.asarray(theta), shape)):
         lam = np.asarray(lam)
-        parts.append(np.asarray(t.structure.gamma_from_sigma(sigma**2 * lam @ lam.T, np), dtype=float))
+        S = interior_covariance(sigma**2 * lam @ lam.T, sigma**2)
+        parts.append(np.asarray(t.structure.gamma_from_sigma(S, np), dtype=float))
     return np.concatenate(parts + [np.array([sigma**2])])
 
 

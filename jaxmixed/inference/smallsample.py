@@ -192,14 +192,17 @@ def satterthwaite(engine, data, params, sigma, reml) -> SmallSample:
 def kenward_roger(engine, data, params, sigma) -> SmallSample:
     parts = getattr(engine, "kenward_roger_parts", None)
     if parts is None:
-        raise ModelError("dfmethod kroger is available for independent residual errors; for a residual structure "
-                         "use dfmethod satterthwaite")
-    Phi, P, Q, IE2 = parts(params, sigma, data)
+        raise ModelError("dfmethod kroger is not available for this model; use dfmethod satterthwaite")
+    Phi, P, Q, IE2, *rest = parts(params, sigma, data)
     w = np.linalg.eigvalsh(IE2)
     W = 2.0 * (np.linalg.inv(IE2) if np.min(np.abs(w)) > 1e-10 else np.linalg.pinv(IE2))
     W = 0.5 * (W + W.T)
-    # U = Σ_rs W_rs (Q_rs − P_r Φ P_s), with Σ_rs W_rs Q_rs = ½ Σ_rs W_rs ∂²(XᵀΣ⁻¹X)/∂γ_r∂γ_s
+    # U = Σ_rs W_rs (Q_rs − P_r Φ P_s − ¼ R_rs) (Kenward and Roger 1997; R = 0 when Σ is linear
+    # in γ, as pbkrtest assumes), with ∂²(XᵀΣ⁻¹X)/∂γ_r∂γ_s = Q_rs + Q_sr − R_rs:
+    # Σ_rs W_rs (Q_rs − ¼R_rs) = ½ Σ_rs W_rs ∂²(XᵀΣ⁻¹X)/∂γ_r∂γ_s + ¼ Σ_rs W_rs R_rs
     U = 0.5 * np.einsum("rs,rsij->ij", W, Q) - np.einsum("rs,rij,jk,skl->il", W, P, Phi, P)
+    if rest and rest[0] is not None:
+        U = U + 0.25 * np.einsum("rs,rsij->ij", W, rest[0])
     PhiA = Phi + 2.0 * Phi @ U @ Phi
     ss = SmallSample("kroger", 0.5 * (PhiA + PhiA.T), Phi, np.empty(0), P=P, W=W)
     p = Phi.shape[0]

@@ -132,7 +132,11 @@ coef_list <- function(ct) list(term = I(rownames(ct)), estimate = ct[, "Estimate
 mS <- lmerTest::lmer(f_sleep, sleep, REML = FALSE, control = ctrl)
 c1 <- contest(mS, L = c(0, 1), rhs = 10, joint = FALSE, ddf = "Satterthwaite")
 cF <- contest(mS, L = c(0, 1), rhs = 10, joint = TRUE, ddf = "Satterthwaite")
+mB <- lmerTest::lmer(y ~ x + (1 | g), bd, REML = TRUE, control = ctrl)
 lmertest <- list(
+  boundary_kr = c(list(data = "profile_boundary.csv", formula = "y ~ x + (1 | g)", REML = TRUE,
+                       singular = isSingular(mB), ddf = "Kenward-Roger"),
+                  coef_list(coef(summary(mB, ddf = "Kenward-Roger")))),
   anova_orthodont = anova_entry("orthodont_unbal.csv", distance ~ age * Sex + (1 | Subject), ortho),
   anova_sleep_dcat = anova_entry("sleepstudy.csv", Reaction ~ Dcat * Days + (1 | Subject), sleep),
   summary_sleep_ml = c(list(data = "sleepstudy.csv", formula = deparse(f_sleep), REML = FALSE,
