@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from jaxmixed.inference.tables import check_level  # noqa: F401 (the drivers import it from here)
 from jaxmixed.errors import ModelError, warn
 
 BOUNDARY_NOTE = ("boundary (singular) fit: a variance is zero or a correlation is ±1; "
@@ -16,12 +17,6 @@ def method_is_reml(method: str) -> bool:
     if m in ("ml", "mle"):
         return False
     raise ModelError(f"method must be 'reml' or 'ml', not {method!r}")
-
-
-def check_level(level) -> float:
-    if not (10.0 <= float(level) <= 99.99):
-        raise ModelError(f"level must be between 10 and 99.99, not {level}")
-    return float(level)
 
 
 def fit_notes(design, singular: bool, nonconverged: str | None, extra=()) -> list[str]:

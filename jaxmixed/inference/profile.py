@@ -9,6 +9,12 @@ sd, corr and σ), with a lower limit 0 for an sd when ζ stays below z as sd →
 estimate included); fixed effects by moving β_j into the response (the cross-products
 transformed, never the rows). ζ's roots are found exactly (Brent's method on the inner
 optimum), where lme4 interpolates a spline through a grid.
+
+Where the time goes (sleepstudy, 6 parameters, warm compilation cache, this project's 2-core
+machine): ≈ 4.5 s, 108 inner minimisations with ≈ 4,300 objective+gradient evaluations of
+≈ 0.75 ms each (scipy's quasi-Newton on jitted value-and-gradient functions). One compiled
+Newton solve per inner problem brought the warm time to 2.3 s but cost ≈ 25 s of compilation per
+model with an empty cache, so the cheap-to-compile form stays.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ def _wald(r, level: float) -> pd.DataFrame:
 def confint(r, method: str = "wald", level: float | None = None, **kwargs) -> pd.DataFrame:
     """DataFrame indexed by parameter (fixed effects, then the random-effects rows): estimate,
     lower, upper."""
-    from jaxmixed.api.options import check_level
+    from jaxmixed.inference.tables import check_level
 
     level = check_level(r.level if level is None else level)
     m = str(method).lower()

@@ -16,8 +16,16 @@ import jax
 import numpy as np
 import pandas as pd
 
+from jaxmixed.errors import ModelError
 from jaxmixed.inference import distributions as sps
 from jaxmixed.engine.numerics import LOG_2PI
+
+def check_level(level) -> float:
+    """A confidence level in percent (10 to 99.99), or a ModelError."""
+    if not (10.0 <= float(level) <= 99.99):
+        raise ModelError(f"level must be between 10 and 99.99, not {level}")
+    return float(level)
+
 
 @dataclass(frozen=True)
 class VarianceComponents:
