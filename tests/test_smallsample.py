@@ -396,3 +396,14 @@ def test_kenward_roger_on_a_boundary_fit_matches_pbkrtest():
     ref = EXTRA["lmertest"]["boundary_kr"]
     fx = r.fixed.loc[["_cons", "x"]]
     assert _rel(fx["se"], ref["se"]) < 1e-6 and _rel(fx["df"], ref["df"]) < 1e-5
+
+
+def test_estat_df_lists_every_method_without_refitting(balanced):
+    r = jm.mixed("y w i.arm i.trt || g:, reml", balanced)
+    t = r.estat_df()
+    assert list(t.columns) == ["Residual", "Repeated", "ANOVA", "Satterthwaite", "Kenward-Roger"]
+    for method, col in [("repeated", "Repeated"), ("kroger", "Kenward-Roger")]:
+        one = jm.mixed(f"y w i.arm i.trt || g:, reml dfmethod({method})", balanced)
+        np.testing.assert_allclose(t[col], one.fixed["df"], rtol=1e-8)
+    with pytest.raises(ModelError, match="REML"):
+        jm.mixed("y w i.arm i.trt || g:", balanced).estat_df("kroger")

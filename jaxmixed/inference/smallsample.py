@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from jaxmixed.errors import ModelError
 from jaxmixed.inference import distributions as sps
@@ -311,3 +312,29 @@ def small_sample(method: str, result_parts) -> SmallSample:
 
     V = np.asarray(cov_beta, dtype=float)
     return replace(counting_df(method, design), vcov=V, vcov_model=V)
+
+
+def df_table(r, methods=None) -> pd.DataFrame:
+    """Stata's ``estat df``: the df of every fixed effect under each of ``methods`` (default:
+    the fit's own, or every method that applies to this fit), one column per method, without
+    refitting."""
+    if r.family is not None:
+        raise ModelError("df methods are for linear mixed models")
+    reml = r.method == "reml"
+    if methods is None:
+        methods = [r.dfmethod] if r.dfmethod is not None else list(METHODS)
+        explicit = r.dfmethod is not None
+    else:
+        methods = [methods] if isinstance(methods, str) else list(methods)
+        explicit = True
+    cols = {}
+    for m in methods:
+        m = check_method(m)
+        try:
+            ss = small_sample(m, (r.engine, r.data, r.params, r.sigma, reml, r.design, r.solution.cov_beta))
+        except ModelError:
+            if explicit:
+                raise
+            continue  # not defined for this model (e.g. repeated with random slopes)
+        cols[TITLES[m]] = ss.df
+    return pd.DataFrame(cols, index=list(r.fixed.index))

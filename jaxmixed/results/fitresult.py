@@ -160,6 +160,14 @@ class FitResult:
 
         return confint(self, method, level, **kwargs)
 
+    def estat_df(self, methods=None) -> pd.DataFrame:
+        """Degrees of freedom of every fixed effect under each df method (Stata's ``estat df``):
+        ``methods`` one name or several of residual, repeated, anova, satterthwaite, kroger;
+        default the fit's own method, or every one that applies."""
+        from jaxmixed.inference.smallsample import df_table
+
+        return df_table(self, methods)
+
     def tidy(self) -> pd.DataFrame:
         """One row per parameter with broom.mixed's columns (``jaxmixed.results.tidy.tidy``)."""
         from jaxmixed.results.tidy import tidy
