@@ -366,10 +366,10 @@ def test_kenward_roger_with_ar1_residuals_matches_a_dense_computation():
     P = np.array([-sum(X.T @ Vi @ dV[a] @ Vi @ X for X in Xs) for a in range(3)])
     Q = np.array([[sum(X.T @ Vi @ dV[a] @ Vi @ dV[b] @ Vi @ X for X in Xs) for b in range(3)] for a in range(3)])
     R = np.array([[sum(X.T @ Vi @ d2[a, b] @ Vi @ X for X in Xs) for b in range(3)] for a in range(3)])
-    Pm = [sum(np.zeros((T, T)) for _ in [0])]  # the REML projection per subject, summed in traces below
     IE = np.zeros((3, 3))
     for a in range(3):
         for b in range(3):
+            # tr(P V_a P V_b) with P = V⁻¹ − V⁻¹XΦXᵀV⁻¹ (pbkrtest's expansion)
             tr1 = len(Xs) * np.trace(Vi @ dV[a] @ Vi @ dV[b])
             IE[a, b] = tr1 - 2 * np.trace(Phi @ Q[a, b]) + np.trace(Phi @ P[a] @ Phi @ P[b])
     W = 2 * np.linalg.inv(IE)
@@ -378,7 +378,6 @@ def test_kenward_roger_with_ar1_residuals_matches_a_dense_computation():
     order = [list(r.fixed.index).index(n) for n in ("x", "t", "_cons")]
     np.testing.assert_allclose(r.small.vcov_model[np.ix_(order, order)], Phi, rtol=1e-6)
     np.testing.assert_allclose(r.small.vcov[np.ix_(order, order)], PhiA, rtol=1e-6)
-    del Pm
     # and the per-coefficient ddf (pbkrtest's formula on these P, W)
     from jaxmixed.inference.smallsample import SmallSample, _kr_ddf
 
