@@ -269,6 +269,32 @@ def worker_phases(case: str):
     print(json.dumps(out))
 
 
+def worker_profile(case: str, method: str, show: bool):
+    """cProfile of one df call (the first of the process: with a filled cache, the warm-cache
+    call); ``show``: print the top of the profile (else only fill the cache)."""
+    import cProfile
+    import io
+    import pstats
+
+    import jaxmixed as jm
+    from jaxmixed.inference import smallsample as ss
+
+    d = load(case)
+    r = jm.fit(CASES[case]["formula"], d)
+    call = (lambda: ss.kenward_roger(r.engine, r.data, r.params, r.sigma)) if method == "kroger" else \
+        (lambda: ss.satterthwaite(r.engine, r.data, r.params, r.sigma, True))
+    prof = cProfile.Profile()
+    t = time.perf_counter()
+    prof.runcall(call)
+    wall = time.perf_counter() - t
+    if show:
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(25)
+        print(f"{method} call (first in this process): {wall:.3f} s under cProfile")
+        print("\n".join(buf.getvalue().splitlines()[:60]))
+    print(json.dumps(dict(wall=wall)))
+
+
 # ---------------------------------------------------------------------------------------------
 # R peers
 
@@ -283,7 +309,7 @@ out <- list()
 out$lmer <- el(m <- lme4::lmer(as.formula(a[2]), d, REML = TRUE))
 out$vcovAdj <- el(V <- vcovAdj(m))
 V0 <- as.matrix(vcov(m)); Va <- as.matrix(V); p <- ncol(V0)
-out$Lb_ddf <- el(ddf <- sapply(1:p, function(j) Lb_ddf(diag(p)[j, , drop = FALSE], V0, Va)))
+out$Lb_ddf <- el(ddf <- sapply(1:p, function(j) Lb_ddf(diag(p)[j, , drop = FALSE], V0, V)))  # V keeps P, W
 out$names <- colnames(V0); out$se <- unname(sqrt(diag(Va))); out$df <- unname(ddf)
 out$peak_after_vcovAdj_mb <- peak()
 if (extra) {
@@ -424,7 +450,9 @@ def f_mb(x):
 
 
 def ratio(a, b):
-    return f"{a / b:,.1f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0 else "-"
+    if not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0):
+        return "-"
+    return f"{a / b:,.0f}x" if a / b >= 100 else f"{a / b:.1f}x" if a / b >= 1 else f"{a / b:.2f}x"
 
 
 def run_case(case, opts, results):
@@ -627,6 +655,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3, help="nested20k whole-process runs of each tool")
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds for one jaxmixed process")
     ap.add_argument("--r-timeout", type=float, default=1800.0, help="seconds for one Rscript process")
+    ap.add_argument("--profile", choices=["kroger", "satterthwaite"],
+                    help="only cProfile the first df call of a warm-cache process (each --case) and print it")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--again", action="store_true", help=argparse.SUPPRESS)
     opts = ap.parse_args()
@@ -636,6 +666,18 @@ def main():
         return worker_whole(opts.case[0], opts.again)
     if opts.worker == "phases":
         return worker_phases(opts.case[0])
+    if opts.worker == "profile":
+        return worker_profile(opts.case[0], opts.profile, opts.again)
+    if opts.profile:
+        for case in opts.case or ORDER:
+            data_path(case)
+            with tempfile.TemporaryDirectory(prefix="jm_df_cache_") as cache:
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", "profile", "--case", case,
+                       "--profile", opts.profile]
+                subprocess.run(cmd, env=cache_env(cache), cwd=HERE, capture_output=True)  # fills the cache
+                print(f"== {case}")
+                subprocess.run(cmd + ["--again"], env=cache_env(cache), cwd=HERE)
+        return
     opts.r = have_r()
     results = dict(machine=machine(), r=r_versions(), started=time.strftime("%Y-%m-%d %H:%M:%S"), code=code_state())
     print("machine:", results["machine"])
