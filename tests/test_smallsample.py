@@ -194,12 +194,16 @@ def test_derivatives_match_finite_differences():
                                    atol=1e-8 * np.abs(P[k]).max())
     # second derivatives: Q against differences of P (via a second fit's parts)
     from jaxmixed.engine.pls import kenward_roger_parts
+    def parts_at(g):
+        th, s = pls.theta_sigma_of_gamma(jnp.asarray(g), eng.shape)
+        return kenward_roger_parts(th, s, data, eng.shape)
+
+    Qn = np.asarray(parts_at(gamma)[2])
     for k in range(len(gamma)):
         e = np.zeros(len(gamma))
         e[k] = 1e-4 * gamma[k]
-        Pp = np.asarray(kenward_roger_parts(jnp.asarray(gamma + e), data, eng.shape)[1])
-        Pm = np.asarray(kenward_roger_parts(jnp.asarray(gamma - e), data, eng.shape)[1])
-        Qn = np.asarray(kenward_roger_parts(jnp.asarray(gamma), data, eng.shape)[2])
+        Pp = np.asarray(parts_at(gamma + e)[1])
+        Pm = np.asarray(parts_at(gamma - e)[1])
         np.testing.assert_allclose(Qn[..., k], (Pp - Pm) / (2 * e[k]), rtol=1e-4, atol=1e-7 * np.abs(Qn).max())
 
 

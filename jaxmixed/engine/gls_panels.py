@@ -233,7 +233,13 @@ def satterthwaite_parts(x, buckets, n, ps: PanelStruct, reml):
     def vcov(x_):
         return gls_solution(x_, buckets, ps)[1]
 
-    return vcov(x), jax.jacfwd(vcov)(x), jax.hessian(deviance)(x, buckets, n, ps, reml)
+    def grad(x_):
+        return jax.grad(deviance)(x_, buckets, n, ps, reml)
+
+    eye = jnp.eye(x.shape[0], dtype=x.dtype)  # one direction at a time (see pls.satterthwaite_parts)
+    J = jnp.moveaxis(jax.lax.map(lambda v: jax.jvp(vcov, (x,), (v,))[1], eye), 0, -1)
+    H = jax.lax.map(lambda v: jax.jvp(grad, (x,), (v,))[1], eye)
+    return vcov(x), J, 0.5 * (H + H.T)
 
 
 def _corr_forward(c, kind: str):
@@ -313,16 +319,27 @@ def kenward_roger_parts(gamma, buckets, ps: PanelStruct):
         ell = logdet + logdet_from_chol_diag(jnp.diagonal(R))
         return jnp.concatenate([ell[None], M.reshape(-1), N.reshape(-1), jnp.reshape(T, (1,))])
 
-    def first(g):
-        J = jax.jacfwd(F)(g)
-        return J, (F(g), J)
+    from jaxmixed.engine.pls import _pairs_of
 
-    H, (v, J) = jax.jacfwd(first, has_aux=True)(gamma)
+    def dF(g, v):
+        return jax.jvp(F, (g,), (v,))[1]
+
+    k = gamma.shape[0]
+    eye = jnp.eye(k, dtype=gamma.dtype)
+    pairs = _pairs_of(k)
+    U = jnp.stack([eye[i] for i, _ in pairs])
+    Vd = jnp.stack([eye[j] for _, j in pairs])
+    v = F(gamma)
+    J = jax.lax.map(lambda e: dF(gamma, e), eye).T  # (len F, k); one direction (pair) at a time
+    Hp = jax.lax.map(lambda uv: jax.jvp(lambda g: dF(g, uv[1]), (gamma,), (uv[0],))[1], (U, Vd))
+    H = jnp.zeros((v.shape[0], k, k), dtype=v.dtype)
+    for m, (i, j) in enumerate(pairs):
+        H = H.at[:, i, j].set(Hp[m]).at[:, j, i].set(Hp[m])
     pp = p * p
     M = v[1:1 + pp].reshape(p, p)
     P = J[1:1 + pp].reshape(p, p, -1)
-    d2M = H[1:1 + pp].reshape(p, p, H.shape[1], H.shape[2])
-    Rm = H[1 + pp:1 + 2 * pp].reshape(p, p, H.shape[1], H.shape[2])
+    d2M = H[1:1 + pp].reshape(p, p, k, k)
+    Rm = H[1 + pp:1 + 2 * pp].reshape(p, p, k, k)
     Phi = jnp.linalg.inv(M)
     IE2 = -H[0] + H[-1] - jnp.einsum("ij,jikl->kl", Phi, Rm)
     return M, P, d2M, Rm, IE2

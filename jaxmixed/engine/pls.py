@@ -399,10 +399,20 @@ def deviance_x(x, data: PLSArrays, shape: ModelShape, reml):
 def satterthwaite_parts(x, data: PLSArrays, shape: ModelShape, reml):
     """(Var(β̂), ∂Var(β̂)/∂x (p × p × k), ∇²_x deviance (k × k)) at x = (θ, σ): exact forward-
     and reverse-mode derivatives of the cross-product solve."""
-    V = vcov_beta_x(x, data, shape)
-    J = jax.jacfwd(vcov_beta_x)(x, data, shape)
-    H = jax.hessian(deviance_x)(x, data, shape, reml)
-    return V, J, H
+    k = x.shape[0]
+    eye = jnp.eye(k, dtype=x.dtype)
+
+    def vcov(x_):
+        return vcov_beta_x(x_, data, shape)
+
+    def grad(x_):
+        return jax.grad(deviance_x)(x_, data, shape, reml)
+
+    # one direction at a time (lax.map, not vmap): memory of one tangent, no batched LAPACK calls
+    V = vcov(x)
+    J = jnp.moveaxis(jax.lax.map(lambda v: jax.jvp(vcov, (x,), (v,))[1], eye), 0, -1)
+    H = jax.lax.map(lambda v: jax.jvp(grad, (x,), (v,))[1], eye)
+    return V, J, 0.5 * (H + H.T)
 
 
 def theta_sigma_of_gamma(gamma, shape: ModelShape):
@@ -446,26 +456,56 @@ def _kr_functions(gamma, data: PLSArrays, shape: ModelShape):
     return ld_L + data.n * jnp.log(s2) + ld_G - shape.p * jnp.log(s2), G / s2
 
 
-@programs.cached(static_argnames=("shape",))
-def kenward_roger_parts(gamma, data: PLSArrays, shape: ModelShape):
-    """(M, ∂M/∂γ (p × p × k), ∂²M/∂γ∂γ (p × p × k × k), IE2 (k × k)) with M = XᵀΣ⁻¹X in the basis X̃
-    (M = R₀⁻ᵀ XᵀΣ⁻¹X R₀⁻¹) and IE2 = −∇²_γ[log|Σ| + log|XᵀΣ⁻¹X|] = tr(P G_r P G_s) (pbkrtest's
-    expected-information matrix; Σ linear in γ, so its second derivatives vanish)."""
-    p = shape.p
+def _interior(S, scale, eps: float = 1e-9):
+    """Traced :func:`interior_covariance`: S + ε·scale·I where S is numerically singular."""
+    lo = jnp.linalg.eigvalsh(S)[0]
+    return S + jnp.where(lo < eps * scale, eps * scale, 0.0) * jnp.eye(S.shape[0], dtype=S.dtype)
 
-    def F(g):  # (ℓ, M) as one vector: one forward-over-forward pass gives every derivative
+
+def _gamma_traced(theta, sigma, shape: ModelShape):
+    """:func:`gamma_of` inside a program."""
+    parts = []
+    for t, lam in zip(shape.terms, term_lambdas(theta, shape)):
+        parts.append(t.structure.gamma_from_sigma(_interior(sigma**2 * lam @ lam.T, sigma**2), jnp))
+    return jnp.concatenate(parts + [jnp.reshape(sigma**2, (1,))])
+
+
+def _pairs_of(k: int):
+    return [(i, j) for i in range(k) for j in range(i, k)]
+
+
+@programs.cached(static_argnames=("shape",))
+def kenward_roger_parts(theta, sigma, data: PLSArrays, shape: ModelShape):
+    """(M, ∂M/∂γ (p × p × k), ∂²M/∂γ∂γ (p × p × k × k), IE2 (k × k)) at γ = γ(θ, σ) (:func:`gamma_of`)
+    with M = XᵀΣ⁻¹X in the basis X̃ (M = R₀⁻ᵀ XᵀΣ⁻¹X R₀⁻¹) and IE2 = −∇²_γ[log|Σ| + log|XᵀΣ⁻¹X|]
+    = tr(P G_r P G_s) (pbkrtest's expected-information matrix; Σ linear in γ, so its second
+    derivatives vanish). Directions one (pair) at a time through ``lax.map``: the memory of one
+    tangent, and no batched LAPACK calls."""
+    p = shape.p
+    gamma = jax.lax.stop_gradient(_gamma_traced(theta, sigma, shape))
+    k = gamma.shape[0]
+
+    def F(g):  # (ℓ, M) as one vector
         ell, M = _kr_functions(g, data, shape)
         return jnp.concatenate([ell[None], M.reshape(-1)])
 
-    def first(g):
-        J = jax.jacfwd(F)(g)
-        return J, (F(g), J)
+    def dF(g, v):
+        return jax.jvp(F, (g,), (v,))[1]
 
-    H, (v, J) = jax.jacfwd(first, has_aux=True)(gamma)
+    eye = jnp.eye(k, dtype=gamma.dtype)
+    pairs = _pairs_of(k)
+    U = jnp.stack([eye[i] for i, _ in pairs])
+    Vd = jnp.stack([eye[j] for _, j in pairs])
+    v = F(gamma)
+    J = jax.lax.map(lambda e: dF(gamma, e), eye)  # (k, 1 + p²)
+    Hp = jax.lax.map(lambda uv: jax.jvp(lambda g: dF(g, uv[1]), (gamma,), (uv[0],))[1], (U, Vd))
+    H = jnp.zeros((k, k, v.shape[0]), dtype=v.dtype)
+    for n, (i, j) in enumerate(pairs):
+        H = H.at[i, j].set(Hp[n]).at[j, i].set(Hp[n])
     M = v[1:].reshape(p, p)
-    P = J[1:].reshape(p, p, -1)
-    Q = H[1:].reshape(p, p, H.shape[1], H.shape[2])
-    return M, P, Q, -H[0]
+    P = jnp.moveaxis(J[:, 1:].reshape(k, p, p), 0, -1)
+    Q = jnp.moveaxis(H[:, :, 1:].reshape(k, k, p, p), (0, 1), (-2, -1))
+    return M, P, Q, -H[:, :, 0]
 
 
 def residual_rows(variance: bool) -> list[tuple[str, str]]:
@@ -553,8 +593,8 @@ class PLSEngine:
         """(Φ = (XᵀΣ⁻¹X)⁻¹, P_r = ∂(XᵀΣ⁻¹X)/∂γ_r (k × p × p), ∂²(XᵀΣ⁻¹X)/∂γ_r∂γ_s
         (k × k × p × p), IE2 (k × k)) at the REML estimate, γ the linear covariance parameters
         (:func:`kenward_roger_parts`), in the original fixed-effects columns."""
-        gamma = gamma_of(params, sigma, self.shape)
-        M, P, Q, IE2 = (np.asarray(a) for a in kenward_roger_parts(jnp.asarray(gamma), data, self.shape))
+        M, P, Q, IE2 = (np.asarray(a) for a in kenward_roger_parts(jnp.asarray(params, dtype=float),
+                                                                   jnp.asarray(sigma, dtype=float), data, self.shape))
         R0 = np.linalg.inv(np.asarray(data.R0_inv))  # X = X̃R₀: XᵀΣ⁻¹X = R₀ᵀ M R₀
         M = R0.T @ M @ R0
         P = np.einsum("ai,abk,bj->kij", R0, P, R0)
