@@ -241,10 +241,10 @@ def worker_phases(case: str):
     r = jm.fit(CASES[case]["formula"], d)
     shape, data = r.engine.shape, r.data
     x = jnp.concatenate([jnp.asarray(r.params, dtype=float), jnp.asarray([r.sigma], dtype=float)])
-    gamma = jnp.asarray(pls.gamma_of(r.params, r.sigma, shape))
     eta = np.asarray(r.engine.eta(r.params, r.sigma), dtype=float)
     eta = jnp.asarray(np.where(np.isfinite(eta), eta, -20.0))
-    progs = {"kroger": (pls.kenward_roger_parts.jitted, (gamma, data, shape)),
+    th, sg = jnp.asarray(r.params, dtype=float), jnp.asarray(r.sigma, dtype=float)
+    progs = {"kroger": (pls.kenward_roger_parts.jitted, (th, sg, data, shape)),
              "satterthwaite": (pls.satterthwaite_parts.jitted, (x, data, shape, True)),
              "hessian_eta": (pls.hessian_eta, (eta, data, shape, True))}
     out = {}

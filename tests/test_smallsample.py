@@ -390,7 +390,7 @@ def test_kenward_roger_with_ar1_residuals_matches_a_dense_computation():
         assert abs(_kr_ddf(ss, np.eye(3)[k][None])[0] - r.fixed.loc[name, "df"]) < 1e-5 * r.fixed.loc[name, "df"]
 
 
-def test_kenward_roger_on_a_boundary_fit_matches_pbkrtest():
+def test_boundary_fit_matches_pbkrtest_and_lmertest():
     """A singular fit (sd 0): derivatives taken just inside the cone (pls.interior_covariance);
     pbkrtest 0.5.2 via lmerTest: summary(lmer(y ~ x + (1|g), profile_boundary.csv), ddf = "Kenward-Roger")."""
     d = pd.read_csv(REF / "profile_boundary.csv", dtype={"g": str})
@@ -399,6 +399,12 @@ def test_kenward_roger_on_a_boundary_fit_matches_pbkrtest():
     ref = EXTRA["lmertest"]["boundary_kr"]
     fx = r.fixed.loc[["_cons", "x"]]
     assert _rel(fx["se"], ref["se"]) < 1e-6 and _rel(fx["df"], ref["df"]) < 1e-5
+    # Satterthwaite leaves the zero variance out of x, as lmerTest's answer does (n − p here)
+    with pytest.warns(Warning, match="boundary"):
+        r = jm.fit("y ~ x + (1|g)", d, dfmethod="satterthwaite")
+    ref = EXTRA["lmertest"]["boundary_sat"]
+    fx = r.fixed.loc[["_cons", "x"]]
+    assert _rel(fx["se"], ref["se"]) < 1e-6 and _rel(fx["df"], ref["df"]) < 1e-6
 
 
 def test_estat_df_lists_every_method_without_refitting(balanced):

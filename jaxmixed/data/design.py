@@ -518,8 +518,10 @@ def _full_dummies(spec: ModelSpec, is_cat) -> set[tuple[int, str]]:
 class FixedTerms:
     """The fixed part's terms: label, columns of X, variables and numeric variables of each (in
     the spec's order; ``_cons`` is not a term), and the overparameterised design's contrast
-    basis for type III tests: ``rd_basis`` (r × p, rdX = X Bᵀ... rows: the all-levels columns
-    expressed in X's columns) with ``rd_keys`` and ``x_keys`` identifying columns."""
+    basis for type III tests: ``rd_basis`` (r × p), each column of the overparameterised design
+    (every level of every factor) expressed in X's columns, with ``rd_keys`` and ``x_keys``
+    identifying the columns; ``rd_basis`` is None when that design would have more than 5·10⁷
+    entries."""
 
     labels: tuple
     columns: tuple  # per term: tuple of column indices into xnames
@@ -544,6 +546,10 @@ def _fixed_terms(spec: ModelSpec, df: pd.DataFrame, X, xnames, x_keys) -> FixedT
         variables.append(frozenset(f.var for f in term.factors))
         numerics.append(frozenset(f.var for f in term.factors if not is_cat(f)))
     rd_keys: list = []
+    width = 1 + sum(int(np.prod([len(pd.unique(df[f.var])) for f in term.factors if not _is_numeric(df[f.var])
+                                 or f.categorical])) for term in spec.fixed)
+    if len(df) * width > 5e7:  # the overparameterised design would not fit comfortably: no type III basis
+        return FixedTerms(tuple(labels), tuple(columns), tuple(variables), tuple(numerics), None, (), tuple(x_keys))
     rdX, _, _ = _fixed_columns(spec, df, all_levels=True, keys=rd_keys)
     # rdX = X B: B = X⁺ rdX (from the cross-products; X has full column rank)
     B = np.linalg.solve(X.T @ X, X.T @ rdX) if X.shape[1] else np.zeros((0, rdX.shape[1]))

@@ -105,6 +105,9 @@ def type3_contrasts(r) -> dict:
     p = len(_names(r))
     if len(ft.labels) <= 1 or p <= 1:
         return type1_contrasts(r)
+    if ft.rd_basis is None:
+        raise ModelError("the type III table needs the model's overparameterised design, too large for these data "
+                         "(rows × all factor-level columns > 5e7); use anova(type=1) or r.test() with the coefficients")
     Lf = _zapsmall(ft.rd_basis)  # (r × p): rows the all-levels columns, columns X's
     order = sorted(range(len(ft.labels)), key=lambda k: -len(ft.variables[k]))  # higher order first (stable)
     for k in order:

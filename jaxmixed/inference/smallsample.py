@@ -177,8 +177,25 @@ def reduce_rows(L, rhs, tol: float = 1e-10):
 # the methods
 
 
-def satterthwaite(engine, data, params, sigma, reml) -> SmallSample:
+def boundary_coordinates(engine, params, sigma, design) -> np.ndarray:
+    """Mask of Satterthwaite's x = the engine's variance parameters (then σ for the PLS engine)
+    that sit on their lower bound 0 (a zero sd): not estimated in the interior, so left out of
+    x, as if fixed (a model without that variance component)."""
+    params = np.asarray(params, dtype=float)
+    if hasattr(engine, "shape"):  # PLS: x = (θ, σ)
+        lower, unit = np.asarray(design.theta_lower, dtype=float), np.asarray(design.theta_scale, dtype=float)
+        mask = (lower == 0) & (np.abs(params) <= 1e-6 * unit)
+        return np.concatenate([mask, [False]])
+    lower = np.asarray(engine.lower(), dtype=float)
+    unit = np.asarray(engine.unit(design.theta_scale, sigma), dtype=float)
+    return np.isfinite(lower) & (lower == 0) & (np.abs(params - lower) <= 1e-6 * unit)
+
+
+def satterthwaite(engine, data, params, sigma, reml, design=None) -> SmallSample:
     V, J, H = engine.satterthwaite_parts(params, sigma, data, reml)
+    if design is not None:
+        keep = ~boundary_coordinates(engine, params, sigma, design)
+        J, H = J[keep], H[np.ix_(keep, keep)]
     w = np.linalg.eigvalsh(H)
     if not np.all(np.isfinite(H)) or w[0] <= 1e-10 * max(abs(w[-1]), 1.0):
         raise ModelError("Satterthwaite degrees of freedom need a Hessian of the log likelihood that is negative "
@@ -307,7 +324,7 @@ def small_sample(method: str, result_parts) -> SmallSample:
             raise ModelError("dfmethod kroger needs a REML fit (as in Stata and pbkrtest); refit with method='reml'")
         return kenward_roger(engine, data, params, sigma)
     if method == "satterthwaite":
-        return satterthwaite(engine, data, params, sigma, reml)
+        return satterthwaite(engine, data, params, sigma, reml, design)
     from dataclasses import replace
 
     V = np.asarray(cov_beta, dtype=float)
