@@ -270,6 +270,16 @@ def test_stata_front_end_and_refusals(balanced):
         r.test(np.ones(3))
     with pytest.raises(ModelError, match="inconsistent"):
         r.test([[0, 1], [0, 2]], rhs=[1, 1])
+    with pytest.raises(ModelError, match="rhs has 3 values for 2"):
+        r.test([[1, 0], [0, 1]], rhs=[1, 2, 3])
+    with pytest.raises(ModelError, match="rhs must be a number"):
+        r.test("Days", rhs="a")
+    with pytest.raises(ModelError, match="no non-zero row"):
+        r.test(np.zeros((1, 2)))
+    with pytest.raises(ModelError, match="type must be 1 or 3"):
+        r.anova(type=2)
+    with pytest.raises(ModelError, match="confint method"):
+        r.confint("bogus")
 
 
 # --- profile intervals ---------------------------------------------------------------------------

@@ -157,7 +157,15 @@ def _kr_ddf(ss: SmallSample, L) -> tuple[float, float]:
 def reduce_rows(L, rhs, tol: float = 1e-10):
     """L and rhs with linearly dependent rows dropped (a ModelError for an inconsistent rhs)."""
     L = np.atleast_2d(np.asarray(L, dtype=float))
-    rhs = np.broadcast_to(np.asarray(rhs, dtype=float), (L.shape[0],)).copy()
+    try:
+        rhs = np.asarray(rhs, dtype=float)
+    except (TypeError, ValueError):
+        raise ModelError(f"rhs must be a number or one number per hypothesis row, not {rhs!r}") from None
+    if rhs.ndim > 1 or (rhs.ndim == 1 and rhs.shape[0] not in (1, L.shape[0])):
+        raise ModelError(f"rhs has {rhs.size} values for {L.shape[0]} hypothesis row(s)")
+    if not np.all(np.isfinite(rhs)):
+        raise ModelError("rhs has non-finite values")
+    rhs = np.broadcast_to(rhs, (L.shape[0],)).copy()
     keep: list[int] = []
     for i in range(L.shape[0]):
         cand = keep + [i]
