@@ -610,18 +610,11 @@ def report_peer(case, res, R):
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import jax
+    """bench_glmm's description of the machine, with the load average (the same CPU line)."""
+    import bench_glmm
 
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     load = os.getloadavg()
-    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GB; jax {jax.__version__} on {jax.default_backend()}; "
-            f"Python {platform.python_version()}; load average {load[0]:.2f}")
+    return f"{bench_glmm.machine()}; Python {platform.python_version()}; load average {load[0]:.2f}"
 
 
 def r_versions() -> str:
