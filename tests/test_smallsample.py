@@ -263,6 +263,8 @@ def test_stata_front_end_and_refusals(balanced):
     with pytest.raises(ModelError, match="linear mixed models"):
         jm.fit("incidence ~ period + (1|herd)", jm.datasets.load("cbpp").assign(incidence=lambda x: x.incidence > 0),
                family="binomial", dfmethod="kroger")
+    with pytest.raises(ModelError, match="linear mixed models"):
+        jm.melogit("use_Y age || district:, dfmethod(kroger)", jm.datasets.load("contraception"))
     r = jm.fit("Reaction ~ Days + (1|Subject)", d, dfmethod="satterthwaite")
     with pytest.raises(ModelError, match="not a fixed-effect coefficient"):
         r.test("day")

@@ -369,6 +369,8 @@ def fit_stata(command: str, data, default_family=None, default_link=None, **over
     link = overrides.pop("link", None) or opts.get("link") or default_link or link_default
     if cmd in ME_COMMANDS and cmd != "meglm" and (opts.get("family") or opts.get("link")):
         raise ModelError(f"{cmd} fixes the family and link; use meglm for family() and link()")
+    if opts.get("dfmethod") or overrides.pop("dfmethod", None):
+        raise ModelError("dfmethod() is for linear mixed models; a GLMM's tests are z and χ² tests")
     method = opts.get("intmethod", "mvaghermite")
     nagq = overrides.pop("nagq", None)
     if nagq is None:
