@@ -96,14 +96,15 @@ def fit_model(args, data: pd.DataFrame):
         from jaxmixed.api.glmm import ME_COMMANDS
 
         if cmd in ME_COMMANDS:
-            return getattr(jm, cmd)(args.formula, data, variance=True if args.variance else None, level=args.level)
+            return getattr(jm, cmd)(args.formula, data, variance=True if args.variance else None, level=args.level,
+                                    dfmethod=args.dfmethod)
         fn = jm.mixed if cmd == "mixed" else jm.xtmixed
         return fn(args.formula, data, method="ml" if args.ml else None,
                   variance=True if args.variance else None, level=args.level, dfmethod=args.dfmethod)
     level = 95.0 if args.level is None else args.level
     if args.family or args.link:
         return jm.fit(args.formula, data, variance=args.variance, level=level, family=args.family or "gaussian",
-                      link=args.link, nagq=args.nagq)
+                      link=args.link, nagq=args.nagq, dfmethod=args.dfmethod)
     return jm.fit(args.formula, data, method="ml" if args.ml else "reml", variance=args.variance, level=level,
                   dfmethod=args.dfmethod)
 
