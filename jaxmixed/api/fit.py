@@ -38,14 +38,21 @@ def _hessian_eta(eta, data, shape, reml):
     return pls.hessian_eta(eta, data, shape, reml)
 
 
-def _prefetch(design: Design, data, engine, reml: bool, hessian: bool) -> None:
+def _prefetch(design: Design, data, engine, reml: bool, hessian: bool, dfmethod=None) -> None:
     """Have the programs that follow the optimiser loaded from disk in the background while it
     runs (``programs.Program.prefetch``; nothing when they are not on disk yet; the η-Hessian
-    only with ``hessian``), then the module that the tables need."""
+    only with ``hessian``, the df method's derivative program with ``dfmethod``), then the
+    module that the tables need."""
     f64 = np.dtype("float64")
     _solution.prefetch(jax.ShapeDtypeStruct((design.n_theta,), f64), data, engine.shape, reml)
     if hessian:
         _hessian_eta.prefetch(jax.ShapeDtypeStruct((engine.shape.n_eta,), f64), data, engine.shape, reml)
+        if dfmethod == "satterthwaite":
+            pls.satterthwaite_parts.prefetch(jax.ShapeDtypeStruct((design.n_theta + 1,), f64), data, engine.shape,
+                                             reml)
+        elif dfmethod == "kroger":
+            pls.kenward_roger_parts.prefetch(jax.ShapeDtypeStruct((design.n_theta,), f64),
+                                             jax.ShapeDtypeStruct((), f64), data, engine.shape)
     programs.in_background(distributions.preload)  # scipy.special, for the tables (≈ 0.03 s)
 
 
@@ -141,7 +148,7 @@ def _fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str, *, variance: boo
     arrays = put(pls.arrange(cp, shape, pattern, basis=design.fixed_basis[1:]), dev)
     # a residual structure's fit (the marginal engine) replaces this one's variance components
     independent = residuals is None or residuals.is_default
-    _prefetch(design, arrays, eng, reml, hessian=independent)
+    _prefetch(design, arrays, eng, reml, hessian=independent, dfmethod=dfmethod)
     theta0 = design.theta0 if start is None else np.asarray(start, dtype=float)
     if start is None and shape.quasi_newton:  # large models: every evaluation counts
         theta0 = moment_start(design, cp)
