@@ -67,7 +67,8 @@ def confint(r, method: str = "wald", level: float | None = None, **kwargs) -> pd
     if m == "bootstrap":
         b = r.bootstrap(level=level, **kwargs)
         t = b.table
-        return pd.DataFrame({"estimate": t["estimate"], "lower": t["ci_lower"], "upper": t["ci_upper"]})
+        return pd.DataFrame({"estimate": t["estimate"], "lower": t["ci_lower"],
+                             "upper": t["ci_upper"]}).rename_axis(None)
     if m == "profile":
         if kwargs:
             raise ModelError(f"unknown argument(s) for profile intervals: {', '.join(sorted(kwargs))}")
