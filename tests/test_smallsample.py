@@ -33,6 +33,15 @@ def _name(n):
     return "_cons" if n == "(Intercept)" else n.replace("SexFemale", "Sex[T.Female]")
 
 
+def _contrast(r, names, rows):
+    """The reference's contrast rows (columns in its coefficient order ``names``) in r.fixed's order."""
+    rows = np.asarray(rows, float)
+    L = np.zeros((len(rows), len(r.fixed)))
+    for j, n in enumerate(names):
+        L[:, list(r.fixed.index).index(n)] = rows[:, j]
+    return L
+
+
 def _rel(a, b):
     a, b = np.asarray(a, float), np.asarray(b, float)
     return np.max(np.abs(a - b) / np.abs(b))
@@ -79,20 +88,13 @@ def test_joint_tests_and_type3_tables(fits, case, method, key):
     names = [_name(n) for n in np.atleast_1d(c["fixef"])]
     for k, v in c.items():
         if k.startswith("contest") and k.endswith("_" + key):
-            L = np.zeros((len(v["L"]), len(r.fixed)))
-            for j, n in enumerate(names):
-                L[:, list(r.fixed.index).index(n)] = np.asarray(v["L"], float)[:, j]
-            t = r.test(L)
+            t = r.test(_contrast(r, names, v["L"]))
             assert t.kind == "F" and t.df1 == v["numdf"]
             assert _rel(t.stat, v["F"]) < 1e-5
             assert _rel(t.df2, v["dendf"]) < (1e-3 if key == "sat" else 1e-5)
             assert _rel(t.p, v["p"]) < (1e-4 if key == "sat" else 1e-5)
         if k.startswith("KRmodcomp") and key == "kr":  # the same L as contest_<suffix>_kr
-            Lr = np.asarray(c["contest_" + k[len("KRmodcomp_"):] + "_kr"]["L"], float)
-            L = np.zeros((len(Lr), len(r.fixed)))
-            for j, n in enumerate(names):
-                L[:, list(r.fixed.index).index(n)] = Lr[:, j]
-            t = r.test(L)
+            t = r.test(_contrast(r, names, c["contest_" + k[len("KRmodcomp_"):] + "_kr"]["L"]))
             assert _rel(t.stat, v["F_scaled"]) < 1e-5 and _rel(t.df2, v["ddf"]) < 1e-5 and _rel(t.p, v["p"]) < 1e-5
     ref = c.get(f"anova3_{key}")
     if ref is not None:

@@ -122,9 +122,7 @@ def _fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str, *, variance: boo
     from jaxmixed.inference import smallsample
 
     reml = method_is_reml(method)
-    dfmethod = smallsample.check_method(dfmethod if dfmethod is not None else spec.options.get("dfmethod"))
-    if dfmethod == "kroger" and not reml:
-        raise ModelError("dfmethod kroger needs a REML fit (as in Stata and pbkrtest); refit with method='reml'")
+    dfmethod = smallsample.check_method(dfmethod if dfmethod is not None else spec.options.get("dfmethod"), reml)
     if weights is not None:
         spec, data = _with_weights(spec, data, weights)
     from jaxmixed.runtime.devices import put, resolve_device
@@ -279,8 +277,10 @@ def _stata(command: str, data: pd.DataFrame, default_method: str, overrides: dic
             overrides.pop("engine", None)
             return glmm.fit_stata(command, data, **overrides)
     method = overrides.pop("method", None) or opts.get("method") or default_method
-    dfmethod = overrides.pop("dfmethod", None) or opts.get("dfmethod")
-    if dfmethod is not None and str(dfmethod).lower().startswith("sat") and not method_is_reml(method):
+    from jaxmixed.inference.smallsample import check_method
+
+    dfmethod = check_method(overrides.pop("dfmethod", None) or opts.get("dfmethod"))
+    if dfmethod == "satterthwaite" and not method_is_reml(method):
         raise ModelError("dfmethod(satterthwaite) needs REML in Stata's mixed (add the reml option); "
                          "jm.fit(..., method='ml', dfmethod='satterthwaite') gives lmerTest's ML version")
     variance = overrides.pop("variance", None)

@@ -397,6 +397,12 @@ def _check_response(y: np.ndarray, X: np.ndarray, xnames, response: str) -> None
                         f"({_short(xnames)}): the residual variance would be zero")
 
 
+def _is_categorical(f, df: pd.DataFrame) -> bool:
+    """Whether a fixed-effects factor is coded by levels: ``i.x``/``C(x)``, or a non-numeric
+    column when the syntax leaves it open (as R does for factors)."""
+    return f.categorical if f.categorical is not None else not _is_numeric(df[f.var])
+
+
 def _fixed_columns(spec: ModelSpec, df: pd.DataFrame, known: dict | None = None, all_levels: bool = False,
                    keys: list | None = None):
     """Columns of X with their names: each term is the product of its factors' columns.
@@ -414,7 +420,7 @@ def _fixed_columns(spec: ModelSpec, df: pd.DataFrame, known: dict | None = None,
     keys = [] if keys is None else keys
 
     def is_cat(f) -> bool:
-        return f.categorical if f.categorical is not None else not _is_numeric(df[f.var])
+        return _is_categorical(f, df)
 
     full = set() if stata else _full_dummies(spec, is_cat)
     for k, term in enumerate(spec.fixed):
@@ -424,7 +430,7 @@ def _fixed_columns(spec: ModelSpec, df: pd.DataFrame, known: dict | None = None,
             categorical = is_cat(f)
             if not categorical:
                 parts.append([(f"c.{f.var}" if stata and len(term.factors) > 1 else f.var,
-                               _numeric(s, "variable"))])
+                               _numeric(s, "variable"), ())])
                 continue
             if known is not None and f.var in known:
                 levels = known[f.var]
@@ -457,7 +463,6 @@ def _fixed_columns(spec: ModelSpec, df: pd.DataFrame, known: dict | None = None,
             parts.append(dummies)
         combos: list[tuple[str, np.ndarray, tuple]] = [("", np.ones(len(df)), ())]
         for part in parts:
-            part = [(a[0], a[1], ()) if len(a) == 2 else a for a in part]
             combos = [((a + ("#" if stata else ":") + b) if a else b, x * z, ka + kb)
                       for a, x, ka in combos for b, z, kb in part]
         for name, x, key in combos:
@@ -539,15 +544,13 @@ def _fixed_terms(spec: ModelSpec, df: pd.DataFrame, X, xnames, x_keys) -> FixedT
         cols = tuple(j for j, key in enumerate(x_keys) if key[0] == k)
         if not cols:
             continue
-        def is_cat(f):
-            return f.categorical if f.categorical is not None else not _is_numeric(df[f.var])
         labels.append(("#" if stata else ":").join(f.var for f in term.factors))
         columns.append(cols)
         variables.append(frozenset(f.var for f in term.factors))
-        numerics.append(frozenset(f.var for f in term.factors if not is_cat(f)))
+        numerics.append(frozenset(f.var for f in term.factors if not _is_categorical(f, df)))
     rd_keys: list = []
-    width = 1 + sum(int(np.prod([len(pd.unique(df[f.var])) for f in term.factors if not _is_numeric(df[f.var])
-                                 or f.categorical])) for term in spec.fixed)
+    width = 1 + sum(int(np.prod([len(pd.unique(df[f.var])) for f in term.factors if _is_categorical(f, df)]))
+                    for term in spec.fixed)
     if len(df) * width > 5e7:  # the overparameterised design would not fit comfortably: no type III basis
         return FixedTerms(tuple(labels), tuple(columns), tuple(variables), tuple(numerics), None, (), tuple(x_keys))
     rdX, _, _ = _fixed_columns(spec, df, all_levels=True, keys=rd_keys)

@@ -34,7 +34,8 @@ from jaxmixed.engine import kernels as xla
 from jaxmixed.data.design import Design, _numeric, outer_factor
 from jaxmixed.data.pattern import size_buckets
 from jaxmixed.errors import DataError, ModelError
-from jaxmixed.engine.numerics import LOG_2PI, hessian, logdet_from_chol_diag
+from jaxmixed.engine.numerics import LOG_2PI, hessian, jacobian, logdet_from_chol_diag, second_order
+from jaxmixed.model.covariance import interior_covariance, theta_from_gamma
 from jaxmixed.model.residuals import ResidualStructure
 
 @dataclass(frozen=True)
@@ -233,12 +234,8 @@ def satterthwaite_parts(x, buckets, n, ps: PanelStruct, reml):
     def vcov(x_):
         return gls_solution(x_, buckets, ps)[1]
 
-    def grad(x_):
-        return jax.grad(deviance)(x_, buckets, n, ps, reml)
-
-    eye = jnp.eye(x.shape[0], dtype=x.dtype)  # one direction at a time (see pls.satterthwaite_parts)
-    J = jnp.moveaxis(jax.lax.map(lambda v: jax.jvp(vcov, (x,), (v,))[1], eye), 0, -1)
-    H = jax.lax.map(lambda v: jax.jvp(grad, (x,), (v,))[1], eye)
+    J = jnp.moveaxis(jacobian(vcov)(x), 0, -1)  # one direction at a time (see pls.satterthwaite_parts)
+    H = hessian(deviance)(x, buckets, n, ps, reml)
     return vcov(x), J, 0.5 * (H + H.T)
 
 
@@ -265,39 +262,38 @@ def gamma_to_x(gamma, ps: PanelStruct):
     variances s², the correlation parameters on their natural scale)."""
     parts, pos = [], 0
     for s in ps.structures:
-        k = s.n_theta
-        S = s.sigma_from_gamma(gamma[pos:pos + k])
-        parts.append(s.theta_from_eta(s.eta_from_sigma(S, jnp), 1.0))
-        pos += k
+        parts.append(theta_from_gamma(s, gamma[pos:pos + s.n_theta], 1.0))
+        pos += s.n_theta
     parts.append(0.5 * jnp.log(gamma[pos:pos + ps.n_vgroups]))
     pos += ps.n_vgroups
     parts.append(_corr_inverse(gamma[pos:], ps.kind))
     return jnp.concatenate(parts)
 
 
-def x_to_gamma(x, ps: PanelStruct) -> np.ndarray:
-    from jaxmixed.engine.pls import interior_covariance
-
-    th, logs, cpar = split_params(jnp.asarray(x, dtype=float), ps)
-    scale = float(np.exp(2.0 * np.max(np.asarray(logs))))
+def x_to_gamma(x, ps: PanelStruct):
+    """γ at x (the inverse of :func:`gamma_to_x`; a covariance on its boundary moved just inside
+    the cone by :func:`~jaxmixed.model.covariance.interior_covariance`); traceable."""
+    th, logs, cpar = split_params(x, ps)
+    scale = jnp.exp(2.0 * jnp.max(logs))
     parts, pos = [], 0
     for s in ps.structures:
-        lam = np.asarray(s.lam(th[pos:pos + s.n_theta]))
-        S = interior_covariance(lam @ lam.T, scale)
-        parts.append(np.asarray(s.gamma_from_sigma(S, np), dtype=float))
+        lam = s.lam(th[pos:pos + s.n_theta])
+        parts.append(s.gamma_from_sigma(interior_covariance(lam @ lam.T, scale), jnp))
         pos += s.n_theta
-    parts.append(np.exp(2.0 * np.asarray(logs)))
-    parts.append(np.asarray(_corr_forward(cpar.reshape(-1), ps.kind)))
-    return np.concatenate(parts)
+    parts.append(jnp.exp(2.0 * logs))
+    parts.append(_corr_forward(cpar.reshape(-1), ps.kind))
+    return jnp.concatenate(parts)
 
 
 @partial(jax.jit, static_argnames=("ps",))
-def kenward_roger_parts(gamma, buckets, ps: PanelStruct):
-    """At γ̂: (M = XᵀV⁻¹X, ∂M/∂γ (p × p × k), ∂²M/∂γ∂γ (p × p × k × k), R = XᵀV⁻¹(∂²V/∂γ∂γ)V⁻¹X
-    (p × p × k × k), IE2 = tr(P V_r P V_s) (k × k)): Kenward and Roger's (1997) quantities for a
-    covariance that is not linear in γ (the correlations), by forward-over-forward autodiff of
-    per-panel factorisations; V⁻¹ at γ̂ is held fixed inside R and tr(V⁻¹ ∂²V)."""
+def kenward_roger_parts(x, buckets, ps: PanelStruct):
+    """At γ̂ = γ(x) (:func:`x_to_gamma`): (M = XᵀV⁻¹X, ∂M/∂γ (p × p × k), ∂²M/∂γ∂γ (p × p × k × k),
+    R = XᵀV⁻¹(∂²V/∂γ∂γ)V⁻¹X (p × p × k × k), IE2 = tr(P V_r P V_s) (k × k)): Kenward and Roger's
+    (1997) quantities for a covariance that is not linear in γ (the correlations), by
+    forward-over-forward autodiff of per-panel factorisations, one direction pair at a time;
+    V⁻¹ at γ̂ is held fixed inside R and tr(V⁻¹ ∂²V)."""
     p = ps.p
+    gamma = jax.lax.stop_gradient(x_to_gamma(x, ps))
     x0 = gamma_to_x(gamma, ps)
     fixed = []
     for bk in buckets:
@@ -319,22 +315,10 @@ def kenward_roger_parts(gamma, buckets, ps: PanelStruct):
         ell = logdet + logdet_from_chol_diag(jnp.diagonal(R))
         return jnp.concatenate([ell[None], M.reshape(-1), N.reshape(-1), jnp.reshape(T, (1,))])
 
-    from jaxmixed.engine.pls import _pairs_of
-
-    def dF(g, v):
-        return jax.jvp(F, (g,), (v,))[1]
-
     k = gamma.shape[0]
-    eye = jnp.eye(k, dtype=gamma.dtype)
-    pairs = _pairs_of(k)
-    U = jnp.stack([eye[i] for i, _ in pairs])
-    Vd = jnp.stack([eye[j] for _, j in pairs])
-    v = F(gamma)
-    J = jax.lax.map(lambda e: dF(gamma, e), eye).T  # (len F, k); one direction (pair) at a time
-    Hp = jax.lax.map(lambda uv: jax.jvp(lambda g: dF(g, uv[1]), (gamma,), (uv[0],))[1], (U, Vd))
-    H = jnp.zeros((v.shape[0], k, k), dtype=v.dtype)
-    for m, (i, j) in enumerate(pairs):
-        H = H.at[:, i, j].set(Hp[m]).at[:, j, i].set(Hp[m])
+    v, J, H = second_order(F)(gamma)  # (m,), (k, m), (k, k, m)
+    J = J.T
+    H = jnp.moveaxis(H, -1, 0)  # (m, k, k)
     pp = p * p
     M = v[1:1 + pp].reshape(p, p)
     P = J[1:1 + pp].reshape(p, p, -1)
@@ -634,8 +618,8 @@ class MarginalEngine:
     def kenward_roger_parts(self, params, sigma, data):
         """(Φ, P (k × p × p), ∂²(XᵀV⁻¹X) (k × k × p × p), IE2, R (k × k × p × p)) at the REML
         estimate in γ = (linear covariance parameters, residual variances, correlations)."""
-        gamma = x_to_gamma(params, self.ps)
-        M, P, d2M, R, IE2 = (np.asarray(a) for a in kenward_roger_parts(jnp.asarray(gamma), data.buckets, self.ps))
+        M, P, d2M, R, IE2 = (np.asarray(a) for a in kenward_roger_parts(jnp.asarray(params, dtype=float),
+                                                                         data.buckets, self.ps))
         Phi = np.linalg.inv(M)
         return (0.5 * (Phi + Phi.T), np.moveaxis(P, -1, 0), np.moveaxis(d2M, (-2, -1), (0, 1)), 0.5 * (IE2 + IE2.T),
                 np.moveaxis(R, (-2, -1), (0, 1)))

@@ -37,3 +37,40 @@ def hessian(f):
         return jax.lax.map(column, jnp.eye(x.shape[0], dtype=x.dtype))
 
     return H
+
+
+def jacobian(f):
+    """Jacobian of ``f(x, *args)`` in x, one forward-mode column at a time (``lax.map``, for the
+    reason :func:`hessian` gives): an array (k, *f's shape), the derivative along each x_k first."""
+    def J(x, *args):
+        def column(v):
+            return jax.jvp(lambda z: f(z, *args), (x,), (v,))[1]
+
+        return jax.lax.map(column, jnp.eye(x.shape[0], dtype=x.dtype))
+
+    return J
+
+
+def second_order(f):
+    """(f(x), ∂f (k, m), ∂²f (k, k, m)) of a vector-valued ``f(x, *args)`` (m entries), forward
+    over forward, one direction pair (i ≤ j) at a time through ``lax.map``: the memory of one
+    tangent and no batched LAPACK calls (see :func:`hessian`)."""
+    def parts(x, *args):
+        k = x.shape[0]
+
+        def df(z, v):
+            return jax.jvp(lambda w: f(w, *args), (z,), (v,))[1]
+
+        eye = jnp.eye(k, dtype=x.dtype)
+        pairs = [(i, j) for i in range(k) for j in range(i, k)]
+        U = jnp.stack([eye[i] for i, _ in pairs])
+        V = jnp.stack([eye[j] for _, j in pairs])
+        value = f(x, *args)
+        J = jax.lax.map(lambda e: df(x, e), eye)
+        Hp = jax.lax.map(lambda uv: jax.jvp(lambda z: df(z, uv[1]), (x,), (uv[0],))[1], (U, V))
+        H = jnp.zeros((k, k, value.shape[0]), dtype=value.dtype)
+        for n, (i, j) in enumerate(pairs):
+            H = H.at[i, j].set(Hp[n]).at[j, i].set(Hp[n])
+        return value, J, H
+
+    return parts

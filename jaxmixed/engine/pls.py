@@ -30,8 +30,8 @@ from jax.scipy.linalg import block_diag
 
 from jaxmixed.data.pattern import Layout, choose_engine, cross_pairs
 from jaxmixed.engine import kernels, pls_dense, pls_sparse
-from jaxmixed.engine.numerics import LOG_2PI, hessian, safe_log
-from jaxmixed.model.covariance import SINGULAR_TOL, is_singular
+from jaxmixed.engine.numerics import LOG_2PI, hessian, jacobian, safe_log, second_order
+from jaxmixed.model.covariance import SINGULAR_TOL, interior_covariance, is_singular, theta_from_gamma
 from jaxmixed.runtime import programs
 from jaxmixed.runtime.devices import host_array
 
@@ -399,52 +399,18 @@ def deviance_x(x, data: PLSArrays, shape: ModelShape, reml):
 def satterthwaite_parts(x, data: PLSArrays, shape: ModelShape, reml):
     """(Var(β̂), ∂Var(β̂)/∂x (p × p × k), ∇²_x deviance (k × k)) at x = (θ, σ): exact forward-
     and reverse-mode derivatives of the cross-product solve."""
-    k = x.shape[0]
-    eye = jnp.eye(k, dtype=x.dtype)
-
-    def vcov(x_):
-        return vcov_beta_x(x_, data, shape)
-
-    def grad(x_):
-        return jax.grad(deviance_x)(x_, data, shape, reml)
-
     # one direction at a time (lax.map, not vmap): memory of one tangent, no batched LAPACK calls
-    V = vcov(x)
-    J = jnp.moveaxis(jax.lax.map(lambda v: jax.jvp(vcov, (x,), (v,))[1], eye), 0, -1)
-    H = jax.lax.map(lambda v: jax.jvp(grad, (x,), (v,))[1], eye)
+    V = vcov_beta_x(x, data, shape)
+    J = jnp.moveaxis(jacobian(vcov_beta_x)(x, data, shape), 0, -1)
+    H = hessian(deviance_x)(x, data, shape, reml)
     return V, J, 0.5 * (H + H.T)
 
 
 def theta_sigma_of_gamma(gamma, shape: ModelShape):
     """(θ, σ) from γ = (each term's linear covariance parameters, σ²) (``sigma_from_gamma``)."""
     sigma = jnp.sqrt(gamma[-1])
-    parts = []
-    for t in shape.terms:
-        s = t.structure
-        S = s.sigma_from_gamma(gamma[t.theta[0]:t.theta[1]])
-        parts.append(s.theta_from_eta(s.eta_from_sigma(S, jnp), sigma))
+    parts = [theta_from_gamma(t.structure, gamma[t.theta[0]:t.theta[1]], sigma) for t in shape.terms]
     return jnp.concatenate(parts), sigma
-
-
-def interior_covariance(S, scale: float, eps: float = 1e-9):
-    """S, or S + ε·scale·I when S is (numerically) singular: γ → θ goes through a Cholesky factor,
-    whose derivatives are infinite on the boundary, while XᵀΣ⁻¹X is smooth there (Σ is linear in
-    γ), so derivatives taken at S + εI differ from the boundary's by O(ε)."""
-    S = np.asarray(S, dtype=float)
-    if S.size and np.linalg.eigvalsh(S)[0] < eps * scale:
-        return S + eps * scale * np.eye(S.shape[0])
-    return S
-
-
-def gamma_of(theta, sigma, shape: ModelShape):
-    """γ at θ, σ (numpy): each term's Σ_k = σ²Λ_kΛ_kᵀ in its linear parameters (moved inside the
-    cone by :func:`interior_covariance` on a boundary), then σ²."""
-    parts = []
-    for t, lam in zip(shape.terms, term_lambdas(jnp.asarray(theta), shape)):
-        lam = np.asarray(lam)
-        S = interior_covariance(sigma**2 * lam @ lam.T, sigma**2)
-        parts.append(np.asarray(t.structure.gamma_from_sigma(S, np), dtype=float))
-    return np.concatenate(parts + [np.array([sigma**2])])
 
 
 def _kr_functions(gamma, data: PLSArrays, shape: ModelShape):
@@ -456,22 +422,14 @@ def _kr_functions(gamma, data: PLSArrays, shape: ModelShape):
     return ld_L + data.n * jnp.log(s2) + ld_G - shape.p * jnp.log(s2), G / s2
 
 
-def _interior(S, scale, eps: float = 1e-9):
-    """Traced :func:`interior_covariance`: S + ε·scale·I where S is numerically singular."""
-    lo = jnp.linalg.eigvalsh(S)[0]
-    return S + jnp.where(lo < eps * scale, eps * scale, 0.0) * jnp.eye(S.shape[0], dtype=S.dtype)
-
-
-def _gamma_traced(theta, sigma, shape: ModelShape):
-    """:func:`gamma_of` inside a program."""
+def gamma_of(theta, sigma, shape: ModelShape):
+    """γ at θ, σ: each term's Σ_k = σ²Λ_kΛ_kᵀ in its linear parameters (moved just inside the cone
+    by :func:`~jaxmixed.model.covariance.interior_covariance` on a boundary), then σ²;
+    traceable (jax.numpy)."""
     parts = []
     for t, lam in zip(shape.terms, term_lambdas(theta, shape)):
-        parts.append(t.structure.gamma_from_sigma(_interior(sigma**2 * lam @ lam.T, sigma**2), jnp))
+        parts.append(t.structure.gamma_from_sigma(interior_covariance(sigma**2 * lam @ lam.T, sigma**2), jnp))
     return jnp.concatenate(parts + [jnp.reshape(sigma**2, (1,))])
-
-
-def _pairs_of(k: int):
-    return [(i, j) for i in range(k) for j in range(i, k)]
 
 
 @programs.cached(static_argnames=("shape",))
@@ -482,26 +440,14 @@ def kenward_roger_parts(theta, sigma, data: PLSArrays, shape: ModelShape):
     derivatives vanish). Directions one (pair) at a time through ``lax.map``: the memory of one
     tangent, and no batched LAPACK calls."""
     p = shape.p
-    gamma = jax.lax.stop_gradient(_gamma_traced(theta, sigma, shape))
+    gamma = jax.lax.stop_gradient(gamma_of(theta, sigma, shape))
     k = gamma.shape[0]
 
     def F(g):  # (ℓ, M) as one vector
         ell, M = _kr_functions(g, data, shape)
         return jnp.concatenate([ell[None], M.reshape(-1)])
 
-    def dF(g, v):
-        return jax.jvp(F, (g,), (v,))[1]
-
-    eye = jnp.eye(k, dtype=gamma.dtype)
-    pairs = _pairs_of(k)
-    U = jnp.stack([eye[i] for i, _ in pairs])
-    Vd = jnp.stack([eye[j] for _, j in pairs])
-    v = F(gamma)
-    J = jax.lax.map(lambda e: dF(gamma, e), eye)  # (k, 1 + p²)
-    Hp = jax.lax.map(lambda uv: jax.jvp(lambda g: dF(g, uv[1]), (gamma,), (uv[0],))[1], (U, Vd))
-    H = jnp.zeros((k, k, v.shape[0]), dtype=v.dtype)
-    for n, (i, j) in enumerate(pairs):
-        H = H.at[i, j].set(Hp[n]).at[j, i].set(Hp[n])
+    v, J, H = second_order(F)(gamma)  # (1 + p²), (k, 1 + p²), (k, k, 1 + p²)
     M = v[1:].reshape(p, p)
     P = jnp.moveaxis(J[:, 1:].reshape(k, p, p), 0, -1)
     Q = jnp.moveaxis(H[:, :, 1:].reshape(k, k, p, p), (0, 1), (-2, -1))

@@ -17,6 +17,7 @@ import pandas as pd
 from jaxmixed.errors import ModelError
 from jaxmixed.inference import distributions as sps
 from jaxmixed.inference.smallsample import TestResult, reduce_rows
+from jaxmixed.inference.tables import wald_statistic
 
 
 def _names(r) -> list[str]:
@@ -58,9 +59,7 @@ def test(r, which, rhs=0.0) -> TestResult:
     beta = np.asarray(r.beta, dtype=float)
     if r.small is not None:
         return r.small.test(beta, L, rhs)
-    diff = L @ beta - rhs
-    V = np.asarray(r.solution.cov_beta, dtype=float)
-    chi2 = float(diff @ np.linalg.solve(L @ V @ L.T, diff))
+    chi2 = wald_statistic(L, beta, r.solution.cov_beta, rhs)
     q = L.shape[0]
     return TestResult(chi2, q, float("inf"), float(sps.chi2.sf(chi2, q)), "chi2")
 

@@ -111,13 +111,7 @@ class _Profiler:
 
     # -- the ML optimum ------------------------------------------------------------------
     def ml_fit(self):
-        from scipy.optimize import minimize
-
-        th0 = np.asarray(self.r.params, dtype=float)
-        bounds = [(lo if np.isfinite(lo) else None, None) for lo in self.lower]
-        f = self._dev_full
-        res = minimize(lambda t: tuple(np.asarray(v, dtype=float) for v in f(t)), th0, jac=True, method="L-BFGS-B",
-                       bounds=bounds, options=dict(maxiter=500, ftol=1e-15, gtol=1e-10))
+        res = self._minimize_theta(self._dev_full, np.asarray(self.r.params, dtype=float))
         theta = res.x
         sol = self.pls.solve(theta, self.data, self.shape, False)
         self.theta_ml, self.sigma_ml = theta, float(sol.sigma)
@@ -135,8 +129,7 @@ class _Profiler:
         x0 = np.where(np.isfinite(start), start, -8.0)
         x0[i] = 0.0
         f = self._dev_eta
-        res = minimize(lambda x: tuple(np.asarray(v, dtype=float) for v in f(x, mask, value)), x0, jac=True,
-                       method="BFGS", options=dict(maxiter=400, gtol=1e-9))
+        res = minimize(_host(f), x0, args=(mask, value), jac=True, method="BFGS", options=dict(maxiter=400, gtol=1e-9))
         x = res.x.copy()
         x[i] = value
         return float(res.fun), x
@@ -158,14 +151,24 @@ class _Profiler:
                           WW=Tj.T @ jnp.asarray(d.WW) @ Tj, R0_inv=jnp.eye(p - 1), ld_x=jnp.zeros(()))
 
     def dev_fixing(self, j: int, b: float, start):
+        res = self._minimize_theta(self._dev_theta, start, self.arrays_fixing(j, b))
+        return float(res.fun), res.x
+
+    def _minimize_theta(self, f, start, *args):
+        """scipy's L-BFGS-B over θ ≥ its lower bounds, on a jitted value-and-gradient ``f``."""
         from scipy.optimize import minimize
 
-        arrays = self.arrays_fixing(j, b)
         bounds = [(lo if np.isfinite(lo) else None, None) for lo in self.lower]
-        f = self._dev_theta
-        res = minimize(lambda t: tuple(np.asarray(v, dtype=float) for v in f(t, arrays)), start, jac=True,
-                       method="L-BFGS-B", bounds=bounds, options=dict(maxiter=500, ftol=1e-15, gtol=1e-10))
-        return float(res.fun), res.x
+        return minimize(_host(f), start, args=args, jac=True, method="L-BFGS-B", bounds=bounds,
+                        options=dict(maxiter=500, ftol=1e-15, gtol=1e-10))
+
+
+def _host(f):
+    """A jitted value-and-gradient function as scipy calls it: (value, gradient) in numpy."""
+    def g(x, *args):
+        return tuple(np.asarray(v, dtype=float) for v in f(x, *args))
+
+    return g
 
 
 def _zeta(D, D_hat, side):

@@ -18,13 +18,14 @@ quantities only); the algebra here is numpy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 
 from jaxmixed.errors import ModelError
 from jaxmixed.inference import distributions as sps
+from jaxmixed.inference.tables import wald_statistic
 
 METHODS = ("residual", "repeated", "anova", "satterthwaite", "kroger")
 _ALIASES = {"kenward-roger": "kroger", "kenwardroger": "kroger", "kr": "kroger", "kenward_roger": "kroger",
@@ -33,14 +34,17 @@ TITLES = {"residual": "Residual", "repeated": "Repeated", "anova": "ANOVA", "sat
           "kroger": "Kenward-Roger"}
 
 
-def check_method(method) -> str | None:
-    """The canonical df method name (None for none), or a ModelError naming the choices."""
+def check_method(method, reml: bool | None = None) -> str | None:
+    """The canonical df method name (None for none), or a ModelError naming the choices; with
+    ``reml`` given, also one for Kenward-Roger on an ML fit."""
     if method is None:
         return None
     m = str(method).strip().lower()
     m = _ALIASES.get(m, m)
     if m not in METHODS:
         raise ModelError(f"unknown dfmethod {method!r}; choose one of {', '.join(METHODS)}")
+    if m == "kroger" and reml is False:
+        raise ModelError("dfmethod kroger needs a REML fit (as in Stata and pbkrtest); refit with method='reml'")
     return m
 
 
@@ -109,11 +113,9 @@ class SmallSample:
             return TestResult(F, q, ddf, float(sps.f.sf(F, q, ddf)), "F")
         if self.method == "kroger":
             ddf, scaling = _kr_ddf(self, L)
-            diff = L @ beta - rhs
-            F = float(diff @ np.linalg.solve(L @ self.vcov @ L.T, diff) / q) * scaling
+            F = wald_statistic(L, beta, self.vcov, rhs) / q * scaling
             return TestResult(F, q, ddf, float(sps.f.sf(F, q, ddf)), "F")
-        diff = L @ beta - rhs
-        F = float(diff @ np.linalg.solve(L @ self.vcov @ L.T, diff) / q)
+        F = wald_statistic(L, beta, self.vcov, rhs) / q
         used = np.any(np.abs(L) > 0, axis=0)
         ddf = float(np.min(self.df[used]))
         return TestResult(F, q, ddf, float(sps.f.sf(F, q, ddf)), "F")
@@ -236,8 +238,6 @@ def kenward_roger(engine, data, params, sigma) -> SmallSample:
 
 
 def _with_df(ss: SmallSample, df) -> SmallSample:
-    from dataclasses import replace
-
     return replace(ss, df=np.asarray(df, dtype=float))
 
 
@@ -327,14 +327,11 @@ def small_sample(method: str, result_parts) -> SmallSample:
     """The df method for a fitted linear model; ``result_parts`` = (engine, data, params, sigma,
     reml, design, cov_beta)."""
     engine, data, params, sigma, reml, design, cov_beta = result_parts
+    method = check_method(method, reml)
     if method == "kroger":
-        if not reml:
-            raise ModelError("dfmethod kroger needs a REML fit (as in Stata and pbkrtest); refit with method='reml'")
         return kenward_roger(engine, data, params, sigma)
     if method == "satterthwaite":
         return satterthwaite(engine, data, params, sigma, reml, design)
-    from dataclasses import replace
-
     V = np.asarray(cov_beta, dtype=float)
     return replace(counting_df(method, design), vcov=V, vcov_model=V)
 
@@ -354,7 +351,7 @@ def df_table(r, methods=None) -> pd.DataFrame:
         explicit = True
     cols = {}
     for m in methods:
-        m = check_method(m)
+        m = check_method(m)  # an unknown name is an error even in the default list's absence
         try:
             ss = small_sample(m, (r.engine, r.data, r.params, r.sigma, reml, r.design, r.solution.cov_beta))
         except ModelError:

@@ -217,14 +217,19 @@ def fixed_table_t(names, beta, cov_beta, df, level) -> pd.DataFrame:
                          "ci_lower": beta - q * se, "ci_upper": beta + q * se}, index=list(names))
 
 
+def wald_statistic(L, beta, cov_beta, rhs=0.0) -> float:
+    """(Lβ − rhs)ᵀ (L V Lᵀ)⁻¹ (Lβ − rhs): the Wald χ² of Lβ = rhs (L of full row rank)."""
+    L = np.atleast_2d(np.asarray(L, dtype=float))
+    diff = L @ np.asarray(beta, dtype=float) - rhs
+    return float(diff @ np.linalg.solve(L @ np.asarray(cov_beta, dtype=float) @ L.T, diff))
+
+
 def wald_test(names, beta, cov_beta):
     """χ² test that every fixed effect but ``_cons`` is zero: (chi2, df, p)."""
     idx = [i for i, n in enumerate(names) if n != "_cons"]
     if not idx:
         return (np.nan, 0, np.nan)
-    b = np.asarray(beta)[idx]
-    V = np.asarray(cov_beta)[np.ix_(idx, idx)]
-    chi2 = float(b @ np.linalg.solve(V, b))
+    chi2 = wald_statistic(np.eye(len(names))[idx], beta, cov_beta)
     return (chi2, len(idx), float(sps.chi2.sf(chi2, len(idx))))
 
 

@@ -337,6 +337,20 @@ def eta_to_report(kind: str, value: float, variance: bool):
     return float(np.tanh(value))
 
 
+def theta_from_gamma(structure, g, sigma):
+    """θ (relative to ``sigma``) of the covariance whose linear parameters are ``g``
+    (``sigma_from_gamma``), through the structure's own metric; traceable."""
+    return structure.theta_from_eta(structure.eta_from_sigma(structure.sigma_from_gamma(g), jnp), sigma)
+
+
+def interior_covariance(S, scale, eps: float = 1e-9):
+    """S, or S + ε·scale·I where S is numerically singular (traceable). γ → θ goes through a
+    Cholesky factor, whose derivatives are infinite on the boundary, while XᵀΣ⁻¹X is smooth there
+    (Σ is linear in γ), so derivatives taken at S + εI differ from the boundary's by O(ε)."""
+    lo = jnp.linalg.eigvalsh(S)[0]
+    return S + jnp.where(lo < eps * scale, eps * scale, 0.0) * jnp.eye(S.shape[0], dtype=S.dtype)
+
+
 #: θ entries closer than this to their lower bound: boundary (lme4's rule), applied to θ in the
 #: optimiser's units, θ / Design.theta_scale (as if each random-effects column had unit scale)
 SINGULAR_TOL = 1e-4

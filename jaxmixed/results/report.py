@@ -114,6 +114,11 @@ def _header(r, show_groups: bool = True) -> list[str]:
     return out
 
 
+def fixed_statistic(r) -> str:
+    """The fixed-effects table's test statistic column: "t" with a df method, else "z"."""
+    return "t" if "t" in r.fixed.columns else "z"
+
+
 def _fixed(r) -> list[str]:
     lvl = f"{r.level:g}"
     out = [RULE]
@@ -122,7 +127,7 @@ def _fixed(r) -> list[str]:
     head = "     Coef."
     if eform:
         head = f"{_EFORM.get((r.family, r.link), 'exp(b)'):>10}"
-    stat = "t" if "t" in r.fixed.columns else "z"
+    stat = fixed_statistic(r)
     out.append(f"{response[:12]:>12} | {head}   Std. Err.      {stat}    P>|{stat}|     [{lvl}% Conf. Interval]")
     out.append("-" * 13 + "+" + "-" * 64)
     for name, row in r.fixed.iterrows():

@@ -8,15 +8,10 @@ import html
 import numpy as np
 import pandas as pd
 
-from jaxmixed.results.report import stata_g
+from jaxmixed.results.report import fixed_statistic, stata_g
 
 TIDY_COLUMNS = ["effect", "group", "term", "estimate", "std_error", "statistic", "df", "p_value", "conf_low",
                 "conf_high"]
-
-
-def _stat(r) -> str:
-    """The fixed table's test statistic column: "t" with a df method, else "z"."""
-    return "t" if "t" in r.fixed.columns else "z"
 
 
 def tidy(r) -> pd.DataFrame:
@@ -25,7 +20,7 @@ def tidy(r) -> pd.DataFrame:
     ``r.fixed`` and ``r.random``), estimate, std_error, statistic (z, or t with a df method), df
     (the df method's, else NaN), p_value, conf_low, conf_high."""
     f = r.fixed
-    stat = _stat(r)
+    stat = fixed_statistic(r)
     fixed = pd.DataFrame({
         "effect": "fixed", "group": "", "term": list(f.index), "estimate": f.coef.to_numpy(),
         "std_error": f.se.to_numpy(), "statistic": f[stat].to_numpy(),
@@ -82,7 +77,7 @@ def to_html(r) -> str:
     for lev, g in r.groups.iterrows():
         head.append([f"Groups: {lev}", int(g.n_groups)])
     f = r.fixed
-    st = _stat(r)
+    st = fixed_statistic(r)
     fixed_rows = [[name, row.coef, row.se, row[st], row.p, row.ci_lower, row.ci_upper] for name, row in f.iterrows()]
     v = r.random
     random_rows = [[g if g else "Residual", n, e, s, lo, hi]
@@ -125,7 +120,7 @@ def to_latex(r) -> str:
     """The coefficient table and the random-effects table as LaTeX ``tabular`` environments."""
     lvl = f"{r.level:g}\\%"
     f = r.fixed
-    st = _stat(r)
+    st = fixed_statistic(r)
     fixed = _tex_table([_response(r), "Coef.", "Std. Err.", st, f"P>|{st}|", f"[{lvl}", "Conf. Interval]"],
                        [[n, row.coef, row.se, row[st], row.p, row.ci_lower, row.ci_upper] for n, row in f.iterrows()],
                        "lrrrrrr")
