@@ -65,9 +65,24 @@ def _f(x, y, scale, n: int = 2):
     return out, {"sum": jnp.sum(out)}
 
 
+def _jit(fun, *args, **kwargs):
+    """jax.jit with the compile options programs.cached gives these arguments (small ones: the
+    fast-compile options on the CPU)."""
+    opts = programs.compiler_options(jax.tree_util.tree_leaves(args))
+    return programs.jit(fun, opts, static_argnames="n")(*args, **kwargs)
+
+
+def test_fast_compile_options_only_for_small_programs_on_cpu(monkeypatch):
+    small, big = jnp.ones((10, 10)), jax.ShapeDtypeStruct((programs.FAST_COMPILE_MAX + 1,), jnp.float64)
+    assert programs.compiler_options([small]) == (programs.FAST_OPTIONS if jax.default_backend() == "cpu" else ())
+    assert programs.compiler_options([big]) == ()
+    monkeypatch.setenv("JAXMIXED_FAST_COMPILE", "0")
+    assert programs.compiler_options([small]) == ()
+
+
 def test_cached_program_is_kept_loaded_and_exact(cache_dir):
     x, y = jnp.linspace(0.0, 1.0, 12).reshape(3, 4), jnp.ones((4, 2))
-    expected = jax.jit(_f, static_argnames="n")(x, y, 0.5, n=3)
+    expected = _jit(_f, x, y, 0.5, n=3)
     first = programs.cached(_f, static_argnames=("n",))
     before = dict(programs.STATS)
     got = first(x, y, 0.5, n=3)
@@ -93,7 +108,7 @@ def test_cached_program_is_kept_loaded_and_exact(cache_dir):
     assert programs.STATS["loaded"] == before["loaded"] + 2
 
     other = first(x, y, 0.5, n=1)  # another static value: another program
-    jax.tree_util.tree_map(_same, other, jax.jit(_f, static_argnames="n")(x, y, 0.5, n=1))
+    jax.tree_util.tree_map(_same, other, _jit(_f, x, y, 0.5, n=1))
     assert len(os.listdir(cache_dir / programs.SUBDIR)) == 2
 
 
@@ -103,7 +118,7 @@ def test_cached_program_without_cache_or_jit_is_plain_jax():
     try:
         f = programs.cached(_f, static_argnames=("n",))
         x, y = jnp.ones((2, 3)), jnp.ones((3, 1))
-        jax.tree_util.tree_map(_same, f(x, y, 2.0), jax.jit(_f, static_argnames="n")(x, y, 2.0))
+        jax.tree_util.tree_map(_same, f(x, y, 2.0), _jit(_f, x, y, 2.0))
         with jax.disable_jit():
             jax.tree_util.tree_map(_same, f(x, y, 2.0), _f(x, y, 2.0))
     finally:

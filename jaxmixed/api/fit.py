@@ -39,20 +39,21 @@ def _hessian_eta(eta, data, shape, reml):
 
 
 def _prefetch(design: Design, data, engine, reml: bool, hessian: bool, dfmethod=None) -> None:
-    """Have the programs that follow the optimiser loaded from disk in the background while it
-    runs (``programs.Program.prefetch``; nothing when they are not on disk yet; the η-Hessian
-    only with ``hessian``, the df method's derivative program with ``dfmethod``), then the
-    module that the tables need."""
+    """Have the programs that follow the optimiser loaded from disk, or traced and compiled when
+    they are not there yet, in the background while it runs (``programs.Program.prefetch``
+    with ``trace``; the η-Hessian only with ``hessian``, the df method's derivative program with
+    ``dfmethod``), then the module that the tables need."""
     f64 = np.dtype("float64")
-    _solution.prefetch(jax.ShapeDtypeStruct((design.n_theta,), f64), data, engine.shape, reml)
+    _solution.prefetch(jax.ShapeDtypeStruct((design.n_theta,), f64), data, engine.shape, reml, trace=True)
     if hessian:
-        _hessian_eta.prefetch(jax.ShapeDtypeStruct((engine.shape.n_eta,), f64), data, engine.shape, reml)
+        _hessian_eta.prefetch(jax.ShapeDtypeStruct((engine.shape.n_eta,), f64), data, engine.shape, reml,
+                              trace=True)
         if dfmethod == "satterthwaite":
             pls.satterthwaite_parts.prefetch(jax.ShapeDtypeStruct((design.n_theta + 1,), f64), data, engine.shape,
-                                             reml)
+                                             reml, trace=True)
         elif dfmethod == "kroger":
             pls.kenward_roger_parts.prefetch(jax.ShapeDtypeStruct((design.n_theta,), f64),
-                                             jax.ShapeDtypeStruct((), f64), data, engine.shape)
+                                             jax.ShapeDtypeStruct((), f64), data, engine.shape, trace=True)
     programs.in_background(distributions.preload)  # scipy.special, for the tables (≈ 0.03 s)
 
 

@@ -52,6 +52,8 @@ class PanelStruct:
     p: int
     term_factor: tuple = ()  # factor (engine order) of each term
     n_levels: tuple = ()  # levels of each factor
+    markov: bool = False  # the deviance by prewhitening (see _markov_parts)
+    markov_lags: tuple = ()  # AR(1) and markov: the lags between a panel's consecutive rows
 
     @property
     def n_theta(self) -> int:
@@ -201,11 +203,91 @@ def _gls_parts(x, buckets, ps: PanelStruct):
 def deviance(x, buckets, n, ps: PanelStruct, reml):
     """-2 × (restricted) log likelihood with β profiled out (see the module docstring)."""
     LA, logdet = _gls_parts(x, buckets, ps)
-    p = ps.p
+    return _deviance_from(LA, logdet, n, ps.p, reml)
+
+
+def _by_group(values, codes, n: int):
+    """values[codes] for a handful of groups as selections (the reverse pass of a gather is a
+    scatter, slow on XLA:CPU); a gather for many."""
+    if n == 1:
+        return jnp.broadcast_to(values[0], codes.shape)
+    if n > 8:
+        return values[codes]
+    return sum(jnp.where(codes == g, values[g], 0.0) for g in range(n))
+
+
+def _markov_lag_corr(cpar, bk: Bucket, ps: PanelStruct):
+    """(P, m) a = ρ(t_j − t_{j−1}) of every row but a panel's first (0 there and on padding):
+    the rows of a Markov panel are in time order (:func:`build_panels`); AR(1): φ^lag for the
+    lags that occur (``ps.markov_lags``), the exponential structure: r^Δt."""
+    dt = bk.t[:, 1:] - bk.t[:, :-1]
+    valid = bk.valid[:, 1:]
+    if ps.kind == "exponential":
+        r = _by_group(jax.nn.sigmoid(cpar[:, 0]), bk.cg[:, 1:], ps.n_cgroups)
+        a = r ** jnp.where(valid, dt, 1.0)
+    else:
+        phi = _by_group(jnp.tanh(cpar[:, 0]), bk.cg[:, 1:], ps.n_cgroups)
+        a = sum(jnp.where(jnp.round(dt) == lag, phi ** lag, 0.0) for lag in ps.markov_lags)
+    a = jnp.where(valid, a, 0.0)
+    return jnp.concatenate([jnp.zeros_like(a[:, :1]), a], axis=1)
+
+
+def _markov_parts(x, buckets, ps: PanelStruct):
+    """(LA, Σ_i log|V_i|) as :func:`_gls_parts` gives them, for a Markov residual correlation
+    (``ps.markov``: AR(1) on integer times or the exponential structure, every random-effects
+    term on the panel factor, rows in time order) without forming V_i: R_i⁻¹ is tridiagonal,
+    and with a_j = ρ(t_j − t_{j−1}) (0 for a panel's first row), s_j² = 1 − a_j², the
+    prewhitened rows ũ_j = (u_j/σ_j − a_j u_{j−1}/σ_{j−1}) / s_j give uᵀR_i⁻¹v = Σ_j ũ_j ṽ_j and
+    log|R_i| = Σ_j (2 log σ_j + log s_j²). The Woodbury identity then needs only q × q blocks:
+    log|V_i| = log|R_i| + log|ΛᵀZ̃_iᵀZ̃_iΛ + I| and
+    [X y]ᵀV⁻¹[X y] = Σ_i (W̃_iᵀW̃_i − Y_iᵀY_i), Y_i = L_i⁻¹ΛᵀZ̃_iᵀW̃_i: O(n (q + p)²) a call.
+    Padded rows (zero data, a = 0, σ = 1) add nothing."""
+    th, logs, cpar = split_params(x, ps)
+    pos, lams = 0, []
+    for s in ps.structures:
+        lams.append(s.lam(th[pos:pos + s.n_theta]))
+        pos += s.n_theta
+    lam = jax.scipy.linalg.block_diag(*lams)
+    A, logdet = 0.0, 0.0
+    for bk in buckets:
+        sd = jnp.where(bk.valid, _by_group(jnp.exp(logs), bk.vg, ps.n_vgroups), 1.0)
+        a = _markov_lag_corr(cpar, bk, ps)
+        s2 = 1.0 - a * a
+        inv_s = jax.lax.rsqrt(s2)
+
+        def white(M):
+            Ms = M / sd[..., None]
+            prev = jnp.concatenate([jnp.zeros_like(Ms[:, :1]), Ms[:, :-1]], axis=1)
+            return (Ms - a[..., None] * prev) * inv_s[..., None]
+
+        Wt = white(bk.W)
+        Zt = white(jnp.concatenate(bk.Z, axis=-1))
+        # ΛᵀZ̃ᵀ per row as a sum of columns, and the cross-products as broadcasts and sums:
+        # XLA:CPU runs a batch of tiny matrix products as one small GEMM each (≈ 1 µs apiece)
+        ZL = sum(Zt[..., k, None] * lam[k] for k in range(lam.shape[0]))  # (P, m, Q)
+        G = jnp.sum(ZL[..., :, None] * ZL[..., None, :], axis=1) + jnp.eye(ZL.shape[-1])
+        L = xla.cholesky(G)
+        Y = xla.solve_lower(L, jnp.sum(ZL[..., :, None] * Wt[..., None, :], axis=1))
+        A = A + jnp.sum(Wt[..., :, None] * Wt[..., None, :], axis=(0, 1)) - jnp.sum(
+            Y[..., :, None] * Y[..., None, :], axis=(0, 1))
+        logdet = (logdet + jnp.sum(jnp.where(bk.valid, 2.0 * jnp.log(sd) + jnp.log(s2), 0.0))
+                  + logdet_from_chol_diag(jnp.diagonal(L, axis1=1, axis2=2)))
+    return xla.cholesky(A), logdet
+
+
+def _deviance_from(LA, logdet, n, p, reml):
     rss = LA[p, p] ** 2
     ld_X = logdet_from_chol_diag(jnp.diagonal(LA)[:p])
     dev = logdet + rss
     return jnp.where(reml, dev + ld_X + (n - p) * LOG_2PI, dev + n * LOG_2PI)
+
+
+def data_deviance(x, data, ps: PanelStruct, reml):
+    """The deviance of a :class:`PanelData`: without panel matrices where ``ps.markov``."""
+    if ps.markov:
+        LA, logdet = _markov_parts(x, data.buckets, ps)
+        return _deviance_from(LA, logdet, data.n, ps.p, reml)
+    return deviance(x, data.buckets, data.n, ps, reml)
 
 
 @partial(jax.jit, static_argnames=("ps",))
@@ -383,8 +465,8 @@ def build_panels(design: Design, data: pd.DataFrame, res: ResidualStructure):
     n_cgroups = len(by_levels) if res.kind != "independent" else 1
     max_lag = int(np.max(t) - np.min(t)) if res.kind in ("ar", "ma", "toeplitz") else 0
 
-    # rows of each panel, panels bucketed by size (a few padded sizes)
-    order = np.argsort(panel, kind="stable")
+    # rows of each panel in time order, panels bucketed by size (a few padded sizes)
+    order = np.lexsort((t, panel))
     sizes = np.bincount(panel)
     starts = np.concatenate([[0], np.cumsum(sizes)])
     bucket_of, edges = size_buckets(sizes)
@@ -415,10 +497,19 @@ def build_panels(design: Design, data: pd.DataFrame, res: ResidualStructure):
             Z=tuple(jnp.asarray(take(z)) for z in term_Z),
             codes=tuple(jnp.asarray(np.where(valid, c[safe], pad)) for c in term_codes),
             rows=jnp.asarray(idx)))
+    markov = bool(((res.kind == "ar" and res.order == 1) or res.kind == "exponential") and res.time
+                  and design.terms and len(design.factors) == 1)
+    lags = ()
+    if markov and res.kind == "ar":
+        ts, ps_ = t[order], panel[order]
+        same = ps_[1:] == ps_[:-1]
+        lags = tuple(int(v) for v in np.unique(np.round(ts[1:][same] - ts[:-1][same])))
+        markov = len(lags) <= 16  # many distinct gaps: the panel matrices instead
     ps = PanelStruct(structures=tuple(tb.structure for tb in design.terms), kind=res.kind, order=res.order,
                      n_vgroups=n_vgroups, n_cgroups=n_cgroups, n_times=len(tlevels), max_lag=max_lag, p=design.p,
                      term_factor=tuple(tb.factor for tb in design.terms),
-                     n_levels=tuple(f.n_levels for f in design.factors))
+                     n_levels=tuple(f.n_levels for f in design.factors),
+                     markov=markov, markov_lags=lags)
     labels = dict(by_levels=list(by_levels), time_levels=list(tlevels))
     return tuple(buckets), ps, labels
 
@@ -474,8 +565,8 @@ def eta_to_x(eta, ps: PanelStruct):
 
 
 @partial(jax.jit, static_argnames=("ps",))
-def hessian_eta(eta, buckets, n, ps: PanelStruct, reml):
-    return hessian(lambda e: -0.5 * deviance(eta_to_x(e, ps), buckets, n, ps, reml))(eta)
+def hessian_eta(eta, data, ps: PanelStruct, reml):
+    return hessian(lambda e: -0.5 * data_deviance(eta_to_x(e, ps), data, ps, reml))(eta)
 
 
 def _term_covariances(x, ps: PanelStruct):
@@ -543,7 +634,7 @@ class MarginalEngine:
         return self.residual.title
 
     def deviance(self, params, data, reml):
-        return deviance(params, data.buckets, data.n, self.ps, reml)
+        return data_deviance(params, data, self.ps, reml)
 
     def solve(self, params, data, reml):
         from jaxmixed.engine.pls import Solution
@@ -613,7 +704,7 @@ class MarginalEngine:
         return np.concatenate(parts + [logs, cpar.ravel()])
 
     def hessian_eta(self, eta, data, reml):
-        return hessian_eta(eta, data.buckets, data.n, self.ps, reml)
+        return hessian_eta(eta, data, self.ps, reml)
 
     def kenward_roger_parts(self, params, sigma, data):
         """(Φ, P (k × p × p), ∂²(XᵀV⁻¹X) (k × k × p × p), IE2, R (k × k × p × p)) at the REML

@@ -23,7 +23,7 @@ def _optimize(x0, lower, data, engine, reml, unit, max_iter: int = 200) -> OptRe
 
 
 _kept = programs.cached(_optimize, static_argnames=("engine", "max_iter"))
-_jitted = jax.jit(_optimize, static_argnames=("engine", "max_iter"))
+_jitted = programs.cached(_optimize, static_argnames=("engine", "max_iter"), keep=False)
 
 
 def optimize(x0, lower, data, engine, reml, unit, max_iter: int = 200) -> OptResult:
