@@ -150,3 +150,51 @@ def test_residual_errors():
     dup = pig.assign(week=1)
     with pytest.raises(jm.DataError, match="repeats a value"):
         jm.fit("weight ~ 1 + (1|id)", dup, residuals=jm.ar(1, time="week"))
+
+
+def _gappy_panels(seed=1):
+    """60 subjects seen at 3-9 of 12 occasions (gaps of 1-11 steps), two by() groups."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(60):
+        ts = np.sort(rng.choice(12, size=rng.integers(3, 10), replace=False))
+        b0, b1, e = rng.normal(0, 2), rng.normal(0, 0.5), 0.0
+        for k, t in enumerate(ts):
+            e = (0.6 ** (t - ts[k - 1]) * e if k else 0.0) + rng.normal()
+            rows.append(dict(id=i, t=t, g=i % 2, x=rng.normal(), y=10 + 2 * t + b0 + b1 * t + e))
+    return pd.DataFrame(rows).sample(frac=1.0, random_state=seed)  # rows out of time order
+
+
+@pytest.mark.parametrize("res", [jm.ar(1, time="t"), jm.ar(1, time="t", by="g"), jm.exponential(time="t"),
+                                 jm.exponential(time="t", by="g")], ids=["ar1", "ar1-by", "exp", "exp-by"])
+def test_markov_residuals_deviance_equals_panel_matrices(res):
+    """AR(1) and exponential residuals with every term on the panel factor: the deviance from
+    prewhitened rows (no panel matrix) equals the one from the panels' V_i, value and gradient."""
+    import jax
+
+    d = _gappy_panels()
+    des = design.build_design(jm.parse_formula("y ~ t + x + (1 + t | id)"), d)
+    eng, data = panel.marginal_engine(des, d, res)
+    assert eng.ps.markov
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        x = jnp.asarray(rng.normal(size=eng.ps.n_params) * 0.5)
+        for reml in (True, False):
+            a = panel.deviance(x, data.buckets, data.n, eng.ps, reml)
+            b = panel.data_deviance(x, data, eng.ps, reml)
+            assert float(b) == pytest.approx(float(a), rel=1e-11)
+        ga = jax.grad(lambda z: panel.deviance(z, data.buckets, data.n, eng.ps, True))(x)
+        gb = jax.grad(lambda z: panel.data_deviance(z, data, eng.ps, True))(x)
+        np.testing.assert_allclose(np.asarray(gb), np.asarray(ga), rtol=1e-9, atol=1e-9 * float(jnp.max(jnp.abs(ga))))
+
+
+def test_markov_path_only_where_it_applies():
+    d = _gappy_panels()
+    nested = design.build_design(jm.parse_formula("y ~ t + (1 | g) + (1 | g:id)"), d)
+    assert not panel.marginal_engine(nested, d, jm.ar(1, time="t"))[0].ps.markov
+    slopes = design.build_design(jm.parse_formula("y ~ t + (1 + t | id)"), d)
+    assert not panel.marginal_engine(slopes, d, jm.ar(2, time="t"))[0].ps.markov
+    assert not panel.marginal_engine(slopes, d, jm.toeplitz(1, time="t"))[0].ps.markov
+    assert panel.marginal_engine(slopes, d, jm.ar(1, time="t"))[0].ps.markov
