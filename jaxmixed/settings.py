@@ -21,6 +21,10 @@ variable                       field               meaning (default)
 ``JAXMIXED_EXIT_GC``           ``exit_gc``         ``1``: the ``jaxmixed`` command leaves interpreter
                                                    shutdown alone instead of ``gc.freeze()`` at exit
                                                    (off)
+``JAXMIXED_FAST_COMPILE``      ``fast_compile``    ``0``: compile every program with XLA's default
+                                                   options (on: small programs are compiled at XLA's
+                                                   optimisation level 0, see
+                                                   :mod:`jaxmixed.runtime.programs`)
 =============================  ==================  =====================================================
 
 Switches read ``1``/``true``/``yes``/``on`` as on and ``0``/``false``/``no``/``off`` or empty as
@@ -69,6 +73,8 @@ class Settings:
     blas_threads: int = 1
     #: ``JAXMIXED_EXIT_GC``: the command line leaves shutdown alone (no ``gc.freeze()`` at exit)
     exit_gc: bool = False
+    #: ``JAXMIXED_FAST_COMPILE``: small programs compiled with XLA's quick options
+    fast_compile: bool = True
 
 
 #: field of :class:`Settings` -> the environment variable it is read from
@@ -78,6 +84,7 @@ ENVIRONMENT_VARIABLES = {
     "no_cache": "JAXMIXED_NO_CACHE",
     "blas_threads": "JAXMIXED_BLAS_THREADS",
     "exit_gc": "JAXMIXED_EXIT_GC",
+    "fast_compile": "JAXMIXED_FAST_COMPILE",
 }
 
 _ON = frozenset({"1", "true", "yes", "on"})
@@ -87,7 +94,9 @@ _DEFAULTS = Settings()
 
 def _switch(environ: Mapping[str, str], field: str) -> bool:
     raw = environ.get(ENVIRONMENT_VARIABLES[field])
-    value = "" if raw is None else raw.strip().lower()
+    if raw is None:
+        return getattr(_DEFAULTS, field)
+    value = raw.strip().lower()
     if value in _ON:
         return True
     if value in _OFF:
@@ -114,6 +123,7 @@ def from_environment(environ: Mapping[str, str] = os.environ) -> Settings:
         no_cache=_switch(environ, "no_cache"),
         blas_threads=_threads(environ),
         exit_gc=_switch(environ, "exit_gc"),
+        fast_compile=_switch(environ, "fast_compile"),
     )
 
 

@@ -24,6 +24,7 @@ Cases:
             reads the CSV and fits (compilation cache warm), against a whole `Rscript -e` that
             loads lme4, reads the CSV and fits, wall clock, --reps runs each, alternating
             (a single small model: --case pig_ri, pig_slope, pig, productivity, jsp)
+  tour      `python -m jaxmixed tour` in a fresh process, empty compilation cache, then warm
   scaling   one objective evaluation (and value+gradient) at n, 10n, 100n rows (50,000 to 5,000,000)
             on fixed grouping structures (crossed 500 × 20, nested, random slopes): should be flat
 
@@ -395,6 +396,24 @@ def small_case(opts, results, cases=SMALL):
     results.setdefault("small", {}).update(out)
 
 
+def tour_case(opts, results):
+    """``python -m jaxmixed tour`` as a new user runs it: a fresh process with an empty
+    compilation cache, then again with the cache it left (wall clock from here)."""
+    print("\n== the tour (python -m jaxmixed tour)")
+    out = {}
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as work:
+        env = {**os.environ, "JAXMIXED_CACHE_DIR": cache}
+        env.pop("JAXMIXED_NO_CACHE", None)
+        for label in ("empty cache", "warm cache"):
+            t = time.perf_counter()
+            p = subprocess.run([sys.executable, "-m", "jaxmixed", "tour", "--out", work], capture_output=True,
+                               text=True, env=env, cwd=work)
+            wall = time.perf_counter() - t
+            out[label] = wall if p.returncode == 0 else "failed: " + p.stderr.strip()[-300:]
+            print(f"  {label}: " + (f"{wall:.1f} s" if p.returncode == 0 else out[label]))
+    results["tour"] = out
+
+
 def scaling_case(opts, results):
     """One objective evaluation at n, 10n, 100n rows on fixed grouping structures."""
     import jax
@@ -460,7 +479,7 @@ def machine() -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", action="append", choices=["insteval", "million", "nested", "small", "scaling"] + list(SMALL))
+    ap.add_argument("--case", action="append", choices=["insteval", "million", "nested", "small", "scaling", "tour"] + list(SMALL))
     ap.add_argument("--sm-timeout", type=float, default=600.0)
     ap.add_argument("--sm-memory", type=float, default=8.0)
     ap.add_argument("--no-sm", action="store_true", help="skip statsmodels")
@@ -487,6 +506,8 @@ def main():
             small_case(opts, results, (case,))
         elif case == "scaling":
             scaling_case(opts, results)
+        elif case == "tour":
+            tour_case(opts, results)
         else:
             big_case(case, opts, results)
     if opts.json:

@@ -102,12 +102,24 @@ def run_r(d: pd.DataFrame, Y: np.ndarray) -> tuple[float, np.ndarray, str] | Non
     return info["seconds"], est, f"lme4 {info['lme4']}, R {info['R']}"
 
 
+def _peak_mb() -> float:
+    """Peak resident memory of this process so far (VmHWM), MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1000, help="responses (default 1000)")
     ap.add_argument("--repeats", type=int, default=3, help="timed fit_many calls after the first (median)")
     ap.add_argument("--fit-loop", type=int, default=None, help="responses for the jm.fit loop (default all)")
     ap.add_argument("--no-r", action="store_true", help="skip lme4")
+    ap.add_argument("--r-n", type=int, default=None, help="responses for the lme4 loop (default all; scaled)")
     ap.add_argument("--readme", default=str(HERE / "README_many.md"))
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore", jm.JaxmixedWarning)
@@ -144,7 +156,9 @@ def main(argv=None) -> int:
             float(np.max(np.abs(r.theta - res.theta[j]))))
         for j, r in enumerate(loop_fits))
 
-    r_out = None if args.no_r else run_r(d, Y)
+    k_r = args.n if args.r_n is None else min(args.r_n, args.n)
+    r_out = None if args.no_r else run_r(d, Y[:, :k_r])
+    peak_mb = _peak_mb()
 
     # a fresh process for the compile times (jm.fit's first fit, fit_many's first call)
     code = ("import time, warnings; t=time.perf_counter(); import jaxmixed as jm; "
@@ -165,17 +179,20 @@ def main(argv=None) -> int:
     except (subprocess.CalledProcessError, ValueError):
         many_compile = float("nan")
     rows = [("jm.fit_many (one batched program)", t_many,
-             f"compile (first call, fresh process, no cache) {many_compile:.1f} s; first call here {first:.1f} s")]
+             f"compile (first call, fresh process, no cache) {many_compile:.1f} s; first call here (compilation "
+             f"included) {first:.1f} s; peak memory of this process {peak_mb:.0f} MB")]
     if r_out is not None:
         t_r, est_r, rver = r_out
+        t_r = t_r * args.n / k_r
         wide = res.wide()
         mine = np.column_stack([res.loglik, wide["coef[math3c]"], wide["coef[_cons]"], wide["school: sd(_cons)"],
-                                wide["school: sd(math3c)"], wide["sd(Residual)"]])
+                                wide["school: sd(math3c)"], wide["sd(Residual)"]])[:k_r]
         dll = mine[:, 0] - est_r[:, 0]
         rel = np.abs(mine[:, 1:] - est_r[:, 1:]) / np.maximum(np.abs(est_r[:, 1:]), 1e-3)
         rows.append((f"lmer loop, one warm R session ({rver})", t_r,
                      f"loglik: fit_many − lme4 in [{dll.min():.1e}, {dll.max():.1e}]; β and sds: median relative "
-                     f"difference {np.median(rel):.0e}, max {rel.max():.0e}"))
+                     f"difference {np.median(rel):.0e}, max {rel.max():.0e}"
+                     + (f"; timed on {k_r} responses, scaled to {args.n}" if k_r < args.n else "")))
     rows.append(("jm.fit loop (compiled)", t_loop,
                  f"compile (first fit, fresh process, no cache) {fit_compile:.1f} s; "
                  f"max |difference| from fit_many {diff_fit:.1e} (loglik, β, θ)"

@@ -76,7 +76,11 @@ def test_fast_compile_options_only_for_small_programs_on_cpu(monkeypatch):
     small, big = jnp.ones((10, 10)), jax.ShapeDtypeStruct((programs.FAST_COMPILE_MAX + 1,), jnp.float64)
     assert programs.compiler_options([small]) == (programs.FAST_OPTIONS if jax.default_backend() == "cpu" else ())
     assert programs.compiler_options([big]) == ()
-    monkeypatch.setenv("JAXMIXED_FAST_COMPILE", "0")
+    import dataclasses
+
+    from jaxmixed import settings
+
+    monkeypatch.setattr(settings, "_CURRENT", dataclasses.replace(settings.current(), fast_compile=False))
     assert programs.compiler_options([small]) == ()
 
 

@@ -25,7 +25,7 @@ EIGEN = "--xla_cpu_multi_thread_eigen=false"
 def test_defaults_from_an_empty_environment():
     assert from_environment({}) == Settings()
     assert Settings() == Settings(keep_xla_flags=False, cache_dir=None, no_cache=False, blas_threads=1,
-                                  exit_gc=False)
+                                  exit_gc=False, fast_compile=True)
     assert set(settings.ENVIRONMENT_VARIABLES) == {f.name for f in dataclasses.fields(Settings)}
     for var in settings.ENVIRONMENT_VARIABLES.values():  # the table of the module docstring
         assert var in settings.__doc__
@@ -38,6 +38,13 @@ def test_defaults_from_an_empty_environment():
 def test_switches(field, raw, value):
     var = settings.ENVIRONMENT_VARIABLES[field]
     assert getattr(from_environment({var: raw}), field) is value
+
+
+@pytest.mark.parametrize("raw, value", [("1", True), ("on", True), ("0", False), ("off", False), ("", False),
+                                        ("maybe", True)])
+def test_fast_compile_switch_defaults_on(raw, value):
+    assert from_environment({"JAXMIXED_FAST_COMPILE": raw}).fast_compile is value
+    assert from_environment({}).fast_compile is True
 
 
 @pytest.mark.parametrize("raw, n", [("0", 0), ("1", 1), ("4", 4), (" 3 ", 3),

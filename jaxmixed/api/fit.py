@@ -171,6 +171,7 @@ def _fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str, *, variance: boo
         from jaxmixed.engine.gls_panels import marginal_engine
 
         fitted_engine, data_e = marginal_engine(design, data, residuals)
+        fitted_engine.prefetch(data_e, reml)
         unit = fitted_engine.unit(design.theta_scale, sigma)
         opt = optimize(_host(fitted_engine.start(theta, sigma)), _host(fitted_engine.lower()), data_e,
                        fitted_engine, reml, _host(unit), max_iter=300)

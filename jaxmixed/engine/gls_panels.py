@@ -37,6 +37,7 @@ from jaxmixed.errors import DataError, ModelError
 from jaxmixed.engine.numerics import LOG_2PI, hessian, jacobian, logdet_from_chol_diag, second_order
 from jaxmixed.model.covariance import interior_covariance, theta_from_gamma
 from jaxmixed.model.residuals import ResidualStructure
+from jaxmixed.runtime import programs
 
 @dataclass(frozen=True)
 class PanelStruct:
@@ -564,9 +565,14 @@ def eta_to_x(eta, ps: PanelStruct):
     return jnp.concatenate(parts)
 
 
-@partial(jax.jit, static_argnames=("ps",))
-def hessian_eta(eta, data, ps: PanelStruct, reml):
+def _hessian_eta(eta, data, ps: PanelStruct, reml):
     return hessian(lambda e: -0.5 * data_deviance(eta_to_x(e, ps), data, ps, reml))(eta)
+
+
+# compiled with the compile options of runtime.programs, in memory only (as the optimiser of this
+# engine, see MarginalEngine.keep_programs), and compiled in the background during the
+# optimiser's run (MarginalEngine.prefetch)
+hessian_eta = programs.cached(_hessian_eta, static_argnames=("ps",), keep=False)
 
 
 def _term_covariances(x, ps: PanelStruct):
@@ -579,8 +585,7 @@ def _term_covariances(x, ps: PanelStruct):
     return out
 
 
-@partial(jax.jit, static_argnames=("ps",))
-def solve(x, buckets, ps: PanelStruct):
+def _solve(x, buckets, ps: PanelStruct):
     """β̂, Cov(β̂) = (XᵀV⁻¹X)⁻¹ and the BLUPs b_f = Σ_k Σ_{rows of a level} Σ_k z V⁻¹(y − Xβ̂), per
     factor (terms in their column order)."""
     beta, cov_beta, ws, _ = gls_solution(x, buckets, ps)
@@ -596,6 +601,9 @@ def solve(x, buckets, ps: PanelStruct):
                                               num_segments=ps.n_levels[f] + 1)[:-1]
         per_factor[f].append(sums @ S)
     return beta, cov_beta, tuple(jnp.concatenate(parts, axis=1) for parts in per_factor)
+
+
+solve = programs.cached(_solve, static_argnames=("ps",), keep=False)
 
 
 class PanelData(NamedTuple):
@@ -704,7 +712,16 @@ class MarginalEngine:
         return np.concatenate(parts + [logs, cpar.ravel()])
 
     def hessian_eta(self, eta, data, reml):
-        return hessian_eta(eta, data, self.ps, reml)
+        return hessian_eta(jnp.asarray(eta, dtype=float), data, self.ps, jnp.asarray(bool(reml)))
+
+    def prefetch(self, data, reml) -> None:
+        """Trace and compile, in the background, the programs that follow the optimiser (the
+        solve and the η-Hessian), so that they overlap its compile and run."""
+        ps = self.ps
+        f64 = np.dtype("float64")
+        n_eta = sum(s.n_eta for s in ps.structures) + ps.n_params - ps.n_theta
+        solve.prefetch(jax.ShapeDtypeStruct((ps.n_params,), f64), data.buckets, ps, trace=True)
+        hessian_eta.prefetch(jax.ShapeDtypeStruct((n_eta,), f64), data, ps, jnp.asarray(bool(reml)), trace=True)
 
     def kenward_roger_parts(self, params, sigma, data):
         """(Φ, P (k × p × p), ∂²(XᵀV⁻¹X) (k × k × p × p), IE2, R (k × k × p × p)) at the REML

@@ -41,7 +41,7 @@ all are therefore compiled with :data:`FAST_OPTIONS` (XLA's backend optimisation
 the classic loop emitters: 2.1 s there, running in 6.6 ms instead of 2.5 ms); larger ones with
 XLA's defaults. The options depend only on the arguments' shapes, they are part of the
 persistent cache's key (JAX's), and other backends always get the defaults.
-``JAXMIXED_FAST_COMPILE=0`` turns this off (read when a program is first made).
+``JAXMIXED_FAST_COMPILE=0`` turns this off (:mod:`jaxmixed.settings`).
 """
 
 from __future__ import annotations
@@ -88,7 +88,9 @@ def compiler_options(leaves) -> tuple:
     """The XLA options (sorted pairs; empty: XLA's defaults) for a program called with these
     array leaves (arrays or ``jax.ShapeDtypeStruct``): :data:`FAST_OPTIONS` on the CPU backend
     when they hold at most :data:`FAST_COMPILE_MAX` numbers, else none."""
-    if os.environ.get("JAXMIXED_FAST_COMPILE", "1") == "0" or jax.default_backend() != "cpu":
+    from jaxmixed import settings
+
+    if not settings.current().fast_compile or jax.default_backend() != "cpu":
         return ()
     size = 0
     for x in leaves:
@@ -204,13 +206,15 @@ class Program:
         arguments like these; nothing when there is none (it is traced at the call instead),
         unless ``trace``: then a program not on disk yet is traced, kept and compiled in the
         background too (XLA's compile releases the GIL, so on a machine with two cores it
-        overlaps the caller's own tracing and compiling)."""
+        overlaps the caller's own tracing and compiling). A program made with ``keep=False``
+        is traced and compiled in the background with ``trace`` and kept in memory only."""
         split = self._split(args, kwargs)
         if split is None:
             return
         key, statics, dyn = split
         path = self._path(statics, key)
-        if path is None or (not trace and not os.path.exists(path)):
+        in_memory = not self.keep and trace  # never on disk: compiled in the background only
+        if not in_memory and (path is None or (not trace and not os.path.exists(path))):
             return
         with self._lock:
             if key in self._programs:
@@ -221,6 +225,9 @@ class Program:
         def work():
             try:
                 opts = compiler_options(jax.tree_util.tree_leaves(dyn))
+                if in_memory:
+                    future.set_result(jit(self._by_position(statics), opts).lower(*dyn).compile())
+                    return
                 prog = _load(path, key, opts) if os.path.exists(path) else None
                 if prog is None and trace:
                     prog = _export(self._by_position(statics), dyn, path, opts)
