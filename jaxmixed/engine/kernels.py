@@ -35,23 +35,21 @@ def cholesky_xla(a):
     if n == 0:
         return a
     if n <= UNROLL_MAX:
-        # entries as contiguous leading slices: (n, n, ...) layout, one stack for the result
-        at = jnp.moveaxis(a, (-2, -1), (0, 1))
+        # entry by entry on (...)-shaped slices, the factor assembled once at the end
         L = {}
         for j in range(n):
-            s = at[j, j]
+            s = a[..., j, j]
             for k in range(j):
                 s = s - L[j, k] * L[j, k]
             d = jnp.sqrt(s)
             L[j, j] = d
             for i in range(j + 1, n):
-                s = at[i, j]
+                s = a[..., i, j]
                 for k in range(j):
                     s = s - L[i, k] * L[j, k]
                 L[i, j] = s / d
-        zero = jnp.zeros_like(at[0, 0])
-        out = jnp.stack([L.get((i, j), zero) for i in range(n) for j in range(n)])
-        return jnp.moveaxis(out.reshape((n, n) + at.shape[2:]), (0, 1), (-2, -1))
+        zero = jnp.zeros_like(L[0, 0])
+        return jnp.stack([jnp.stack([L.get((i, j), zero) for j in range(n)], axis=-1) for i in range(n)], axis=-2)
     idx = jnp.arange(n)
 
     def body(j, L):
@@ -72,15 +70,13 @@ def _solve_lower(T, B, unit):
     if n <= UNROLL_MAX:
         if n == 0:
             return B
-        Tt = jnp.moveaxis(T, (-2, -1), (0, 1))  # (n, n, ...)
-        Bt = jnp.moveaxis(B, -2, 0)  # (n, ..., k)
         xs = []
         for i in range(n):
-            s = Bt[i]
+            s = B[..., i, :]
             for k in range(i):
-                s = s - Tt[i, k][..., None] * xs[k]
-            xs.append(s if unit else s / Tt[i, i][..., None])
-        return jnp.moveaxis(jnp.stack(xs), 0, -2)
+                s = s - T[..., i, k][..., None] * xs[k]
+            xs.append(s if unit else s / T[..., i, i][..., None])
+        return jnp.stack(xs, axis=-2)
     idx = jnp.arange(n)
 
     def body(i, X):
