@@ -618,10 +618,9 @@ def _hessian_eta(eta, data, ps: PanelStruct, reml):
     return hessian(lambda e: -0.5 * data_deviance(eta_to_x(e, ps), data, ps, reml))(eta)
 
 
-# compiled with the compile options of runtime.programs, in memory only (as the optimiser of this
-# engine, see MarginalEngine.keep_programs), and compiled in the background during the
-# optimiser's run (MarginalEngine.prefetch)
-hessian_eta = programs.cached(_hessian_eta, static_argnames=("ps",), keep=False)
+# kept on disk by runtime.programs (with its compile options), and loaded or traced and compiled
+# in the background during the optimiser's run (MarginalEngine.prefetch)
+hessian_eta = programs.cached(_hessian_eta, static_argnames=("ps",))
 
 
 def _term_covariances(x, ps: PanelStruct):
@@ -652,7 +651,7 @@ def _solve(x, buckets, ps: PanelStruct):
     return beta, cov_beta, tuple(jnp.concatenate(parts, axis=1) for parts in per_factor)
 
 
-solve = programs.cached(_solve, static_argnames=("ps",), keep=False)
+solve = programs.cached(_solve, static_argnames=("ps",))
 
 
 class PanelData(NamedTuple):
@@ -678,11 +677,12 @@ class MarginalEngine:
     name = "marginal"
     quasi_newton = False
     supports_batched = False
-    # its optimiser is compiled by plain jax.jit, as it was before the engine interface (its
-    # programs were never kept on disk). A clean-clone test run crashed XLA's CPU compiler on an
-    # AR(1) fit late in the suite, once through jax.export and once through plain jax.jit; the
-    # suite now drops in-memory compiled programs after each module (tests/conftest.py)
-    keep_programs = False
+    # its programs are kept on disk (runtime.programs) like the PLS engine's, so that a fresh
+    # process with a warm cache neither traces nor compiles them. (A clean-clone test run once
+    # crashed XLA's CPU compiler on an AR(1) fit late in the suite, through jax.export and
+    # through plain jax.jit alike; the suite drops in-memory compiled programs after each
+    # module since, tests/conftest.py.)
+    keep_programs = True
 
     @property
     def n_params(self) -> int:
