@@ -80,6 +80,10 @@ def test_fast_compile_options_only_for_small_programs_on_cpu(monkeypatch):
 
     from jaxmixed import settings
 
+    class Static:  # a static argument with a .shape that is not an array's (an engine's)
+        shape = object()
+
+    assert programs.compiler_options([small, Static()]) == programs.compiler_options([small])
     monkeypatch.setattr(settings, "_CURRENT", dataclasses.replace(settings.current(), fast_compile=False))
     assert programs.compiler_options([small]) == ()
 

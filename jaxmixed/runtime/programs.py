@@ -95,7 +95,7 @@ def compiler_options(leaves) -> tuple:
     size = 0
     for x in leaves:
         shape = getattr(x, "shape", None)
-        if shape is not None:
+        if isinstance(shape, tuple):  # arrays; not static arguments that happen to have a .shape
             n = 1
             for d in shape:
                 n *= int(d)
