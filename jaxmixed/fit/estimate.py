@@ -8,7 +8,6 @@ disk by :mod:`jaxmixed.runtime.programs`, so a fresh process neither traces nor 
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 from jaxmixed.fit.optimizers import OptResult, minimize_scaled
@@ -31,7 +30,8 @@ def optimize(x0, lower, data, engine, reml, unit, max_iter: int = 200) -> OptRes
     engine shape; ML and REML share it, ``reml`` being traced). Projected Newton with the exact
     Hessian; projected BFGS where the engine says Hessians are costly (``engine.quasi_newton``).
     The program is kept on disk (``runtime.programs``) for engines that allow it
-    (``engine.keep_programs``), else compiled by plain ``jax.jit`` in each process."""
+    (``engine.keep_programs``), else compiled in each process (both with the compile options
+    of ``runtime.programs``)."""
     program = _kept if getattr(engine, "keep_programs", True) else _jitted
     return program(x0, lower, data, engine, reml, unit, max_iter=max_iter)
 
