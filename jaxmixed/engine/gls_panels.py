@@ -235,7 +235,7 @@ class MarkovBucket(NamedTuple):
 
 
 def markov_buckets(buckets) -> tuple:
-    """:class:`MarkovBucket` of each :class:`Bucket` (host arrays, numpy)."""
+    """:class:`MarkovBucket` of each :class:`Bucket` (rearranged on the host, once per fit)."""
     def shifted(a):
         return np.concatenate([np.zeros_like(a[:, :1]), a[:, :-1]], axis=1)
 
@@ -273,8 +273,10 @@ def _markov_parts(x, markov, ps: PanelStruct):
     log|R_i| = Σ_j (2 log σ_j + log s_j²). The Woodbury identity then needs only q × q blocks:
     log|V_i| = log|R_i| + log|ΛᵀZ̃_iᵀZ̃_iΛ + I| and
     [X y]ᵀV⁻¹[X y] = Σ_i (W̃_iᵀW̃_i − Y_iᵀY_i), Y_i = L_i⁻¹ΛᵀZ̃_iᵀW̃_i: O(n (q + p)²) a call.
-    ``markov``: :func:`markov_buckets`; the q × q factorisations are unrolled over vectors of
-    panels. Padded rows (zero data, a = 0, σ = 1) add nothing."""
+    ``markov``: :func:`markov_buckets`; the q × q factorisations are unrolled here over (P,)
+    vectors of panels rather than left to :func:`~jaxmixed.engine.kernels.cholesky`, which needs
+    the blocks stacked as (P, q, q) first (measured: its Hessian 94–102 ms against 83–88 ms at
+    100,000 rows). Padded rows (zero data, a = 0, σ = 1) add nothing."""
     th, logs, cpar = split_params(x, ps)
     pos, lams = 0, []
     for s in ps.structures:
