@@ -41,6 +41,7 @@ _LAZY = {
     "ManyResult": ("results.many", "ManyResult"),
     "fit_many": ("api.many", "fit_many"),
     "parse_stata": ("syntax.stata", "parse_stata"),
+    "source": ("data.sources", "open_source"),
 }
 
 
@@ -65,4 +66,5 @@ __all__ = [
     "ar", "banded", "exchangeable", "exponential", "independent", "ma", "toeplitz", "unstructured",
     "datasets", "fit", "fit_spec", "meglm", "melogit", "meprobit", "mecloglog", "mepoisson", "menbreg", "mixed", "parse_formula", "parse_stata", "xtmixed",
     "BootstrapLRTest", "BootstrapResult", "ManyResult", "bootstrap_lrtest", "fit_many", "functional",
+    "source",
 ]

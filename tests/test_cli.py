@@ -148,3 +148,20 @@ def test_fit_glmm_family_and_stata_me_command(tmp_path, capsys):
     assert main(["fit", str(path), "meglm incidence i.period || herd:, family(binomial size) intmethod(laplace)",
                  "--stata", "--nolog"]) == 0
     assert "Mixed-effects GLM" in capsys.readouterr().out
+
+
+def test_fit_parquet_files_streamed(tmp_path, capsys):
+    """`jaxmixed fit data/*.parquet "formula"`: the shell's expansion (several paths) and a quoted
+    glob both stream the files and give the CSV fit's numbers."""
+    pytest.importorskip("pyarrow")
+    d = jm.datasets.load("pig")
+    for k in range(3):
+        d.iloc[k::3].to_parquet(tmp_path / f"part{k}.parquet")
+    files = sorted(str(p) for p in tmp_path.glob("*.parquet"))
+    assert main(["fit", *files, CROSSED, "--json", "--no-progress"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["nobs"] == len(d) and abs(got["loglik"] - LOGLIK) < 1e-4
+    assert main(["fit", str(tmp_path / "*.parquet"), "--stata", "weight week || id:", "--nolog"]) == 0
+    assert "Number of obs      =       432" in capsys.readouterr().out
+    assert main(["fit", str(tmp_path / "none-*.parquet"), CROSSED]) == 2
+    assert "no file matches" in capsys.readouterr().err

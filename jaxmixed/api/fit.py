@@ -84,10 +84,20 @@ def _with_weights(spec: ModelSpec, data: pd.DataFrame, weights):
     return replace(spec, options={**spec.options, "aux_variables": aux, "weighted": True}), data
 
 
-def fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str = "reml", *, variance: bool = False,
+def fit_spec(spec: ModelSpec, data, method: str = "reml", *, variance: bool = False,
              level: float = 95.0, start=None, display: dict | None = None,
-             residuals=None, device=None, engine: str = "auto", weights=None, dfmethod=None) -> FitResult:
+             residuals=None, device=None, engine: str = "auto", weights=None, dfmethod=None,
+             devices=None, progress: bool = False) -> FitResult:
     """Fit a model description to data.
+
+    ``data``: a pandas DataFrame (the fast path for data in memory), or a source streamed in
+    two passes without holding its rows (:mod:`jaxmixed.data.streaming`): a path, glob or list
+    of Parquet/CSV/Arrow files, a pyarrow Dataset or Table, a polars DataFrame, a Dask
+    DataFrame (the passes run on its cluster). ``progress``: a progress bar (tqdm) for the
+    passes over a streamed source.
+
+    ``devices``: a list of JAX devices (``jax.devices()``) over which the rows are sharded to
+    form the cross-products, reduced across them with ``psum`` (:mod:`jaxmixed.data.sharded`).
 
     ``dfmethod``: small-sample inference for the fixed effects, "satterthwaite" (lmerTest's,
     REML or ML), "kroger" (Kenward-Roger as pbkrtest, REML only), or Stata's "residual",
@@ -115,17 +125,53 @@ def fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str = "reml", *, varia
 
     with runtime.fit_blas_threads():  # one OpenBLAS thread while the programs run (runtime docstring)
         return _fit_spec(spec, data, method, variance=variance, level=level, start=start, display=display,
-                         residuals=residuals, device=device, engine=engine, weights=weights, dfmethod=dfmethod)
+                         residuals=residuals, device=device, engine=engine, weights=weights, dfmethod=dfmethod,
+                         devices=devices, progress=progress)
 
 
-def _fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str, *, variance: bool, level: float, start,
-              display: dict | None, residuals, device, engine, weights=None, dfmethod=None) -> FitResult:
+def _statistics(spec: ModelSpec, data, weights, residuals, dfmethod, devices, progress):
+    """(spec, design, pattern, cross-products, ½ Σ log w) of the data in memory or streamed."""
+    from jaxmixed.data.sources import is_source
+
+    acc = None
+    if devices is not None:
+        from jaxmixed.data.sharded import ShardedAccumulator
+
+        acc = ShardedAccumulator(devices)
+    if is_source(data):
+        from jaxmixed.data import streaming
+        from jaxmixed.data.sources import open_source
+
+        streaming.check_streamable(spec, residuals, dfmethod)
+        source = open_source(data)
+        if acc is not None and source.kind == "Dask DataFrame":
+            raise ModelError("devices= shards rows over this process's JAX devices; with a Dask DataFrame the "
+                             "partitions' cross-products are formed on the Dask workers: drop devices=")
+        if weights is not None:
+            if not isinstance(weights, str):
+                raise DataError("on a streamed source, weights= must be the name of a column of the source")
+            spec = replace(spec, options={**spec.options, "weighted": True})
+        design, pattern, cp, half_log_w = streaming.design_from_source(spec, source, weights=weights,
+                                                                        accumulate_fn=acc, progress=progress)
+        return spec, design, pattern, cp, half_log_w
+    if weights is not None:
+        spec, data = _with_weights(spec, data, weights)
+    design = build_design(spec, data)
+    w = None if weights is None else data[WEIGHTS_COLUMN].to_numpy(dtype=float)[design.rows]
+    if w is not None and not (residuals is None or residuals.is_default):
+        raise ModelError("weights= cannot be combined with a residual structure (residuals=)")
+    half_log_w = 0.0 if w is None else 0.5 * float(np.sum(np.log(w)))
+    pattern = build_pattern(design)
+    return spec, design, pattern, cross_products(design, pattern, weights=w, accumulate_fn=acc), half_log_w
+
+
+def _fit_spec(spec: ModelSpec, data, method: str, *, variance: bool, level: float, start,
+              display: dict | None, residuals, device, engine, weights=None, dfmethod=None, devices=None,
+              progress: bool = False) -> FitResult:
     from jaxmixed.inference import smallsample
 
     reml = method_is_reml(method)
     dfmethod = smallsample.check_method(dfmethod if dfmethod is not None else spec.options.get("dfmethod"), reml)
-    if weights is not None:
-        spec, data = _with_weights(spec, data, weights)
     from jaxmixed.runtime.devices import put, resolve_device
 
     dev = resolve_device(device)
@@ -133,17 +179,11 @@ def _fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str, *, variance: boo
         spec = replace(spec, options={**spec.options, "residuals": residuals})
     residuals = spec.options.get("residuals")
     level = check_level(level)
-    design = build_design(spec, data)
-    w = None if weights is None else data[WEIGHTS_COLUMN].to_numpy(dtype=float)[design.rows]
-    if w is not None and not (residuals is None or residuals.is_default):
-        raise ModelError("weights= cannot be combined with a residual structure (residuals=)")
-    half_log_w = 0.0 if w is None else 0.5 * float(np.sum(np.log(w)))
+    spec, design, pattern, cp, half_log_w = _statistics(spec, data, weights, residuals, dfmethod, devices, progress)
     if reml and design.nobs <= design.p:
         raise ModelError(f"REML needs more observations ({design.nobs}) than fixed effects ({design.p})")
-    pattern = build_pattern(design)
     shape = pls.shape_of(design, pattern, engine)
     eng = pls.PLSEngine(shape)
-    cp = cross_products(design, pattern, weights=w)
     arrays = put(pls.arrange(cp, shape, pattern, basis=design.fixed_basis[1:]), dev)
     # a residual structure's fit (the marginal engine) replaces this one's variance components
     independent = residuals is None or residuals.is_default
@@ -211,9 +251,10 @@ def _fit_spec(spec: ModelSpec, data: pd.DataFrame, method: str, *, variance: boo
     )
 
 
-def fit(formula: str, data: pd.DataFrame, method: str | None = None, *, variance: bool = False,
+def fit(formula: str, data, method: str | None = None, *, variance: bool = False,
         level: float = 95.0, start=None, residuals=None, device=None, engine: str = "auto",
-        family=None, link=None, nagq: int = 1, weights=None, offset=None, dfmethod=None) -> FitResult:
+        family=None, link=None, nagq: int = 1, weights=None, offset=None, dfmethod=None,
+        devices=None, progress: bool = False) -> FitResult:
     """Fit an lme4/glmmTMB-style formula, e.g. ``"y ~ x + (1 + x | g)"``, by REML (the default
     for linear models, as lmer) or ML (``method="ml"``; GLMMs always).
 
@@ -232,6 +273,11 @@ def fit(formula: str, data: pd.DataFrame, method: str | None = None, *, variance
 
     ``dfmethod``: "satterthwaite", "kroger", "residual", "repeated" or "anova" for t and F
     tests with small-sample degrees of freedom (see ``fit_spec``).
+
+    ``data``: a pandas DataFrame, or a streamed source for linear models (Parquet/CSV/Arrow
+    path, glob or list of paths, pyarrow Dataset or Table, polars or Dask DataFrame; see
+    ``fit_spec``); ``devices``: JAX devices to shard the rows over; ``progress``: a progress bar
+    for the passes over a streamed source.
     """
     from jaxmixed.syntax.formula import parse_formula
 
@@ -245,6 +291,7 @@ def fit(formula: str, data: pd.DataFrame, method: str | None = None, *, variance
                 raise ModelError("residuals= is for linear mixed models; a GLMM's residuals follow its family")
             if dfmethod is not None:
                 raise ModelError("dfmethod= is for linear mixed models; a GLMM's tests are z and χ² tests")
+            _linear_only(data, devices, "a generalized linear mixed model")
             if method is not None and str(method).lower() not in ("ml", "mle"):
                 raise ModelError(f"a generalized linear mixed model is fitted by maximum likelihood (method='ml'), "
                                  f"not {method!r}: REML is defined for linear models only")
@@ -258,7 +305,19 @@ def fit(formula: str, data: pd.DataFrame, method: str | None = None, *, variance
                          "subtract the offset from the response")
     return fit_spec(parse_formula(formula), data, "reml" if method is None else method, variance=variance,
                     level=level, start=start, residuals=residuals, device=device, engine=engine, weights=weights,
-                    dfmethod=dfmethod)
+                    dfmethod=dfmethod, devices=devices, progress=progress)
+
+
+def _linear_only(data, devices, what: str) -> None:
+    """A ModelError for what needs the rows in memory (GLMMs) on a streamed source or devices=."""
+    from jaxmixed.data.sources import is_source
+
+    if is_source(data):
+        raise ModelError(f"{what} needs its rows in memory (PIRLS reweights them at every step): read the source "
+                         "with pandas (pd.read_parquet, ddf.compute()) or fit a linear mixed model to it")
+    if devices is not None:
+        raise ModelError(f"devices= shards the cross-products of a linear mixed model; {what} runs on one device "
+                         "(device=)")
 
 
 def _stata(command: str, data: pd.DataFrame, default_method: str, overrides: dict) -> FitResult:
@@ -277,6 +336,8 @@ def _stata(command: str, data: pd.DataFrame, default_method: str, overrides: dic
             if opts.get("dfmethod") or overrides.get("dfmethod"):
                 raise ModelError("dfmethod() is for linear mixed models; a GLMM's tests are z and χ² tests")
             overrides.pop("engine", None)
+            _linear_only(data, overrides.pop("devices", None), "a generalized linear mixed model")
+            overrides.pop("progress", None)
             return glmm.fit_stata(command, data, **overrides)
     method = overrides.pop("method", None) or opts.get("method") or default_method
     from jaxmixed.inference.smallsample import check_method
@@ -292,22 +353,26 @@ def _stata(command: str, data: pd.DataFrame, default_method: str, overrides: dic
     start = overrides.pop("start", None)
     device = overrides.pop("device", None)
     engine = overrides.pop("engine", "auto")
+    devices = overrides.pop("devices", None)
+    progress = bool(overrides.pop("progress", False))
     if overrides:
         raise ModelError(f"unknown argument(s): {', '.join(sorted(overrides))}")
     display = {k: opts[k] for k in ("log", "group", "fetable", "retable", "header", "lrtest") if k in opts}
     return fit_spec(spec, data, method, variance=variance, level=level, start=start, display=display,
-                    device=device, engine=engine, dfmethod=dfmethod)
+                    device=device, engine=engine, dfmethod=dfmethod, devices=devices, progress=progress)
 
 
 def xtmixed(command: str, data: pd.DataFrame, **overrides) -> FitResult:
     """Fit a model written in Stata's ``xtmixed`` syntax (REML by default, as ``xtmixed`` did).
 
-    Keyword overrides: method, variance, level, start, device, engine, dfmethod (see ``fit_spec``)."""
+    Keyword overrides: method, variance, level, start, device, engine, dfmethod, devices, progress
+    (see ``fit_spec``)."""
     return _stata(command, data, "reml", overrides)
 
 
 def mixed(command: str, data: pd.DataFrame, **overrides) -> FitResult:
     """Fit a model written in Stata's ``mixed`` syntax (ML by default, as ``mixed`` does).
 
-    Keyword overrides: method, variance, level, start, device, engine, dfmethod (see ``fit_spec``)."""
+    Keyword overrides: method, variance, level, start, device, engine, dfmethod, devices, progress
+    (see ``fit_spec``)."""
     return _stata(command, data, "ml", overrides)

@@ -2,8 +2,9 @@
 
     jaxmixed tour [--out DIR]
     jaxmixed fit DATA.csv "FORMULA" [--ml] [--stata] [--variance] [--level 95] [--nolog] [--json]
+    jaxmixed fit data/*.parquet "FORMULA" [...] [--no-progress]
 
-``fit`` reads a CSV, fits an lme4-style formula (``--stata``: a Stata ``xtmixed``/``mixed``
+``fit`` reads a CSV (or streams Parquet/Arrow files in two passes, with a progress bar), fits an lme4-style formula (``--stata``: a Stata ``xtmixed``/``mixed``
 command) and prints the Stata-style report, or with ``--json`` a JSON object of the estimates
 (NaN written as null). Errors of the input (bad formula, unusable data, missing file) are one
 line on stderr prefixed ``jaxmixed: error:`` and exit status 2.
@@ -44,12 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     tour.add_argument("--out", default="jaxmixed_tour", metavar="DIR",
                       help="folder for the tour's output files (default: %(default)s)")
 
-    fit = sub.add_parser("fit", help="fit a model to a CSV file",
-                         description="Fit a linear mixed model to a CSV file and print the report.",
+    fit = sub.add_parser("fit", help="fit a model to a CSV file or Parquet/Arrow files",
+                         description="Fit a linear mixed model to a CSV file, or to Parquet/Arrow files streamed "
+                                     "in two passes (memory bounded by the model, not the rows), and print the report.",
                          epilog='examples:\n  jaxmixed fit pig.csv "weight ~ week + (1|id)"\n'
-                                '  jaxmixed fit pig.csv --stata "weight week || id:"',
+                                '  jaxmixed fit pig.csv --stata "weight week || id:"\n'
+                                '  jaxmixed fit data/*.parquet "y ~ x1 + (1 + x1 | g)"',
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    fit.add_argument("data", metavar="DATA.csv", help="data file (CSV with a header row)")
+    fit.add_argument("data", metavar="DATA", nargs="+",
+                     help="a CSV file (with a header row), or Parquet/Arrow files, a glob or a folder of them "
+                          "(streamed)")
     fit.add_argument("formula", metavar="FORMULA",
                      help='lme4 formula, e.g. "y ~ x + (1 + x | g)"; with --stata a Stata command')
     fit.add_argument("--ml", action="store_true", help="maximum likelihood instead of REML")
@@ -68,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="adaptive Gauss-Hermite points per random effect (1: Laplace)")
     fit.add_argument("--dfmethod", default=None, metavar="NAME",
                      help="small-sample df for the fixed effects: satterthwaite, kroger, residual, repeated, anova")
+    fit.add_argument("--no-progress", action="store_true",
+                     help="no progress bar for the passes over streamed files")
     return parser
 
 
@@ -87,9 +94,21 @@ def read_csv(path: str) -> pd.DataFrame:
         raise CliError(f"cannot read {path!r} as CSV: {e}") from None
 
 
-def fit_model(args, data: pd.DataFrame):
+def read_data(args):
+    """A single CSV file: read with pandas (in memory); anything else (Parquet/Arrow files, a glob,
+    several files, a folder): a streamed source."""
+    paths = list(args.data)
+    if len(paths) == 1 and paths[0].lower().endswith(".csv") and not any(ch in paths[0] for ch in "*?["):
+        return read_csv(paths[0])
     import jaxmixed as jm
 
+    return jm.source(paths if len(paths) > 1 else paths[0])
+
+
+def fit_model(args, data):
+    import jaxmixed as jm
+
+    stream = {} if isinstance(data, pd.DataFrame) else {"progress": not args.no_progress}
     if args.stata:
         spec = jm.parse_stata(args.formula)  # only to see the command word
         cmd = spec.options.get("command")
@@ -100,13 +119,13 @@ def fit_model(args, data: pd.DataFrame):
                                     dfmethod=args.dfmethod)
         fn = jm.mixed if cmd == "mixed" else jm.xtmixed
         return fn(args.formula, data, method="ml" if args.ml else None,
-                  variance=True if args.variance else None, level=args.level, dfmethod=args.dfmethod)
+                  variance=True if args.variance else None, level=args.level, dfmethod=args.dfmethod, **stream)
     level = 95.0 if args.level is None else args.level
     if args.family or args.link:
         return jm.fit(args.formula, data, variance=args.variance, level=level, family=args.family or "gaussian",
                       link=args.link, nagq=args.nagq, dfmethod=args.dfmethod)
     return jm.fit(args.formula, data, method="ml" if args.ml else "reml", variance=args.variance, level=level,
-                  dfmethod=args.dfmethod)
+                  dfmethod=args.dfmethod, **stream)
 
 
 def _clean(x):
@@ -165,7 +184,7 @@ def to_json(r) -> str:
 
 
 def cmd_fit(args) -> int:
-    data = read_csv(args.data)
+    data = read_data(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         r = fit_model(args, data)

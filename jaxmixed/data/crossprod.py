@@ -120,23 +120,25 @@ def add(a: CrossProducts, b: CrossProducts) -> CrossProducts:
 
 
 def cross_products(design, pattern, y=None, weights=None, *, batch_rows: int | None = None,
-                   orthonormal: bool = True) -> CrossProducts:
+                   orthonormal: bool = True, accumulate_fn=None) -> CrossProducts:
     """All cross-products of a design's rows (numpy), ``batch_rows`` rows at a time; ``y``
     overrides the design's response, ``weights`` are prior weights. ``pattern`` is the design's
     :class:`~jaxmixed.data.pattern.Pattern` (computed once by the caller). The fixed-effects
     columns are the design's well-conditioned basis X̃ (``Design.fixed_basis``), or X itself with
-    ``orthonormal=False``."""
+    ``orthonormal=False``. ``accumulate_fn``: :func:`accumulate`'s replacement for each batch
+    (the device-sharded one of :mod:`jaxmixed.data.sharded`), default :func:`accumulate`."""
     y = design.y if y is None else np.asarray(y, dtype=float)
     n = len(y)
     batch = int(batch_rows or BATCH_ROWS)
     facs = design.factors
     X = design.fixed_basis[0] if orthonormal else design.X  # X̃ = X R₀⁻¹ (Design.fixed_basis)
     total = None
+    acc = accumulate if accumulate_fn is None else accumulate_fn
     for a in range(0, n, batch):
         s = slice(a, min(a + batch, n))
         W = np.column_stack([X[s], y[s]])
         blocks = pattern.block_index(tuple(f.codes[s] for f in facs))
-        part = accumulate(W, [f.codes[s] for f in facs], [f.Z[s] for f in facs],
+        part = acc(W, [f.codes[s] for f in facs], [f.Z[s] for f in facs],
                           [f.n_levels for f in facs], blocks, None if weights is None else weights[s])
         total = part if total is None else add(total, part)
     return total._replace(n=float(n))

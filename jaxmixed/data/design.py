@@ -55,6 +55,11 @@ class FactorBlock:
     def q(self) -> int:
         return self.Z.shape[1]
 
+    @property
+    def counts(self) -> np.ndarray:
+        """Observations per level (code order)."""
+        return np.bincount(self.codes, minlength=self.n_levels)
+
 
 @dataclass(frozen=True)
 class FactorSchema:
@@ -96,8 +101,43 @@ class Schema:
         return len(self.xnames)
 
 
+class DesignBase:
+    """What every design offers whether or not it holds its rows (:class:`Design`, and a
+    streamed source's :class:`jaxmixed.data.streaming.StreamedDesign`): the schema, θ's bounds
+    and default start. Subclasses give ``theta_scale``, ``nobs`` and the fields of a Schema."""
+
+    @cached_property
+    def schema(self) -> Schema:
+        """The design without its rows (:class:`Schema`)."""
+        return Schema(response=self.response, xnames=self.xnames, fixed_levels=self.fixed_levels,
+                      omitted=self.omitted,
+                      factors=tuple(FactorSchema(f.group, f.n_levels, f.colnames, f.levels) for f in self.factors),
+                      terms=self.terms, n_theta=self.n_theta, nobs=self.nobs, n_dropped=self.n_dropped,
+                      group_summary=self.group_summary, fixed_encoder=self.fixed_encoder,
+                      column_encoders=self.column_encoders)
+
+    @property
+    def p(self) -> int:
+        return len(self.xnames)
+
+    @property
+    def theta_lower(self) -> np.ndarray:
+        return np.concatenate([t.structure.lower for t in self.terms])
+
+    @property
+    def xtx(self) -> np.ndarray:
+        """XᵀX of the fixed-effects columns, = R₀ᵀR₀ (``fixed_basis``)."""
+        R0 = np.linalg.inv(self.fixed_basis[1]) if self.p else np.zeros((0, 0))
+        return R0.T @ R0
+
+    @property
+    def theta0(self) -> np.ndarray:
+        """The default start: Λ_s = I in the optimiser's units (``theta_scale``)."""
+        return np.concatenate([t.structure.theta0 for t in self.terms]) * self.theta_scale
+
+
 @dataclass(frozen=True)
-class Design:
+class Design(DesignBase):
     """A schema and the rows it was built from (y, X, each factor's codes and Z)."""
 
     y: np.ndarray
@@ -122,40 +162,20 @@ class Design:
         return self.y.shape[0]
 
     @cached_property
-    def schema(self) -> Schema:
-        """The design without its rows (:class:`Schema`)."""
-        return Schema(response=self.response, xnames=self.xnames, fixed_levels=self.fixed_levels,
-                      omitted=self.omitted,
-                      factors=tuple(FactorSchema(f.group, f.n_levels, f.colnames, f.levels) for f in self.factors),
-                      terms=self.terms, n_theta=self.n_theta, nobs=self.nobs, n_dropped=self.n_dropped,
-                      group_summary=self.group_summary, fixed_encoder=self.fixed_encoder,
-                      column_encoders=self.column_encoders)
-
-    @property
-    def p(self) -> int:
-        return self.X.shape[1]
-
-    @property
-    def theta_lower(self) -> np.ndarray:
-        return np.concatenate([t.structure.lower for t in self.terms])
-
-    @cached_property
     def theta_scale(self) -> np.ndarray:
         """The optimiser's unit w of each θ entry: θ = w ⊙ θ_s, where θ_s is the θ of the model
         whose random-effects columns are divided by their root mean square rounded to a power of
         2 (``covariance.column_scale``; one common scale for identity and exchangeable terms).
         The optimiser and the boundary test work on θ_s, which is O(1) whatever the scale of the
         covariates; everything reported stays in the data's units."""
-        parts = []
-        for t in self.terms:
-            Z = self.factors[t.factor].Z[:, t.cols[0]:t.cols[1]]
-            parts.append(np.asarray(t.structure.theta_scale(np.mean(Z ** 2, axis=0)), dtype=float))
-        return np.concatenate(parts)
+        return _theta_scale(self.terms, lambda t: np.mean(self.factors[t.factor].Z[:, t.cols[0]:t.cols[1]] ** 2,
+                                                          axis=0))
 
-    @property
-    def theta0(self) -> np.ndarray:
-        """The default start: Λ_s = I in the optimiser's units (``theta_scale``)."""
-        return np.concatenate([t.structure.theta0 for t in self.terms]) * self.theta_scale
+
+
+def _theta_scale(terms, mean_squares) -> np.ndarray:
+    """Design.theta_scale from each term's random-effects columns' mean squares."""
+    return np.concatenate([np.asarray(t.structure.theta_scale(mean_squares(t)), dtype=float) for t in terms])
 
 
 def outer_factor(design: Design) -> int:
@@ -381,18 +401,25 @@ def response_problems(Y: np.ndarray, X: np.ndarray) -> dict:
 
 def _check_response(y: np.ndarray, X: np.ndarray, xnames, response: str) -> None:
     """A response the likelihood cannot handle: constant, fitted exactly, or of extreme magnitude."""
-    n = len(y)
-    bad = response_problems(y[:, None], X)
-    if bad["large"][0]:
-        _check_magnitude(y[:, None], [response], "response")
-    if bad["constant"][0]:
-        raise DataError(f"response {response!r} is constant ({y[0]:g} in all {n} observations): "
+    bad = {k: bool(v[0]) for k, v in response_problems(y[:, None], X).items()}
+    raise_response_problem(bad, response, len(y), y[0], lambda: float(np.sqrt(np.mean(y ** 2))),
+                           float(np.max(np.abs(y))), xnames)
+
+
+def raise_response_problem(bad: dict, response: str, n: int, value: float, rms, big: float, xnames) -> None:
+    """The DataError for the first of ``bad``'s problems (see :func:`response_problems`) of a
+    response with ``n`` observations, first value ``value``, root mean square ``rms()`` and
+    largest magnitude ``big``."""
+    if bad["large"]:
+        raise DataError(f"response {response!r} has values as large as {big:.3g}, beyond what "
+                        f"double-precision cross-products can hold (|x| ≤ {MAX_ABS:.0e}); rescale it")
+    if bad["constant"]:
+        raise DataError(f"response {response!r} is constant ({value:g} in all {n} observations): "
                         "there is no variation to model")
-    if bad["small"][0]:
-        rms = float(np.sqrt(np.mean(y ** 2)))
-        raise DataError(f"response {response!r} is on the scale {rms:.3g} (root mean square), too small "
+    if bad["small"]:
+        raise DataError(f"response {response!r} is on the scale {rms():.3g} (root mean square), too small "
                         "for double precision; rescale it")
-    if bad["exact"][0]:
+    if bad["exact"]:
         raise DataError(f"response {response!r} is fitted exactly by the fixed effects "
                         f"({_short(xnames)}): the residual variance would be zero")
 
@@ -437,21 +464,10 @@ def _fixed_columns(spec: ModelSpec, df: pd.DataFrame, known: dict | None = None,
             else:
                 levels = _levels(s)
             used_levels[f.var] = levels
-            base = levels[0]
             if known is not None and ("base", f.var) in known:  # new data: the fit's base level
                 base = known[("base", f.var)]
-            elif f.base == "last":
-                base = levels[-1]
-            elif f.base == "freq":  # Stata's ib(freq): the most frequent level (the first of a tie)
-                counts = [int((s == lv).sum()) for lv in levels]
-                base = levels[int(np.argmax(counts))]
-            elif f.base == "none":  # Stata's ibn.: no base level, every level gets a column
-                base = None
-            elif f.base not in (None, "first"):
-                match = [lv for lv in levels if lv == f.base or str(lv) == str(f.base)]
-                if not match:
-                    raise DataError(f"base level {f.base!r} of {f.var!r} does not occur in the data")
-                base = match[0]
+            else:
+                base = base_level(f, levels, lambda lv, s=s: int((s == lv).sum()))
             used_levels[("base", f.var)] = base
             dummies = []
             every = (k, f.var) in full
@@ -478,14 +494,38 @@ def _fixed_columns(spec: ModelSpec, df: pd.DataFrame, known: dict | None = None,
     return X, names, used_levels
 
 
+def base_level(f, levels, count):
+    """The base (omitted) level of categorical fixed-effects factor ``f`` among ``levels``:
+    the first (default), the last, the most frequent (Stata's ``ib(freq)``, ``count(level)``
+    giving each level's number of observations; the first of a tie), none (``ibn.``), or the
+    level the syntax names."""
+    if f.base == "last":
+        return levels[-1]
+    if f.base == "freq":
+        return levels[int(np.argmax([count(lv) for lv in levels]))]
+    if f.base == "none":
+        return None
+    if f.base not in (None, "first"):
+        match = [lv for lv in levels if lv == f.base or str(lv) == str(f.base)]
+        if not match:
+            raise DataError(f"base level {f.base!r} of {f.var!r} does not occur in the data")
+        return match[0]
+    return levels[0]
+
+
 def _levels(s: pd.Series) -> np.ndarray:
     """The levels of a categorical variable in coding order: a pandas Categorical's categories
     in their own order (those that occur; the first is the reference level, as in R and
     statsmodels), else the sorted distinct values."""
-    if isinstance(s.dtype, pd.CategoricalDtype):
-        present = set(pd.unique(s.dropna()))
-        return np.array([c for c in s.cat.categories if c in present], dtype=object)
-    levels = pd.unique(s)
+    return levels_of(pd.unique(s.dropna()) if isinstance(s.dtype, pd.CategoricalDtype) else pd.unique(s), s.dtype)
+
+
+def levels_of(values, dtype) -> np.ndarray:
+    """:func:`_levels` from the distinct values of a variable and its dtype."""
+    if isinstance(dtype, pd.CategoricalDtype):
+        present = set(values)
+        return np.array([c for c in dtype.categories if c in present], dtype=object)
+    levels = np.asarray(values)
     try:
         return np.sort(levels)
     except TypeError:
@@ -537,7 +577,10 @@ class FixedTerms:
     x_keys: tuple
 
 
-def _fixed_terms(spec: ModelSpec, df: pd.DataFrame, X, xnames, x_keys) -> FixedTerms:
+def _fixed_terms(spec: ModelSpec, df: pd.DataFrame, X, xnames, x_keys, sums=None) -> FixedTerms:
+    """``sums`` (a streamed source: ``df`` has the columns' types but no rows): (XᵀX, Xᵀ rdX,
+    rd_keys) of the kept columns X and the overparameterised design rdX, or None when these were
+    not formed (then no type III basis)."""
     stata = spec.syntax == "stata"
     labels, columns, variables, numerics = [], [], [], []
     for k, term in enumerate(spec.fixed):
@@ -549,6 +592,13 @@ def _fixed_terms(spec: ModelSpec, df: pd.DataFrame, X, xnames, x_keys) -> FixedT
         variables.append(frozenset(f.var for f in term.factors))
         numerics.append(frozenset(f.var for f in term.factors if not _is_categorical(f, df)))
     rd_keys: list = []
+    if sums is not None or len(df) == 0:
+        if sums is None:
+            return FixedTerms(tuple(labels), tuple(columns), tuple(variables), tuple(numerics), None, (), tuple(x_keys))
+        XtX, XtRd, rd_keys = sums
+        B = np.linalg.solve(XtX, XtRd) if XtX.shape[0] else np.zeros((0, XtRd.shape[1]))
+        return FixedTerms(tuple(labels), tuple(columns), tuple(variables), tuple(numerics), B.T, tuple(rd_keys),
+                          tuple(x_keys))
     width = 1 + sum(int(np.prod([len(pd.unique(df[f.var])) for f in term.factors if _is_categorical(f, df)]))
                     for term in spec.fixed)
     if len(df) * width > 5e7:  # the overparameterised design would not fit comfortably: no type III basis
@@ -575,20 +625,50 @@ def _drop_collinear(X: np.ndarray, names: list[str]):
 
     The constant is checked first so that a covariate, not ``_cons``, is the one omitted.
     """
-    order = list(range(X.shape[1]))
-    if names and names[-1] == CONS:
-        order = [len(names) - 1] + order[:-1]
-    keep: list[int] = []
     scale = np.sqrt(np.sum(X**2, axis=0))
     scale[scale == 0] = 1.0
     Xs = X / scale
+    tol = 1e-9 * np.sqrt(X.shape[0])
+    keep = _independent(names, lambda cand: np.linalg.matrix_rank(Xs[:, cand], tol=tol))
+    return X[:, keep], [names[j] for j in keep], tuple(names[j] for j in range(len(names)) if j not in keep)
+
+
+def _independent(names, rank) -> list[int]:
+    """The columns kept by the greedy rule of :func:`_drop_collinear` (the constant first, then
+    in order, each kept when it raises the rank), sorted; ``rank(columns)`` the rank of a set."""
+    order = list(range(len(names)))
+    if names and names[-1] == CONS:
+        order = [len(names) - 1] + order[:-1]
+    keep: list[int] = []
     for j in order:
-        cand = keep + [j]
-        if np.linalg.matrix_rank(Xs[:, cand], tol=1e-9 * np.sqrt(X.shape[0])) == len(cand):
+        if rank(keep + [j]) == len(keep) + 1:
             keep.append(j)
-    keep_sorted = sorted(keep)
-    omitted = tuple(names[j] for j in range(len(names)) if j not in keep)
-    return X[:, keep_sorted], [names[j] for j in keep_sorted], omitted
+    return sorted(keep)
+
+
+#: collinearity from cross-products: a column is dependent when its part orthogonal to the
+#: others is below this fraction of its norm (lme4's rank tolerance; a Gram matrix resolves no
+#: finer than √ε ≈ 1.5e-8)
+GRAM_RANK_TOL = 1e-7
+
+
+def drop_collinear_gram(G: np.ndarray, names, n: int):
+    """:func:`_drop_collinear` from the cross-products G = XᵀX alone (a streamed source): the
+    same greedy rule, a set's rank from the eigenvalues of its scaled Gram matrix, with the
+    tolerance max(1e-9 √n, GRAM_RANK_TOL) on the singular values. Returns (kept indices, kept
+    names, omitted names)."""
+    names = list(names)
+    scale = np.sqrt(np.maximum(np.diag(G), 0.0))
+    scale[scale == 0] = 1.0
+    Gs = G / np.outer(scale, scale)
+    tol = max(1e-9 * np.sqrt(n), GRAM_RANK_TOL) ** 2
+
+    def rank(cand):
+        ev = np.linalg.eigvalsh(Gs[np.ix_(cand, cand)])
+        return int(np.sum(ev > tol))
+
+    keep = _independent(names, rank)
+    return keep, [names[j] for j in keep], tuple(names[j] for j in range(len(names)) if j not in keep)
 
 
 def _group_codes(df: pd.DataFrame, group: tuple[str, ...]):
@@ -605,14 +685,78 @@ def _group_codes(df: pd.DataFrame, group: tuple[str, ...]):
     return codes.astype(np.int64), uniques
 
 
-def _summary(spec: ModelSpec, df: pd.DataFrame) -> pd.DataFrame:
+def _summary(spec: ModelSpec, df: pd.DataFrame, weights=None) -> pd.DataFrame:
+    """Groups per level and observations per group (min, mean, max); ``weights``: the number of
+    observations each row of ``df`` stands for (a streamed source's distinct combinations)."""
     rows = []
     for lev in spec.levels:
         codes, uniques = _group_codes(df, lev.group)
-        counts = np.bincount(codes, minlength=len(uniques))
+        counts = np.bincount(codes, weights=weights, minlength=len(uniques))
         rows.append((lev.label, len(uniques), int(counts.min()), float(counts.mean()), int(counts.max())))
     out = pd.DataFrame(rows, columns=["level", "n_groups", "min", "mean", "max"]).set_index("level")
     return out
+
+
+def check_fixed_count(n: int, n_dropped: int, xnames, fixed_levels, omitted) -> None:
+    """More observations than fixed effects, or a DataError that says why not."""
+    if n > len(xnames):
+        return
+    after = f" (after dropping {n_dropped} with missing values)" if n_dropped else ""
+    many = [f"{v} has {len(lv)} levels" for v, lv in fixed_levels.items() if isinstance(v, str) and len(lv) > 2]
+    if omitted:
+        many.append(f"{_short(omitted)} omitted because of collinearity")
+    raise DataError(f"too few observations: {n}{after} for {len(xnames)} fixed effects "
+                    f"({_short(xnames)})" + (f"; {'; '.join(many)}" if many else "")
+                    + "; the model needs more observations than fixed effects")
+
+
+def groupings(spec: ModelSpec) -> list[tuple[str, ...]]:
+    """The distinct groupings of the random-effects terms, in the spec's order (one factor block
+    each)."""
+    groups: list[tuple[str, ...]] = []
+    for t in spec.random:
+        if t.group not in groups:
+            groups.append(t.group)
+    return groups
+
+
+def check_grouping(g: tuple, n_levels: int) -> None:
+    if n_levels < 2:
+        if not g:
+            raise DataError("level '_all' is a single group: a variance needs at least two groups "
+                            "(write _all: R.varname for random effects over the levels of a variable)")
+        raise DataError(f"grouping {':'.join(g)!r} has {n_levels} level(s): a variance needs at least two groups")
+
+
+def check_term_size(t: RandomTerm, n_groups: int, nobs: int) -> None:
+    n_re = n_groups * t.q
+    if n_re >= nobs:
+        raise DataError(
+            f"{nobs} observations for {n_re} random effects in the term {_term(t)} "
+            f"({n_groups} groups × {t.q}): "
+            "its variance cannot be told apart from the residual variance; the model needs more "
+            "observations than random effects in each term")
+
+
+def check_term_columns(t: RandomTerm, kept, dependent) -> None:
+    if dependent:
+        raise DataError(
+            f"the random-effects columns of the term {_term(t)} are collinear: {', '.join(dependent)} "
+            f"{'is' if len(dependent) == 1 else 'are'} zero, constant or a linear combination of "
+            f"{', '.join(kept) if kept else 'nothing'} in every row; remove "
+            f"{'it' if len(dependent) == 1 else 'them'} from the term")
+
+
+def place_terms(spec: ModelSpec, index: dict, starts: list) -> tuple[tuple, int]:
+    """(TermBlocks, n_theta): each term's covariance structure, factor (``index``: grouping →
+    engine position) and columns (``starts``: (term, first, stop) in the factor block)."""
+    terms, pos = [], 0
+    for t, start, stop in starts:
+        s = covariance.make(t.cov, t.q)
+        terms.append(TermBlock(term=t, structure=s, factor=index[t.group], cols=(start, stop),
+                               theta=(pos, pos + s.n_theta)))
+        pos += s.n_theta
+    return tuple(terms), pos
 
 
 def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
@@ -648,14 +792,8 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
     if col_keys:  # the terms of the fixed part (for F tests per term), native columns only
         key_of = dict(zip(all_names, col_keys))
         terms_info = _fixed_terms(spec, df, X, xnames, [key_of[n] for n in xnames])
-    if spec.syntax and len(y) <= X.shape[1]:
-        after = f" (after dropping {n_dropped} with missing values)" if n_dropped else ""
-        many = [f"{v} has {len(lv)} levels" for v, lv in fixed_levels.items() if isinstance(v, str) and len(lv) > 2]
-        if omitted:
-            many.append(f"{_short(omitted)} omitted because of collinearity")
-        raise DataError(f"too few observations: {len(y)}{after} for {X.shape[1]} fixed effects "
-                        f"({_short(xnames)})" + (f"; {'; '.join(many)}" if many else "")
-                        + "; the model needs more observations than fixed effects")
+    if spec.syntax:
+        check_fixed_count(len(y), n_dropped, xnames, fixed_levels, omitted)
     if omitted:
         warn(f"{', '.join(omitted)} omitted because of collinearity")
     basis = fixed_effects_basis(X)
@@ -664,19 +802,11 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
         _check_response(y, basis[0], xnames, spec.response)
 
     # One factor block per distinct grouping; terms sharing it are concatenated in spec order.
-    groups: list[tuple[str, ...]] = []
-    for t in spec.random:
-        if t.group not in groups:
-            groups.append(t.group)
+    groups = groupings(spec)
     blocks: dict[tuple[str, ...], dict] = {}
     for g in groups:
         codes, levels = _group_codes(df, g)
-        if len(levels) < 2:
-            if not g:
-                raise DataError("level '_all' is a single group: a variance needs at least two groups "
-                                "(write _all: R.varname for random effects over the levels of a variable)")
-            raise DataError(
-                f"grouping {':'.join(g)!r} has {len(levels)} level(s): a variance needs at least two groups")
+        check_grouping(g, len(levels))
         blocks[g] = dict(codes=codes, levels=levels, cols=[], names=[])
     placed = []
     column_encoders: dict = {}
@@ -689,21 +819,11 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
         placed.append((t, start, len(b["names"])))
 
     for t, start, stop in placed:
-        n_re = len(blocks[t.group]["levels"]) * t.q
-        if n_re >= len(y) and not glmm:  # (a GLMM may have one effect per row: overdispersion)
-            raise DataError(
-                f"{len(y)} observations for {n_re} random effects in the term {_term(t)} "
-                f"({len(blocks[t.group]['levels'])} groups × {t.q}): "
-                "its variance cannot be told apart from the residual variance; the model needs more "
-                "observations than random effects in each term")
+        if not glmm:  # (a GLMM may have one effect per row: overdispersion)
+            check_term_size(t, len(blocks[t.group]["levels"]), len(y))
         Zt = np.column_stack(blocks[t.group]["cols"][start:stop])
         _, kept, dependent = _drop_collinear(Zt, list(t.columns))
-        if dependent:
-            raise DataError(
-                f"the random-effects columns of the term {_term(t)} are collinear: {', '.join(dependent)} "
-                f"{'is' if len(dependent) == 1 else 'are'} zero, constant or a linear combination of "
-                f"{', '.join(kept) if kept else 'nothing'} in every row; remove "
-                f"{'it' if len(dependent) == 1 else 'them'} from the term")
+        check_term_columns(t, kept, dependent)
         for c, z in zip(t.columns, blocks[t.group]["cols"][start:stop]):
             if c != CONS:  # (any other scale is fine: the optimiser works in Design.theta_scale units)
                 _check_magnitude(z[:, None], [c], "random-effects covariate")
@@ -717,14 +837,8 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
                                    Z=np.column_stack(b["cols"]), colnames=tuple(b["names"]),
                                    levels=b["levels"]))
     index = {groups[k]: i for i, k in enumerate(order)}
-    terms = []
-    pos = 0
-    for t, start, stop in placed:
-        s = covariance.make(t.cov, t.q)
-        terms.append(TermBlock(term=t, structure=s, factor=index[t.group], cols=(start, stop),
-                               theta=(pos, pos + s.n_theta)))
-        pos += s.n_theta
-    return Design(y=y, X=X, xnames=tuple(xnames), factors=tuple(factors), terms=tuple(terms),
+    terms, pos = place_terms(spec, index, placed)
+    return Design(y=y, X=X, xnames=tuple(xnames), factors=tuple(factors), terms=terms,
                   n_theta=pos, group_summary=_summary(spec, df), n_dropped=n_dropped,
                   omitted=omitted, response=spec.response, rows=rows,
                   fixed_levels=fixed_levels, fixed_basis=basis, fixed_encoder=encoders,

@@ -132,7 +132,7 @@ def moment_start(design, cp) -> np.ndarray:
         if t.theta[1] - t.theta[0] != 1 or f.q != 1 or f.colnames[0] != CONS:
             continue
         zr = np.asarray(cp.Z1W if t.factor == 0 else cp.Z2W[t.factor - 1])[:, 0, :]
-        cnt = np.bincount(f.codes, minlength=f.n_levels).astype(float)
+        cnt = np.asarray(f.counts, dtype=float)
         J = f.n_levels
         if J < 2 or n - J < 1 or rss <= 0:
             continue

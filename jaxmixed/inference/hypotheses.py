@@ -129,13 +129,12 @@ def type3_contrasts(r) -> dict:
 def type1_contrasts(r) -> dict:
     ft = r.design.fixed_terms
     names = _names(r)
-    X = np.asarray(r.design.X, dtype=float)
+    G = np.asarray(r.design.xtx, dtype=float)  # XᵀX
     order = [names.index("_cons")] if "_cons" in names else []
     terms = _r_term_order(ft)
     for k in terms:
         order += list(ft.columns[k])
-    Xo = X[:, order]
-    Rt = np.linalg.cholesky(Xo.T @ Xo).T  # upper: the Doolittle rows up to their scale
+    Rt = np.linalg.cholesky(G[np.ix_(order, order)]).T  # upper: the Doolittle rows up to their scale
     Rt = Rt / np.diag(Rt)[:, None]
     out = {}
     pos = 1 if "_cons" in names else 0

@@ -94,12 +94,18 @@ class FitResult:
 
         return blups(self, se=se)
 
-    def predict(self, kind: str = "fitted", data: pd.DataFrame | None = None, conditional: bool = True):
+    def predict(self, kind: str = "fitted", data=None, conditional: bool = True, *, out=None,
+                progress: bool = False):
         """xb, fitted, reffects, reses, residuals or rstandard; for GLMMs eta, mu, xb, reffects,
         reses, pearson, deviance, response; ``conditional=False``: random effects set to 0 (see
-        ``jaxmixed.results.predict.predict``)."""
-        from jaxmixed.results.predict import predict
+        ``jaxmixed.results.predict.predict``). ``data`` may be a streamed source (Parquet files,
+        Arrow, polars, Dask): predicted batch by batch, written to the Parquet file ``out`` when
+        given (``jaxmixed.results.predict.predict_source``)."""
+        from jaxmixed.data.sources import is_source
+        from jaxmixed.results.predict import predict, predict_source
 
+        if out is not None or is_source(data):
+            return predict_source(self, kind, data, out=out, conditional=conditional, progress=progress)
         return predict(self, kind, data, conditional)
 
     def icc(self) -> pd.DataFrame:

@@ -68,7 +68,8 @@ def _row_effects(result, df: pd.DataFrame | None):
 GLMM_KINDS = ("eta", "mu", "xb", "fitted", "reffects", "reses", "pearson", "deviance", "response")
 
 
-def predict(result, kind: str = "fitted", data: pd.DataFrame | None = None, conditional: bool = True):
+def predict(result, kind: str = "fitted", data: pd.DataFrame | None = None, conditional: bool = True,
+            unseen: list | None = None):
     """Stata's predict: xb, fitted (xb + Zb), reffects, reses, residuals, rstandard.
 
     For a GLMM (``result.family`` set): ``eta`` (the linear predictor, offset included), ``mu``
@@ -83,7 +84,8 @@ def predict(result, kind: str = "fitted", data: pd.DataFrame | None = None, cond
     ``data``: new rows; levels not seen in the fit get zero random effects (and missing reses),
     with a warning that says how many rows that concerned. Returns a Series (xb, fitted,
     residuals, rstandard) or a DataFrame with one column per random effect (reffects, reses),
-    indexed like the rows used.
+    indexed like the rows used. ``unseen``: a list that receives the number of unseen levels'
+    rows instead of the warning.
     """
     if getattr(result, "family", None) is not None:
         return _predict_glmm(result, kind, data, conditional)
@@ -104,7 +106,7 @@ def predict(result, kind: str = "fitted", data: pd.DataFrame | None = None, cond
     xb = X @ result.beta
     if kind == "xb":
         return pd.Series(xb, index=index, name="xb")
-    rows = _effect_rows(result, df)
+    rows = _effect_rows(result, df, unseen)
     if kind in ("reffects", "reses"):
         return _effects_frame(result, rows, kind, index)
     fitted = xb + _random_part(result, rows)
@@ -132,10 +134,13 @@ def _new_rows(result, data: pd.DataFrame, with_response: bool):
     return data.loc[ok, need].reset_index(drop=True), np.flatnonzero(ok)
 
 
-def _effect_rows(result, df):
-    """:func:`_row_effects`, warning once about levels not seen in the fit."""
+def _effect_rows(result, df, unseen: list | None = None):
+    """:func:`_row_effects`, warning once about levels not seen in the fit (or their count
+    appended to ``unseen``)."""
     rows, n_unseen = _row_effects(result, df)
-    if n_unseen:
+    if unseen is not None:
+        unseen.append(n_unseen)
+    elif n_unseen:
         warnings.warn(f"{n_unseen} row-level group memberships are levels not seen in the fit; "
                       "their random effects are set to 0", JaxmixedWarning, stacklevel=4)
     return rows
@@ -210,3 +215,50 @@ def _predict_glmm(result, kind: str, data, conditional: bool):
         return pd.Series((y - mean) / np.sqrt(var), index=index, name="pearson")
     d = fam.unit_deviance(y, mu, m, s) * pw
     return pd.Series(np.sign(y - mean) * np.sqrt(np.maximum(d, 0.0)), index=index, name="deviance")
+
+
+def predict_source(result, kind: str, source, *, out=None, conditional: bool = True, progress: bool = False):
+    """:func:`predict` on a streamed source (:func:`jaxmixed.data.sources.open_source`), one
+    record batch at a time. With ``out`` (a path) the predictions are written to that Parquet
+    file batch by batch, with a ``row`` column (the row's position in the source; incomplete
+    rows have no prediction, as in memory), and the path is returned; without it, the
+    predictions come back as one Series/DataFrame indexed by that position. Memory: one batch."""
+    from jaxmixed.data.sources import open_source
+
+    if getattr(result, "family", None) is not None:
+        raise DataError("predictions for a GLMM on a streamed source are not supported: read the rows with pandas")
+    src = open_source(source)
+    spec = result.spec
+    resp = set(spec.options.get("response_variables", (spec.response,)))
+    aux = set(spec.options.get("aux_variables", ()))
+    with_response = kind in ("residuals", "rstandard")
+    need = [v for v in model_variables(spec, src.columns) if v not in aux and (v not in resp or with_response)]
+    src.check_columns(need)
+    writer, parts, offset, unseen = None, [], 0, []
+    try:
+        for frame in src.batches(need, progress=progress, desc="predict"):
+            pred = predict(result, kind, frame, conditional, unseen=unseen)
+            pred.index = pred.index + offset
+            offset += len(frame)
+            if out is None:
+                parts.append(pred)
+                continue
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pd.DataFrame(pred).rename_axis("row").reset_index()
+            table = pa.Table.from_pandas(table, preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(out, table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    if sum(unseen):
+        warnings.warn(f"{sum(unseen)} row-level group memberships are levels not seen in the fit; "
+                      "their random effects are set to 0", JaxmixedWarning, stacklevel=3)
+    if out is not None:
+        if writer is None:
+            raise DataError("the source has no rows to predict")
+        return out
+    return pd.concat(parts) if parts else pd.Series([], dtype=float, name=kind)

@@ -1,0 +1,454 @@
+"""A design and its cross-products from a streamed source, in two passes over the rows.
+
+A linear mixed model sees its rows only through sums (:mod:`jaxmixed.data.crossprod`), so a
+source that does not fit in memory (:mod:`jaxmixed.data.sources`) is read twice, batch by
+batch, and never held:
+
+1. the *schema pass* (:func:`scan_batch`): which rows are complete in every variable the model
+   reads (the others are dropped and counted, as in memory), the distinct complete
+   combinations of the grouping variables with their counts (→ the levels of every grouping
+   factor, the group summary and the sparsity pattern of ZᵀZ, :func:`jaxmixed.data.pattern.build_pattern`),
+   and the levels of categorical fixed effects with their counts (→ dummy columns and base
+   levels, as :func:`jaxmixed.data.design._fixed_columns` chooses them in memory);
+2. the *cross-products pass* (:func:`cross_batch`): each batch's X, y, level codes and Z built
+   with the in-memory design's own functions and the levels of pass 1, and its cross-products
+   formed by the in-memory path's :func:`~jaxmixed.data.crossprod.accumulate` (or its
+   device-sharded version, :mod:`jaxmixed.data.sharded`); batches add.
+
+Then (:func:`finish`) the fixed-effects columns that are collinear are found from the Gram
+matrix XᵀX (:func:`jaxmixed.data.design.drop_collinear_gram`), the well-conditioned basis
+X̃ = X R₀⁻¹ comes from its Cholesky factor R₀ (the in-memory path's Householder R, up to
+rounding), and the cross-products are transformed to it: Z₁ᵀX̃ = (Z₁ᵀX) R₀⁻¹, X̃ᵀX̃ = R₀⁻ᵀ(XᵀX)R₀⁻¹.
+Memory is the model's (levels × effects, the pattern's blocks) plus one batch, whatever the
+number of rows. Every function a pass runs per batch is a module-level function of picklable
+arguments, so that Dask can ship it to its workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+
+from jaxmixed.data import design as dz
+from jaxmixed.data.crossprod import CrossProducts, accumulate, add
+from jaxmixed.data.pattern import build_pattern
+from jaxmixed.errors import DataError, ModelError, warn
+from jaxmixed.model.spec import ModelSpec
+
+COUNT = "_jm_n"  # the count column of the distinct grouping combinations
+MAX_TYPE3_COLUMNS = 200  # beyond this many fixed-effects columns, no Xᵀ rdX (type III tests) is formed
+
+
+# ---------------------------------------------------------------------------------------------
+# the row-less design
+
+
+@dataclass(frozen=True)
+class StreamedFactor(dz.FactorSchema):
+    """A grouping factor of a streamed fit: its levels and observations per level, no rows."""
+
+    counts: np.ndarray = None
+
+    @property
+    def codes(self):
+        raise DataError(_NO_ROWS)
+
+    @property
+    def Z(self):
+        raise DataError(_NO_ROWS)
+
+
+_NO_ROWS = ("this needs the fit's rows, which a fit on a streamed source does not keep in memory: for "
+            "predictions pass the source again (r.predict('fitted', data=source, out='predictions.parquet')); "
+            "for anything else that reads the rows (the bootstrap, wcorrelation, rank-based df) fit a "
+            "pandas DataFrame")
+
+
+@dataclass(frozen=True)
+class StreamedDesign(dz.DesignBase):
+    """A :class:`~jaxmixed.data.design.Design` without its rows: everything the engine, the
+    report and predictions on new data need. Asking for the rows (``X``, ``y``, ``rows``, a
+    factor's ``codes``/``Z``) is a DataError that says how to get them."""
+
+    xnames: tuple
+    factors: tuple  # StreamedFactor, engine order
+    terms: tuple
+    n_theta: int
+    group_summary: pd.DataFrame
+    n_dropped: int
+    omitted: tuple
+    response: str
+    fixed_levels: dict
+    fixed_basis: tuple  # (None, R₀⁻¹, log|R₀|²): X̃ itself is never formed
+    theta_scale: np.ndarray
+    n_obs: int
+    source: str  # what was read, for messages
+    fixed_terms: object = None
+    fixed_encoder: tuple = None
+    column_encoders: dict = field(default_factory=dict)
+
+    @property
+    def nobs(self) -> int:
+        return self.n_obs
+
+    @property
+    def X(self):
+        raise DataError(_NO_ROWS)
+
+    @property
+    def y(self):
+        raise DataError(_NO_ROWS)
+
+    @property
+    def rows(self):
+        raise DataError(_NO_ROWS)
+
+
+# ---------------------------------------------------------------------------------------------
+# pass 1: the schema
+
+
+@dataclass
+class Scan:
+    """Pass 1's sums over a set of rows."""
+
+    n_rows: int
+    n_complete: int
+    present: dict  # variable -> number of rows where it is not missing
+    combos: pd.DataFrame  # distinct complete combinations of the grouping variables, COUNT column
+    cat_counts: dict  # categorical fixed-effects variable -> Series of counts per value
+
+
+def grouping_variables(spec: ModelSpec) -> list[str]:
+    out: list[str] = []
+    for g in list(dz.groupings(spec)) + [lev.group for lev in spec.levels]:
+        for v in g:
+            if v not in out:
+                out.append(v)
+    return out
+
+
+def _complete(df: pd.DataFrame, variables) -> np.ndarray:
+    return df[list(variables)].notna().all(axis=1).to_numpy()
+
+
+def _combos(df: pd.DataFrame, gvars) -> pd.DataFrame:
+    if not gvars:
+        return pd.DataFrame({COUNT: [len(df)]})
+    out = df.groupby(list(gvars), sort=False, observed=True, dropna=False).size()
+    return out.rename(COUNT).reset_index()
+
+
+def scan_batch(spec: ModelSpec, variables: tuple, gvars: tuple, cats: tuple, df: pd.DataFrame) -> Scan:
+    """Pass 1 over one batch (see the module docstring)."""
+    present = {v: int(df[v].notna().sum()) for v in variables}
+    ok = _complete(df, variables)
+    full = df.loc[ok, list(variables)].reset_index(drop=True) if not ok.all() else df[list(variables)]
+    dz._check_values(spec, full, variables)
+    cat_counts = {v: full[v].value_counts(sort=False) for v in cats}
+    return Scan(n_rows=len(df), n_complete=int(ok.sum()), present=present, combos=_combos(full, gvars),
+                cat_counts=cat_counts)
+
+
+def add_scans(a: Scan, b: Scan) -> Scan:
+    gvars = [c for c in a.combos.columns if c != COUNT]
+    both = pd.concat([a.combos, b.combos], ignore_index=True)
+    combos = (both.groupby(gvars, sort=False, observed=True, dropna=False)[COUNT].sum().reset_index()
+              if gvars else pd.DataFrame({COUNT: [int(both[COUNT].sum())]}))
+    return Scan(n_rows=a.n_rows + b.n_rows, n_complete=a.n_complete + b.n_complete,
+                present={v: a.present[v] + b.present[v] for v in a.present}, combos=combos,
+                cat_counts={v: a.cat_counts[v].add(b.cat_counts[v], fill_value=0) for v in a.cat_counts})
+
+
+# ---------------------------------------------------------------------------------------------
+# pass 2: the cross-products
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What pass 2 needs per batch (picklable: Dask ships it to the workers)."""
+
+    spec: ModelSpec
+    variables: tuple
+    weights: str | None
+    fixed_levels: dict
+    names: tuple  # every candidate fixed-effects column, before the collinearity check
+    groups: tuple  # per factor, engine order: the grouping variables
+    levels: tuple  # per factor: its levels (pd.Index)
+    colnames: tuple  # per factor: its random-effects columns
+    pattern: object
+    accumulate: object = None  # None: crossprod.accumulate in numpy; else a device-sharded version
+    overparameterised: bool = False  # also Xᵀ rdX, for type III tests (FixedTerms.rd_basis)
+
+
+@dataclass
+class Sums:
+    """Pass 2's sums over a set of rows."""
+
+    cp: CrossProducts  # with every candidate column of X, untransformed
+    gram: np.ndarray  # unweighted [X y]ᵀ[X y] (with prior weights; else None: cp.WW is it)
+    zz: tuple  # per factor: unweighted ZᵀZ
+    y_min: float
+    y_max: float
+    y_first: float
+    y_stats: tuple  # (n, mean, M2): the response's mean and centred sum of squares (Chan et al.)
+    y_big: float
+    sum_log_w: float
+    x_rd: np.ndarray = None  # Xᵀ rdX (every candidate column of X; rdX the all-levels design)
+
+
+def _codes(df: pd.DataFrame, group: tuple, levels: pd.Index) -> np.ndarray:
+    if not group:
+        return np.zeros(len(df), dtype=np.int64)
+    if len(group) == 1 and not isinstance(levels, pd.MultiIndex):
+        codes = levels.get_indexer(df[group[0]])
+    else:
+        local, uniq = dz._group_codes(df, group)
+        codes = levels.get_indexer(uniq)[local]
+    if np.any(codes < 0):
+        bad = df.loc[codes < 0, list(group)].iloc[0].tolist()
+        raise DataError(f"grouping {':'.join(group)!r} has a level ({', '.join(map(str, bad))}) that the first pass "
+                        "over the source did not see: the source changed between the two passes")
+    return codes.astype(np.int64)
+
+
+def cross_batch(plan: Plan, df: pd.DataFrame) -> Sums:
+    """Pass 2 over one batch (see the module docstring)."""
+    spec = plan.spec
+    ok = _complete(df, plan.variables)
+    if not ok.all():
+        df = df.loc[ok].reset_index(drop=True)
+    y = dz._numeric(df[spec.response], "response")
+    X, names, _ = dz._fixed_columns(spec, df, plan.fixed_levels)
+    if tuple(names) != plan.names:
+        raise DataError("the fixed-effects columns of a batch differ from the first pass's "
+                        f"({', '.join(names)} against {', '.join(plan.names)}): the source changed between passes")
+    dz._check_magnitude(X, names, "fixed-effect column")
+    codes = [_codes(df, g, lv) for g, lv in zip(plan.groups, plan.levels)]
+    Z = []
+    for cols in plan.colnames:
+        Zf = np.column_stack([dz.random_column(spec, df, c) for c in cols])
+        dz._check_magnitude(Zf, list(cols), "random-effects covariate")
+        Z.append(Zf)
+    w = None
+    sum_log_w = 0.0
+    if plan.weights is not None:
+        w = dz._numeric(df[plan.weights], "weights")
+        if np.any(w <= 0):
+            raise DataError(f"weights {plan.weights!r} must be positive; {int(np.sum(w <= 0))} are not")
+        sum_log_w = float(np.sum(np.log(w)))
+    W = np.column_stack([X, y])
+    n_levels = [len(lv) for lv in plan.levels]
+    blocks = plan.pattern.block_index(tuple(codes))
+    acc = accumulate if plan.accumulate is None else plan.accumulate
+    cp = acc(W, codes, Z, n_levels, blocks, w)
+    n = len(y)
+    mean = float(np.mean(y)) if n else 0.0
+    x_rd = None
+    if plan.overparameterised:
+        x_rd = X.T @ dz._fixed_columns(spec, df, plan.fixed_levels, all_levels=True)[0]
+    return Sums(cp=cp._replace(n=n), gram=None if w is None else W.T @ W, zz=tuple(Zf.T @ Zf for Zf in Z),
+                y_min=float(np.min(y)) if n else np.inf, y_max=float(np.max(y)) if n else -np.inf,
+                y_first=float(y[0]) if n else np.nan, y_stats=(n, mean, float(np.sum((y - mean) ** 2))),
+                y_big=float(np.max(np.abs(y))) if n else 0.0, sum_log_w=sum_log_w, x_rd=x_rd)
+
+
+def _merge_moments(a, b):
+    na, ma, m2a = a
+    nb, mb, m2b = b
+    n = na + nb
+    if n == 0:
+        return a
+    d = mb - ma
+    return n, ma + d * nb / n, m2a + m2b + d * d * na * nb / n
+
+
+def add_sums(a: Sums, b: Sums) -> Sums:
+    return Sums(cp=add(a.cp, b.cp), gram=None if a.gram is None else a.gram + b.gram,
+                zz=tuple(x + y for x, y in zip(a.zz, b.zz)), y_min=min(a.y_min, b.y_min),
+                y_max=max(a.y_max, b.y_max), y_first=a.y_first if a.y_stats[0] else b.y_first,
+                y_stats=_merge_moments(a.y_stats, b.y_stats), y_big=max(a.y_big, b.y_big),
+                sum_log_w=a.sum_log_w + b.sum_log_w, x_rd=None if a.x_rd is None else a.x_rd + b.x_rd)
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+
+
+def _refuse_expressions(spec: ModelSpec) -> None:
+    if spec.options.get("fixed_formula") or spec.options.get("random_expressions"):
+        raise ModelError("a formula with expressions (I(), poly(), scale(), log(), …) needs the data in memory: "
+                         "on a streamed source write the model with plain columns (compute the transformed "
+                         "columns when the files are written), or read the data with pandas")
+
+
+def _fixed_levels(spec: ModelSpec, scan: Scan, proto: pd.DataFrame) -> dict:
+    """The categorical fixed effects' levels and base levels as _fixed_columns chooses them."""
+    known: dict = {}
+    for f in (f for t in spec.fixed for f in t.factors):
+        if f.var not in scan.cat_counts or f.var in known:
+            continue
+        counts = scan.cat_counts[f.var]
+        counts = counts[counts > 0]
+        levels = dz.levels_of(np.asarray(counts.index, dtype=object), proto[f.var].dtype)
+        known[f.var] = levels
+        known[("base", f.var)] = dz.base_level(f, levels, lambda lv, c=counts: int(c.get(lv, 0)))
+    return known
+
+
+def _categoricals(spec: ModelSpec, proto: pd.DataFrame) -> tuple:
+    return tuple(dict.fromkeys(f.var for t in spec.fixed for f in t.factors if dz._is_categorical(f, proto)))
+
+
+def scan(spec: ModelSpec, source, variables, proto: pd.DataFrame, *, progress: bool = False) -> Scan:
+    """Pass 1 over ``source`` (a :class:`~jaxmixed.data.sources.Source`); ``proto``: its
+    columns' types (no rows)."""
+    gvars = tuple(grouping_variables(spec))
+    cats = _categoricals(spec, proto)
+    func = partial(scan_batch, spec, tuple(variables), gvars, cats)
+    return source.map_reduce(func, variables, add_scans, progress=progress, desc="pass 1/2: schema")
+
+
+def design_from_source(spec: ModelSpec, source, *, weights: str | None = None, accumulate_fn=None,
+                       progress: bool = False, engine: str = "auto"):
+    """(StreamedDesign, Pattern, CrossProducts, ½ Σ log w) of ``spec`` on a streamed ``source``:
+    the two passes and :func:`finish`. ``weights``: the name of a prior-weights column."""
+    _refuse_expressions(spec)
+    if not spec.random:
+        raise ModelError("the model has no random-effects term; add one such as (1|g) or || g:")
+    if weights is not None and not isinstance(weights, str):
+        raise DataError("on a streamed source, weights= must be the name of a column of the source")
+    variables = list(dict.fromkeys(list(spec.variables) + list(spec.options.get("aux_variables", ()))
+                                   + ([weights] if weights else [])))
+    source.check_columns(variables)
+    proto = source.prototype(variables)
+    s1 = scan(spec, source, variables, proto, progress=progress)
+    for v in variables:
+        if s1.present[v] == 0:
+            raise DataError(f"{dz._role(spec, v)} {v!r} is missing in every row")
+    if s1.n_complete == 0:
+        raise DataError("no observations left after dropping rows with missing values")
+    n_dropped = s1.n_rows - s1.n_complete
+    combos = s1.combos
+    groups = dz.groupings(spec)
+    codes_of, levels_of = {}, {}
+    for g in groups:
+        codes_of[g], levels_of[g] = dz._group_codes(combos, g)
+        dz.check_grouping(g, len(levels_of[g]))
+    # random-effects columns of each factor block, terms in the spec's order
+    cols_of = {g: [] for g in groups}
+    placed = []
+    for t in spec.random:
+        start = len(cols_of[t.group])
+        cols_of[t.group].extend(t.columns)
+        placed.append((t, start, len(cols_of[t.group])))
+    order = sorted(range(len(groups)), key=lambda k: (-len(levels_of[groups[k]]), k))
+    eng_groups = [groups[k] for k in order]
+    pseudo = SimpleNamespace(factors=[SimpleNamespace(codes=codes_of[g], n_levels=len(levels_of[g]),
+                                                      q=len(cols_of[g])) for g in eng_groups])
+    pattern = build_pattern(pseudo)
+    fixed_levels = _fixed_levels(spec, s1, proto)
+    col_keys: list = []
+    _, names, _ = dz._fixed_columns(spec, proto, fixed_levels, keys=col_keys)
+    plan = Plan(spec=spec, variables=tuple(variables), weights=weights, fixed_levels=fixed_levels,
+                names=tuple(names), groups=tuple(eng_groups), levels=tuple(levels_of[g] for g in eng_groups),
+                colnames=tuple(tuple(cols_of[g]) for g in eng_groups), pattern=pattern, accumulate=accumulate_fn,
+                overparameterised=bool(col_keys) and len(names) <= MAX_TYPE3_COLUMNS)
+    s2 = source.map_reduce(partial(cross_batch, plan), variables, add_sums, progress=progress,
+                           desc="pass 2/2: cross-products")
+    if s2.y_stats[0] != s1.n_complete:
+        raise DataError(f"the source changed between the two passes ({s1.n_complete} complete rows, then "
+                        f"{s2.y_stats[0]})")
+    index = {g: i for i, g in enumerate(eng_groups)}
+    terms, n_theta = dz.place_terms(spec, index, placed)
+    counts = [np.bincount(codes_of[g], weights=combos[COUNT].to_numpy(dtype=float),
+                          minlength=len(levels_of[g])).astype(np.int64) for g in eng_groups]
+    factors = tuple(StreamedFactor(group=g, n_levels=len(levels_of[g]), colnames=tuple(cols_of[g]),
+                                   levels=levels_of[g], counts=c) for g, c in zip(eng_groups, counts))
+    summary = dz._summary(spec, combos, weights=combos[COUNT].to_numpy(dtype=float))
+    design, cp = finish(spec, s2, names, col_keys, fixed_levels, factors, terms, n_theta, summary, n_dropped,
+                        proto, source.kind)
+    return design, pattern, cp, 0.5 * s2.sum_log_w
+
+
+def finish(spec, s2: Sums, names, col_keys, fixed_levels, factors, terms, n_theta, summary, n_dropped, proto,
+           what: str):
+    """The StreamedDesign and its cross-products (in the basis X̃) from pass 2's sums."""
+    cp = s2.cp
+    n = int(s2.y_stats[0])
+    p_all = len(names)
+    G = cp.WW if s2.gram is None else s2.gram  # unweighted [X y]ᵀ[X y]
+    keep, xnames, omitted = dz.drop_collinear_gram(G[:p_all, :p_all], names, n)
+    if spec.syntax:
+        dz.check_fixed_count(n, n_dropped, xnames, fixed_levels, omitted)
+    if omitted:
+        warn(f"{', '.join(omitted)} omitted because of collinearity")
+    p = len(keep)
+    GX = G[np.ix_(keep, keep)]
+    try:
+        R0 = np.linalg.cholesky(GX).T if p else np.zeros((0, 0))
+    except np.linalg.LinAlgError:
+        raise DataError(f"the fixed-effects columns ({dz._short(xnames)}) are numerically collinear") from None
+    R0_inv = np.linalg.solve(R0, np.eye(p)) if p else np.zeros((0, 0))
+    logdet = float(2.0 * np.sum(np.log(np.diag(R0)))) if p else 0.0
+    # the response's checks, from its moments and the residual of its projection on X
+    n_, _, m2 = s2.y_stats
+    std = np.sqrt(m2 / n) if n else 0.0
+    yy = float(G[p_all, p_all])
+    r = np.linalg.solve(R0.T, G[keep, p_all]) if p else np.zeros(0)
+    resid_rms = np.sqrt(max(yy - float(r @ r), 0.0) / n)
+    bad = {"large": not s2.y_big <= dz.MAX_ABS, "constant": s2.y_min == s2.y_max,
+           "small": bool(np.sqrt(yy / n) < dz.MIN_RESPONSE_RMS), "exact": False}
+    bad["small"] = bad["small"] and not bad["constant"]
+    bad["exact"] = bool(0 < p < n and not bad["constant"] and not bad["large"]
+                        and resid_rms <= 1e-10 * std + 1e-13 * s2.y_big + 1e-7 * np.sqrt(yy / n))
+    if not spec.options.get("glmm"):
+        dz.raise_response_problem(bad, spec.response, n, s2.y_first, lambda: float(np.sqrt(yy / n)), s2.y_big,
+                                  xnames)
+    for t in terms:
+        zz = s2.zz[t.factor][t.cols[0]:t.cols[1], t.cols[0]:t.cols[1]]
+        dz.check_term_size(t.term, factors[t.factor].n_levels, n)
+        _, kept, dependent = dz.drop_collinear_gram(zz, list(t.term.columns), n)
+        dz.check_term_columns(t.term, kept, dependent)
+    # the cross-products in the basis X̃ = X R₀⁻¹ (columns keep, then y)
+    sel = list(keep) + [p_all]
+    T = np.zeros((p + 1, p + 1))
+    T[:p, :p] = R0_inv
+    T[p, p] = 1.0
+
+    def right(a):
+        return a[..., sel] @ T
+
+    cpt = CrossProducts(n=float(n), WW=T.T @ cp.WW[np.ix_(sel, sel)] @ T, D11=cp.D11, Z1W=right(cp.Z1W),
+                        Z2W=tuple(right(z) for z in cp.Z2W), D22=cp.D22, A21=cp.A21, X22=cp.X22)
+    fixed_terms = None
+    if col_keys:
+        key_of = dict(zip(names, col_keys))
+        sums = None
+        if s2.x_rd is not None:
+            rd_keys: list = []
+            dz._fixed_columns(spec, proto, fixed_levels, all_levels=True, keys=rd_keys)
+            sums = (GX, s2.x_rd[keep], rd_keys)
+        fixed_terms = dz._fixed_terms(spec, proto, None, xnames, [key_of[nm] for nm in xnames], sums)
+    mean_sq = [np.diag(z) / n for z in s2.zz]
+    scale = dz._theta_scale(terms, lambda t: mean_sq[t.factor][t.cols[0]:t.cols[1]])
+    design = StreamedDesign(xnames=tuple(xnames), factors=factors, terms=terms, n_theta=n_theta,
+                            group_summary=summary, n_dropped=n_dropped, omitted=omitted, response=spec.response,
+                            fixed_levels=fixed_levels, fixed_basis=(None, R0_inv, logdet), theta_scale=scale,
+                            n_obs=n, source=what, fixed_terms=fixed_terms)
+    return design, cpt
+
+
+def check_streamable(spec: ModelSpec, residuals=None, dfmethod=None) -> None:
+    """What a streamed fit cannot do, as a ModelError that says what to do instead."""
+    if residuals is not None and not getattr(residuals, "is_default", False):
+        raise ModelError("residual structures (residuals=) need the panels' rows in memory: fit a pandas "
+                         "DataFrame (e.g. pd.read_parquet(...)) or a sample of the source")
+    if dfmethod in ("residual", "repeated", "anova"):
+        raise ModelError(f"dfmethod={dfmethod!r} counts ranks of the rows' design; on a streamed source use "
+                         "dfmethod='satterthwaite' or 'kroger' (computed from the cross-products)")
+

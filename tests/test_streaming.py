@@ -1,0 +1,282 @@
+"""Streamed sources (jaxmixed.data.sources / streaming): every source gives the in-memory fit's numbers.
+
+The reference is the in-memory pandas fit of the same rows (itself checked against Stata and
+lme4 elsewhere): log likelihood to 1e-10 relative, every estimate (β, their standard errors,
+σ, the variance components and their standard errors) to 1e-8, for a nested, a crossed and a
+random-slope model, from a Parquet file, a glob of several files, a pyarrow Dataset and Table,
+a polars DataFrame and a Dask DataFrame on a real ``distributed.LocalCluster``; the 8-device
+case runs in a subprocess (``XLA_FLAGS=--xla_force_host_platform_device_count=8``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import jaxmixed as jm
+
+pa = pytest.importorskip("pyarrow")
+import pyarrow.dataset as pads  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+
+def _crossed() -> pd.DataFrame:
+    rng = np.random.default_rng(7)
+    n, a, b = 2400, 120, 40
+    r, i = rng.integers(0, a, n), rng.integers(0, b, n)
+    x = rng.standard_normal(n)
+    y = 2 + 0.5 * x + rng.standard_normal(a)[r] * 0.8 + rng.standard_normal(b)[i] * 0.5 + rng.standard_normal(n)
+    return pd.DataFrame({"y": y, "x": x, "rater": [f"r{k:03d}" for k in r], "item": i})
+
+
+def _jsp() -> pd.DataFrame:
+    d = jm.datasets.load("jsp")
+    d["math3c"] = d.math3 - d.math3.mean()
+    return d
+
+
+MODELS = {
+    "nested": ("math5 ~ math3c + C(gender) + (1|school) + (1|school:class)", _jsp, {}),
+    "crossed": ("y ~ x + (1|rater) + (1|item)", _crossed, {"engine": "sparse"}),
+    "slope": ("Reaction ~ Days + (1 + Days|Subject)", lambda: jm.datasets.load("sleepstudy"), {}),
+}
+
+
+def assert_same(a, b, loglik_rtol=1e-10, rtol=1e-8):
+    """The streamed fit ``b`` equals the in-memory fit ``a``."""
+    assert b.nobs == a.nobs and b.n_dropped == a.n_dropped
+    assert abs(b.loglik - a.loglik) <= loglik_rtol * abs(a.loglik), (a.loglik, b.loglik)
+    fa, fb = a.fixed[["coef", "se"]].to_numpy(float), b.fixed[["coef", "se"]].to_numpy(float)
+    np.testing.assert_allclose(fb, fa, rtol=rtol, atol=rtol * np.max(np.abs(fa)))
+    ra, rb = a.random[["estimate", "se"]].to_numpy(float), b.random[["estimate", "se"]].to_numpy(float)
+    np.testing.assert_allclose(rb, ra, rtol=rtol, atol=rtol * np.nanmax(np.abs(ra)))
+    np.testing.assert_allclose(b.sigma, a.sigma, rtol=rtol)
+    assert list(b.fixed.index) == list(a.fixed.index)
+    pd.testing.assert_frame_equal(b.groups, a.groups, check_dtype=False)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Each model's data as one Parquet file and as three (a glob), and its in-memory fit."""
+    root = tmp_path_factory.mktemp("streaming")
+    out = {}
+    for name, (formula, make, kw) in MODELS.items():
+        d = make()
+        one = root / f"{name}.parquet"
+        d.to_parquet(one)
+        (root / name).mkdir()
+        for k, part in enumerate(np.array_split(np.arange(len(d)), 3)):
+            d.iloc[part].to_parquet(root / name / f"part-{k}.parquet")
+        out[name] = dict(data=d, path=str(one), glob=str(root / name / "*.parquet"),
+                         ref=jm.fit(formula, d, **kw), formula=formula, kw=kw)
+    return out
+
+
+SOURCES = {
+    "parquet path": lambda f: f["path"],
+    "parquet glob": lambda f: f["glob"],
+    "list of paths": lambda f: sorted(__import__("glob").glob(f["glob"])),
+    "pyarrow Dataset": lambda f: pads.dataset(f["glob"].replace("*.parquet", ""), format="parquet"),
+    "pyarrow Table": lambda f: pa.Table.from_pandas(f["data"], preserve_index=False),
+}
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_source_gives_in_memory_fit(files, model, source):
+    f = files[model]
+    r = jm.fit(f["formula"], SOURCES[source](f), **f["kw"])
+    assert_same(f["ref"], r)
+    assert type(r.design).__name__ == "StreamedDesign"
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_polars(files, model):
+    pl = pytest.importorskip("polars")
+    f = files[model]
+    assert_same(f["ref"], jm.fit(f["formula"], pl.from_pandas(f["data"]), **f["kw"]))
+
+
+@pytest.mark.parametrize("model", ["nested", "slope"])
+def test_batch_size_does_not_change_the_answer(files, model):
+    f = files[model]
+    small = jm.fit(f["formula"], jm.source(f["path"], batch_rows=13), **f["kw"])
+    large = jm.fit(f["formula"], jm.source(f["path"], batch_rows=100_000), **f["kw"])
+    assert_same(large, small)
+    assert_same(f["ref"], small)
+
+
+def test_missing_values_dropped_and_counted(tmp_path):
+    d = _jsp()
+    rng = np.random.default_rng(3)
+    d.loc[rng.choice(len(d), 11, replace=False), "math5"] = np.nan
+    d["gender"] = d["gender"].astype(object)
+    d.loc[rng.choice(len(d), 5, replace=False), "gender"] = None
+    d["school"] = d["school"].astype(float)
+    d.loc[rng.choice(len(d), 4, replace=False), "school"] = np.nan
+    d.loc[rng.choice(len(d), 6, replace=False), "math3c"] = np.nan
+    path = tmp_path / "gappy.parquet"
+    d.to_parquet(path)
+    formula = MODELS["nested"][0]
+    ref = jm.fit(formula, d)
+    assert ref.n_dropped > 20
+    r = jm.fit(formula, jm.source(str(path), batch_rows=100))
+    assert r.n_dropped == ref.n_dropped and r.nobs == ref.nobs == len(d) - ref.n_dropped
+    assert_same(ref, r)
+    assert f"{ref.n_dropped}" in str(r) or r.n_dropped == ref.n_dropped
+
+
+def test_weights_stata_syntax_and_ml(files, tmp_path):
+    d = files["slope"]["data"].copy()
+    d["w"] = np.random.default_rng(1).uniform(0.5, 2.0, len(d))
+    path = tmp_path / "w.parquet"
+    d.to_parquet(path)
+    formula = "Reaction ~ Days + (1 + Days|Subject)"
+    assert_same(jm.fit(formula, d, weights="w"), jm.fit(formula, str(path), weights="w"))
+    cmd = "Reaction Days || Subject: Days, covariance(unstructured) mle"
+    assert_same(jm.xtmixed(cmd, d), jm.xtmixed(cmd, str(path)))
+
+
+def test_small_sample_inference_and_tests(files):
+    f = files["slope"]
+    a = jm.fit(f["formula"], f["data"], dfmethod="kroger")
+    b = jm.fit(f["formula"], f["path"], dfmethod="kroger")
+    assert_same(a, b)
+    np.testing.assert_allclose(b.fixed["df"], a.fixed["df"], rtol=1e-7)
+    n = files["nested"]
+    a, b = jm.fit(n["formula"], n["data"]), jm.fit(n["formula"], n["path"])
+    pd.testing.assert_frame_equal(b.anova(type=3), a.anova(type=3), rtol=1e-7)
+    pd.testing.assert_frame_equal(b.anova(type=1), a.anova(type=1), rtol=1e-7)
+
+
+def test_blups_and_predictions_to_parquet(files, tmp_path):
+    f = files["nested"]
+    ref, r = f["ref"], jm.fit(f["formula"], f["path"])
+    for key, table in ref.blups().items():
+        np.testing.assert_allclose(r.blups()[key].to_numpy(), table.to_numpy(), rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(r.blups(se=True)[key].to_numpy(), ref.blups(se=True)[key].to_numpy(), rtol=1e-7)
+    out = tmp_path / "pred.parquet"
+    assert r.predict("residuals", jm.source(f["path"], batch_rows=100), out=str(out)) == str(out)
+    written = pq.read_table(out).to_pandas()
+    assert list(written.columns) == ["row", "residuals"] and len(written) == ref.nobs
+    np.testing.assert_allclose(written["residuals"], ref.predict("residuals").to_numpy(), atol=1e-8)
+    fitted = r.predict("fitted", f["glob"])
+    np.testing.assert_allclose(fitted.to_numpy(), ref.predict("fitted").to_numpy(), atol=1e-8)
+    with pytest.raises(jm.DataError, match="streamed source"):
+        r.predict("fitted")  # the training rows are not kept
+
+
+def test_streamed_errors(files, tmp_path):
+    f = files["slope"]
+    with pytest.raises(jm.DataError, match="no file matches"):
+        jm.fit(f["formula"], str(tmp_path / "nothing-*.parquet"))
+    with pytest.raises(jm.DataError, match="does not exist"):
+        jm.fit(f["formula"], str(tmp_path / "absent.parquet"))
+    with pytest.raises(jm.DataError, match="'Reactoin' is not a column .*did you mean 'Reaction'"):
+        jm.fit("Reactoin ~ Days + (1|Subject)", f["path"])
+    with pytest.raises(jm.ModelError, match="expressions"):
+        jm.fit("Reaction ~ I(Days**2) + (1|Subject)", f["path"])
+    with pytest.raises(jm.ModelError, match="residual structures"):
+        jm.fit("Reaction ~ Days + (1|Subject)", f["path"], residuals=jm.ar(1, time="Days"))
+    with pytest.raises(jm.ModelError, match="in memory"):
+        jm.fit("Reaction ~ Days + (1|Subject)", f["path"], family="poisson")
+    with pytest.raises(jm.ModelError, match="satterthwaite"):
+        jm.fit("Reaction ~ Days + (1|Subject)", f["path"], dfmethod="residual")
+    with pytest.raises(jm.DataError, match="positive integer"):
+        jm.source(f["path"], batch_rows=0)
+    (tmp_path / "x.txt").write_text("a")
+    with pytest.raises(jm.DataError, match="unknown format"):
+        jm.fit(f["formula"], str(tmp_path / "x.txt"))
+    with pytest.raises(jm.DataError, match="pandas DataFrame, a path"):
+        jm.fit(f["formula"], pa.array([1, 2]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dask on a real LocalCluster
+
+
+@pytest.fixture(scope="module")
+def client():
+    distributed = pytest.importorskip("distributed")
+    pytest.importorskip("dask.dataframe")
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                       silence_logs=40)
+    c = distributed.Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_dask_local_cluster(files, client, model):
+    import dask.dataframe as dd
+
+    f = files[model]
+    ddf = dd.from_pandas(f["data"], npartitions=4)
+    r = jm.fit(f["formula"], ddf, **f["kw"])
+    assert_same(f["ref"], r)
+    assert client.run(lambda: 1)  # the workers are separate processes that ran the passes
+    ddf2 = dd.read_parquet(f["glob"])
+    assert_same(f["ref"], jm.fit(f["formula"], ddf2, **f["kw"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# several devices: 8 virtual CPU devices in a subprocess
+
+DEVICE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np, pandas as pd, jax
+    import jaxmixed as jm
+    assert len(jax.devices()) == 8, jax.devices()
+    out = {}
+    for name, formula, path, kw in json.loads(sys.argv[1]):
+        d = pd.read_parquet(path)
+        res = {"memory": jm.fit(formula, d, devices=jax.devices(), **kw),
+               "parquet": jm.fit(formula, jm.source(path, batch_rows=500), devices=jax.devices()[:8], **kw)}
+        out[name] = {k: dict(loglik=r.loglik, fixed=r.fixed[["coef", "se"]].to_numpy().tolist(),
+                             random=r.random[["estimate", "se"]].to_numpy().tolist(), sigma=r.sigma,
+                             nobs=r.nobs) for k, r in res.items()}
+    print(json.dumps(out))
+""")
+
+
+def test_eight_virtual_devices(files):
+    jobs = [(name, f["formula"], f["path"], f["kw"]) for name, f in files.items()]
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"))
+    proc = subprocess.run([sys.executable, "-c", DEVICE_SCRIPT, json.dumps(jobs)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, f in files.items():
+        ref = f["ref"]
+        for kind, r in got[name].items():
+            assert r["nobs"] == ref.nobs
+            assert abs(r["loglik"] - ref.loglik) <= 1e-10 * abs(ref.loglik), (name, kind)
+            fa = ref.fixed[["coef", "se"]].to_numpy(float)
+            np.testing.assert_allclose(r["fixed"], fa, rtol=1e-8, atol=1e-8 * np.max(np.abs(fa)))
+            ra = ref.random[["estimate", "se"]].to_numpy(float)
+            np.testing.assert_allclose(np.array(r["random"], dtype=float), ra, rtol=1e-8,
+                                       atol=1e-8 * np.nanmax(np.abs(ra)))
+            np.testing.assert_allclose(r["sigma"], ref.sigma, rtol=1e-8)
+
+
+def test_devices_refused_with_dask_and_glmm(files):
+    import jax
+
+    pytest.importorskip("dask.dataframe")
+    import dask.dataframe as dd
+
+    f = files["slope"]
+    with pytest.raises(jm.ModelError, match="Dask"):
+        jm.fit(f["formula"], dd.from_pandas(f["data"], npartitions=2), devices=jax.devices())
+    with pytest.raises(jm.ModelError, match="devices="):
+        jm.fit("Reaction ~ Days + (1|Subject)", f["data"], family="poisson", devices=jax.devices())
+    with pytest.raises(jm.ModelError, match="jax.Device"):
+        jm.fit(f["formula"], f["data"], devices=["cpu"])
