@@ -55,16 +55,21 @@ class BlockIndex(NamedTuple):
     n_x22: tuple
 
 
-def segment_cross(index, A, B, n_segments: int, weights=None, xp=np):
+def segment_cross(index, A, B, n_segments: int, weights=None, xp=np, unit=()):
     """Σ over the rows i with index[i] = s of wᵢ A[i] B[i]ᵀ, for s = 0..n_segments-1:
-    (n_segments, a, b) from A (n, a), B (n, b). numpy: one ``bincount`` per column pair;
-    JAX: one ``segment_sum`` of the row outer products."""
+    (n_segments, a, b) from A (n, a), B (n, b). numpy: one ``bincount`` per column pair (the
+    columns of A listed in ``unit`` are known to be 1: no product formed); JAX: one
+    ``segment_sum`` of the row outer products."""
     if xp is np:
         out = np.zeros((n_segments, A.shape[1], B.shape[1]))
         for i in range(A.shape[1]):
-            Ai = A[:, i] if weights is None else A[:, i] * weights
+            if i in unit:
+                Ai = weights
+            else:
+                Ai = A[:, i] if weights is None else A[:, i] * weights
             for j in range(B.shape[1]):
-                out[:, i, j] = np.bincount(index, weights=Ai * B[:, j], minlength=n_segments)
+                out[:, i, j] = np.bincount(index, weights=B[:, j] if Ai is None else Ai * B[:, j],
+                                           minlength=n_segments)
         return out
     import jax
 
@@ -74,7 +79,27 @@ def segment_cross(index, A, B, n_segments: int, weights=None, xp=np):
     return jax.ops.segment_sum(prod, index, num_segments=n_segments)
 
 
-def accumulate(W, codes, Z, n_levels, blocks: BlockIndex, weights=None, xp=np) -> CrossProducts:
+def _z_blocks(index, Zf, ZfW, L, weights, xp, same, unit):
+    """Σ z zᵀ per level, its entries taken from Σ z wᵀ (``ZfW``) where a column of Z is a column
+    of W (``same[j]``: that column's index in W, or -1) and summed otherwise (numpy)."""
+    if xp is not np or same is None or ZfW is None:
+        return segment_cross(index, Zf, Zf, L, weights, xp)
+    q = Zf.shape[1]
+    out = np.empty((L, q, q))
+    for i in range(q):
+        for j in range(i, q):
+            if same[j] >= 0:
+                out[:, i, j] = ZfW[:, i, same[j]]
+            elif same[i] >= 0:
+                out[:, i, j] = ZfW[:, j, same[i]]
+            else:
+                out[:, i, j] = segment_cross(index, Zf[:, [i]], Zf[:, [j]], L, weights, xp,
+                                             unit=(0,) if i in unit else ())[:, 0, 0]
+            out[:, j, i] = out[:, i, j]
+    return out
+
+
+def accumulate(W, codes, Z, n_levels, blocks: BlockIndex, weights=None, xp=np, same=None) -> CrossProducts:
     """The cross-products of one batch of rows.
 
     W        (n, p+1) = [X y], or None for the blocks of Z alone (a GLMM's PIRLS step: WW, Z1W
@@ -85,15 +110,26 @@ def accumulate(W, codes, Z, n_levels, blocks: BlockIndex, weights=None, xp=np) -
     blocks   the rows' pattern blocks (:class:`BlockIndex`)
     weights  (n,) prior weights, or None
     xp       numpy or jax.numpy
+    same     per factor, for each random-effects column the index of the identical column of W
+             (the constant, a covariate that is also a fixed effect) or -1: numpy then takes Σ z zᵀ
+             from Σ z wᵀ and forms no product with a constant (a third fewer sums for a random
+             slope); None: every sum formed
     """
     c1, Z1 = codes[0], Z[0]
     L1 = n_levels[0]
     n = Z1.shape[0]
 
-    def with_w(index, A, L):  # Σ z wᵀ per level, or its zero placeholder without W
+    cons = W is not None and same is not None and W.shape[1] > 1
+    unit_of = [tuple(j for j, k in enumerate(same[f]) if cons and k >= 0 and _is_constant_column(W, k))
+               if same is not None else () for f in range(len(codes))]
+
+    def with_w(index, A, L, f):  # Σ z wᵀ per level, or its zero placeholder without W
         if W is None:
             return xp.zeros((L, A.shape[1], 1))
-        return segment_cross(index, A, W, L, weights, xp)
+        return segment_cross(index, A, W, L, weights, xp, unit=unit_of[f] if xp is np else ())
+
+    def zz(f, index, ZW):
+        return _z_blocks(index, Z[f], ZW, n_levels[f], weights, xp, None if same is None else same[f], unit_of[f])
 
     if W is None:
         WW = xp.zeros((1, 1))
@@ -101,16 +137,29 @@ def accumulate(W, codes, Z, n_levels, blocks: BlockIndex, weights=None, xp=np) -
         WW = (W.T * weights) @ W if weights is not None else W.T @ W
     Z2W, D22, A21 = [], [], []
     for k in range(1, len(codes)):
-        Z2W.append(with_w(codes[k], Z[k], n_levels[k]))
-        D22.append(segment_cross(codes[k], Z[k], Z[k], n_levels[k], weights, xp))
+        Z2W.append(with_w(codes[k], Z[k], n_levels[k], k))
+        D22.append(zz(k, codes[k], Z2W[-1]))
         A21.append(segment_cross(blocks.a21[k - 1], Z1, Z[k], blocks.n_a21[k - 1], weights, xp))
     X22 = []
     pairs = [(a, b) for a in range(len(codes) - 1) for b in range(a + 1, len(codes) - 1)]
     for m, (a, b) in enumerate(pairs):
         X22.append(segment_cross(blocks.x22[m], Z[a + 1], Z[b + 1], blocks.n_x22[m], weights, xp))
-    return CrossProducts(n=n, WW=WW, D11=segment_cross(c1, Z1, Z1, L1, weights, xp),
-                         Z1W=with_w(c1, Z1, L1), Z2W=tuple(Z2W), D22=tuple(D22),
+    Z1W = with_w(c1, Z1, L1, 0)
+    return CrossProducts(n=n, WW=WW, D11=zz(0, c1, Z1W), Z1W=Z1W, Z2W=tuple(Z2W), D22=tuple(D22),
                          A21=tuple(A21), X22=tuple(X22))
+
+
+def _is_constant_column(W, k) -> bool:
+    """Whether column k of W is all ones (the constant: ``same`` points the intercept there)."""
+    col = W[:, k]
+    return bool(col.size) and bool(col[0] == 1.0) and bool(np.all(col == 1.0))
+
+
+def identical_columns(z_names, w_names) -> tuple:
+    """For ``accumulate``'s ``same``: each random-effects column's index among W's columns
+    (``_cons`` is the constant; a covariate the column of that name), or -1."""
+    w_index = {nm: k for k, nm in enumerate(w_names)}
+    return tuple(w_index.get(nm, -1) for nm in z_names)
 
 
 def add(a: CrossProducts, b: CrossProducts) -> CrossProducts:

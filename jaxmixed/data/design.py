@@ -355,7 +355,7 @@ def _check_values(spec: ModelSpec, df: pd.DataFrame, variables=None) -> None:
 def _check_magnitude(A: np.ndarray, names, what: str) -> None:
     if not A.size:
         return
-    big = np.max(np.abs(A), axis=0)
+    big = np.array([np.max(np.abs(A[:, j])) for j in range(A.shape[1])])  # (contiguous in a column-major A)
     for j in np.flatnonzero(~(big <= MAX_ABS)):  # also catches overflow to inf in products
         raise DataError(f"{what} {names[j]!r} has values as large as {big[j]:.3g}, beyond what "
                         f"double-precision cross-products can hold (|x| ≤ {MAX_ABS:.0e}); rescale it")
@@ -431,14 +431,15 @@ def _is_categorical(f, df: pd.DataFrame) -> bool:
 
 
 def _fixed_columns(spec: ModelSpec, df: pd.DataFrame, known: dict | None = None, all_levels: bool = False,
-                   keys: list | None = None):
+                   keys: list | None = None, as_list: bool = False):
     """Columns of X with their names: each term is the product of its factors' columns.
 
     ``known`` maps a categorical variable to the levels seen when the model was fitted, so that
     new data get the same dummy columns; the levels used are returned for that purpose.
     ``all_levels``: every level of every categorical variable gets a column (the
     overparameterised design behind SAS/lmerTest type III contrasts); ``keys``, a list, receives
-    each column's (term index, ((variable, level), ...)) (-1 for ``_cons``).
+    each column's (term index, ((variable, level), ...)) (-1 for ``_cons``). ``as_list``: the
+    columns as a list of arrays (some may be views of ``df``'s columns) instead of X.
     """
     stata = spec.syntax == "stata"
     used_levels: dict = {}
@@ -477,9 +478,9 @@ def _fixed_columns(spec: ModelSpec, df: pd.DataFrame, known: dict | None = None,
                 name = f"{lv}.{f.var}" if stata else (f"{f.var}[{lv}]" if every else f"{f.var}[T.{lv}]")
                 dummies.append((name, (s == lv).to_numpy(dtype=float), ((f.var, lv),)))
             parts.append(dummies)
-        combos: list[tuple[str, np.ndarray, tuple]] = [("", np.ones(len(df)), ())]
+        combos: list[tuple[str, np.ndarray, tuple]] = [("", None, ())]  # (None: the empty product, 1)
         for part in parts:
-            combos = [((a + ("#" if stata else ":") + b) if a else b, x * z, ka + kb)
+            combos = [((a + ("#" if stata else ":") + b) if a else b, z if x is None else x * z, ka + kb)
                       for a, x, ka in combos for b, z, kb in part]
         for name, x, key in combos:
             if name not in names:
@@ -490,7 +491,9 @@ def _fixed_columns(spec: ModelSpec, df: pd.DataFrame, known: dict | None = None,
         names.append(CONS)
         cols.append(np.ones(len(df)))
         keys.append((-1, ()))
-    X = np.column_stack(cols) if cols else np.zeros((len(df), 0))
+    if as_list:
+        return cols, names, used_levels
+    X = np.array(cols).T if cols else np.zeros((len(df), 0))  # column-major: each column contiguous
     return X, names, used_levels
 
 

@@ -181,10 +181,35 @@ class ArrowSource(Source):
                 bar.close()
 
     def map_reduce(self, func, columns, combine, *, progress: bool = False, desc: str = ""):
+        """Σ func(batch), the batches read by Arrow's own threads and processed by ``threads()``
+        threads (numpy's segment sums release the GIL), at most that many in flight (memory: a
+        few batches), added in the order of the batches (the result does not depend on timing)."""
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
         total = None
-        for frame in self.batches(columns, progress=progress, desc=desc):
-            part = func(frame)
+        workers = threads()
+
+        def take(part):
+            nonlocal total
             total = part if total is None else combine(total, part)
+
+        if workers <= 1:
+            for frame in self.batches(columns, progress=progress, desc=desc):
+                take(func(frame))
+        else:
+            pending: deque = deque()
+            with ThreadPoolExecutor(workers, thread_name_prefix="jaxmixed-batch") as pool:
+                try:
+                    for frame in self.batches(columns, progress=progress, desc=desc):
+                        pending.append(pool.submit(func, frame))
+                        while len(pending) > workers:
+                            take(pending.popleft().result())
+                    while pending:
+                        take(pending.popleft().result())
+                finally:
+                    for fut in pending:
+                        fut.cancel()
         if total is None:
             raise DataError(f"the {self.kind} has no rows")
         return total
@@ -235,6 +260,11 @@ class DaskSource(Source):
             frame = part.compute()
             for a in range(0, len(frame), self.batch_rows):
                 yield frame.iloc[a:a + self.batch_rows].reset_index(drop=True)
+
+
+def threads() -> int:
+    """Threads that process batches of a local source: the machine's cores, at most 4."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def _in_batches(frame: pd.DataFrame, func, combine, batch_rows: int):

@@ -26,7 +26,7 @@ arguments, so that Dask can ship it to its workers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from types import SimpleNamespace
 
@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from jaxmixed.data import design as dz
-from jaxmixed.data.crossprod import CrossProducts, accumulate, add
+from jaxmixed.data.crossprod import CrossProducts, accumulate, add, identical_columns
 from jaxmixed.data.pattern import build_pattern
 from jaxmixed.errors import DataError, ModelError, warn
 from jaxmixed.model.spec import ModelSpec
@@ -183,6 +183,7 @@ class Plan:
     pattern: object
     accumulate: object = None  # None: crossprod.accumulate in numpy; else a device-sharded version
     overparameterised: bool = False  # also Xᵀ rdX, for type III tests (FixedTerms.rd_basis)
+    same: tuple = None  # per factor: each random-effects column's index among X's columns, or -1
 
 
 @dataclass
@@ -204,11 +205,22 @@ class Sums:
 def _codes(df: pd.DataFrame, group: tuple, levels: pd.Index) -> np.ndarray:
     if not group:
         return np.zeros(len(df), dtype=np.int64)
+    if isinstance(levels, pd.RangeIndex):  # integer levels start, start+1, …: the code is an offset
+        v = df[group[0]].to_numpy()
+        if v.dtype.kind in "iu":
+            codes = v.astype(np.int64) - levels.start
+            if codes.size and (codes.min() < 0 or codes.max() >= len(levels)):
+                codes = np.where((codes >= 0) & (codes < len(levels)), codes, -1)
+            return _checked(df, group, codes)
     if len(group) == 1 and not isinstance(levels, pd.MultiIndex):
         codes = levels.get_indexer(df[group[0]])
     else:
         local, uniq = dz._group_codes(df, group)
         codes = levels.get_indexer(uniq)[local]
+    return _checked(df, group, codes)
+
+
+def _checked(df, group, codes):
     if np.any(codes < 0):
         bad = df.loc[codes < 0, list(group)].iloc[0].tolist()
         raise DataError(f"grouping {':'.join(group)!r} has a level ({', '.join(map(str, bad))}) that the first pass "
@@ -218,20 +230,30 @@ def _codes(df: pd.DataFrame, group: tuple, levels: pd.Index) -> np.ndarray:
 
 def cross_batch(plan: Plan, df: pd.DataFrame) -> Sums:
     """Pass 2 over one batch (see the module docstring)."""
-    spec = plan.spec
     ok = _complete(df, plan.variables)
     if not ok.all():
         df = df.loc[ok].reset_index(drop=True)
+    codes = [_codes(df, g, lv) for g, lv in zip(plan.groups, plan.levels)]
+    return _sums(plan, df, codes, [len(lv) for lv in plan.levels], plan.pattern.block_index(tuple(codes)))
+
+
+def _sums(plan: Plan, df: pd.DataFrame, codes, n_levels, blocks) -> Sums:
+    """The Sums of complete rows ``df`` whose level codes (engine order) are ``codes``."""
+    spec = plan.spec
     y = dz._numeric(df[spec.response], "response")
-    X, names, _ = dz._fixed_columns(spec, df, plan.fixed_levels)
+    cols, names, _ = dz._fixed_columns(spec, df, plan.fixed_levels, as_list=True)
     if tuple(names) != plan.names:
         raise DataError("the fixed-effects columns of a batch differ from the first pass's "
                         f"({', '.join(names)} against {', '.join(plan.names)}): the source changed between passes")
+    W = np.empty((len(y), len(cols) + 1), order="F")  # [X y], column-major
+    for j, c in enumerate(cols):
+        W[:, j] = c
+    W[:, -1] = y
+    X = W[:, :-1]
     dz._check_magnitude(X, names, "fixed-effect column")
-    codes = [_codes(df, g, lv) for g, lv in zip(plan.groups, plan.levels)]
     Z = []
     for cols in plan.colnames:
-        Zf = np.column_stack([dz.random_column(spec, df, c) for c in cols])
+        Zf = np.array([dz.random_column(spec, df, c) for c in cols]).T  # column-major, as X
         dz._check_magnitude(Zf, list(cols), "random-effects covariate")
         Z.append(Zf)
     w = None
@@ -241,11 +263,10 @@ def cross_batch(plan: Plan, df: pd.DataFrame) -> Sums:
         if np.any(w <= 0):
             raise DataError(f"weights {plan.weights!r} must be positive; {int(np.sum(w <= 0))} are not")
         sum_log_w = float(np.sum(np.log(w)))
-    W = np.column_stack([X, y])
-    n_levels = [len(lv) for lv in plan.levels]
-    blocks = plan.pattern.block_index(tuple(codes))
-    acc = accumulate if plan.accumulate is None else plan.accumulate
-    cp = acc(W, codes, Z, n_levels, blocks, w)
+    if plan.accumulate is None:
+        cp = accumulate(W, codes, Z, n_levels, blocks, w, same=plan.same)
+    else:
+        cp = plan.accumulate(W, codes, Z, n_levels, blocks, w)
     n = len(y)
     mean = float(np.mean(y)) if n else 0.0
     x_rd = None
@@ -273,6 +294,73 @@ def add_sums(a: Sums, b: Sums) -> Sums:
                 y_max=max(a.y_max, b.y_max), y_first=a.y_first if a.y_stats[0] else b.y_first,
                 y_stats=_merge_moments(a.y_stats, b.y_stats), y_big=max(a.y_big, b.y_big),
                 sum_log_w=a.sum_log_w + b.sum_log_w, x_rd=None if a.x_rd is None else a.x_rd + b.x_rd)
+
+
+# ---------------------------------------------------------------------------------------------
+# one pass, when the schema needs none: one grouping factor, no categorical fixed effects
+
+
+@dataclass
+class Part:
+    """One pass's sums over a set of rows: Sums over the levels seen there (``levels``, in the
+    order of first appearance), with their counts."""
+
+    sums: Sums
+    levels: pd.Index
+    counts: np.ndarray
+    present: dict
+    n_rows: int
+
+
+def one_pass_batch(plan: Plan, df: pd.DataFrame) -> Part:
+    """Pass 1 and 2 at once over one batch (:func:`design_from_source`, one grouping factor and
+    no categorical fixed effects: the levels are only needed to label the sums, so each batch
+    labels its own and :func:`add_parts` aligns them)."""
+    present = {v: int(df[v].notna().sum()) for v in plan.variables}
+    ok = _complete(df, plan.variables)
+    full = df if ok.all() else df.loc[ok].reset_index(drop=True)
+    dz._check_values(plan.spec, full, plan.variables)
+    group = plan.groups[0]
+    if len(group) == 1 and not isinstance(full[group[0]].dtype, pd.CategoricalDtype):
+        codes, uniq = pd.factorize(full[group[0]], sort=False)
+        uniq = pd.Index(uniq, name=group[0])
+    else:
+        codes, uniq = dz._group_codes(full, group)
+    codes = codes.astype(np.int64)
+    from jaxmixed.data.crossprod import BlockIndex
+
+    sums = _sums(plan, full, [codes], [len(uniq)], BlockIndex((), (), (), ()))
+    return Part(sums, uniq, np.bincount(codes, minlength=len(uniq)), present, len(df))
+
+
+def _placed(sums: Sums, idx, L: int) -> Sums:
+    """``sums`` with its per-level arrays placed at rows ``idx`` of ``L`` levels."""
+    def put(a):
+        out = np.zeros((L,) + a.shape[1:])
+        out[idx] = a
+        return out
+
+    return replace(sums, cp=sums.cp._replace(D11=put(sums.cp.D11), Z1W=put(sums.cp.Z1W)))
+
+
+def add_parts(a: Part, b: Part) -> Part:
+    new = ~b.levels.isin(a.levels)
+    union = a.levels.append(b.levels[new]) if new.any() else a.levels
+    L = len(union)
+    sa = a.sums if L == len(a.levels) else _placed(a.sums, np.arange(len(a.levels)), L)
+    idx = union.get_indexer(b.levels)
+    sb = _placed(b.sums, idx, L)
+    counts = np.zeros(L, dtype=np.int64)
+    counts[:len(a.levels)] = a.counts
+    counts[idx] += b.counts
+    return Part(add_sums(sa, sb), union, counts, {v: a.present[v] + b.present[v] for v in a.present},
+                a.n_rows + b.n_rows)
+
+
+def _one_pass_eligible(spec: ModelSpec, cats) -> bool:
+    groups = dz.groupings(spec)
+    return (len(groups) == 1 and bool(groups[0]) and not cats
+            and all(lev.group == groups[0] for lev in spec.levels))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +414,8 @@ def design_from_source(spec: ModelSpec, source, *, weights: str | None = None, a
                                    + ([weights] if weights else [])))
     source.check_columns(variables)
     proto = source.prototype(variables)
+    if _one_pass_eligible(spec, _categoricals(spec, proto)) and accumulate_fn is None:
+        return _design_in_one_pass(spec, source, variables, weights, proto, progress)
     s1 = scan(spec, source, variables, proto, progress=progress)
     for v in variables:
         if s1.present[v] == 0:
@@ -339,13 +429,7 @@ def design_from_source(spec: ModelSpec, source, *, weights: str | None = None, a
     for g in groups:
         codes_of[g], levels_of[g] = dz._group_codes(combos, g)
         dz.check_grouping(g, len(levels_of[g]))
-    # random-effects columns of each factor block, terms in the spec's order
-    cols_of = {g: [] for g in groups}
-    placed = []
-    for t in spec.random:
-        start = len(cols_of[t.group])
-        cols_of[t.group].extend(t.columns)
-        placed.append((t, start, len(cols_of[t.group])))
+    cols_of, placed = _term_columns(spec, groups)  # random-effects columns of each factor block
     order = sorted(range(len(groups)), key=lambda k: (-len(levels_of[groups[k]]), k))
     eng_groups = [groups[k] for k in order]
     pseudo = SimpleNamespace(factors=[SimpleNamespace(codes=codes_of[g], n_levels=len(levels_of[g]),
@@ -355,9 +439,10 @@ def design_from_source(spec: ModelSpec, source, *, weights: str | None = None, a
     col_keys: list = []
     _, names, _ = dz._fixed_columns(spec, proto, fixed_levels, keys=col_keys)
     plan = Plan(spec=spec, variables=tuple(variables), weights=weights, fixed_levels=fixed_levels,
-                names=tuple(names), groups=tuple(eng_groups), levels=tuple(levels_of[g] for g in eng_groups),
+                names=tuple(names), groups=tuple(eng_groups), levels=tuple(_as_range(levels_of[g]) for g in eng_groups),
                 colnames=tuple(tuple(cols_of[g]) for g in eng_groups), pattern=pattern, accumulate=accumulate_fn,
-                overparameterised=bool(col_keys) and len(names) <= MAX_TYPE3_COLUMNS)
+                overparameterised=bool(col_keys) and bool(_categoricals(spec, proto)) and len(names) <= MAX_TYPE3_COLUMNS,
+                same=tuple(identical_columns(cols_of[g], names) for g in eng_groups))
     s2 = source.map_reduce(partial(cross_batch, plan), variables, add_sums, progress=progress,
                            desc="pass 2/2: cross-products")
     if s2.y_stats[0] != s1.n_complete:
@@ -373,6 +458,63 @@ def design_from_source(spec: ModelSpec, source, *, weights: str | None = None, a
     design, cp = finish(spec, s2, names, col_keys, fixed_levels, factors, terms, n_theta, summary, n_dropped,
                         proto, source.kind)
     return design, pattern, cp, 0.5 * s2.sum_log_w
+
+
+def _term_columns(spec: ModelSpec, groups):
+    """(each grouping's random-effects columns, (term, first, stop) per term)."""
+    cols_of = {g: [] for g in groups}
+    placed = []
+    for t in spec.random:
+        start = len(cols_of[t.group])
+        cols_of[t.group].extend(t.columns)
+        placed.append((t, start, len(cols_of[t.group])))
+    return cols_of, placed
+
+
+def _design_in_one_pass(spec: ModelSpec, source, variables, weights, proto, progress):
+    """design_from_source for one grouping factor and no categorical fixed effects: a single
+    pass (:func:`one_pass_batch`), the levels sorted at the end as in memory."""
+    (g,) = dz.groupings(spec)
+    cols_of, placed = _term_columns(spec, [g])
+    col_keys: list = []
+    _, names, _ = dz._fixed_columns(spec, proto, {}, keys=col_keys)
+    plan = Plan(spec=spec, variables=tuple(variables), weights=weights, fixed_levels={}, names=tuple(names),
+                groups=(g,), levels=(None,), colnames=(tuple(cols_of[g]),), pattern=None,
+                overparameterised=False, same=(identical_columns(cols_of[g], names),))
+    part = source.map_reduce(partial(one_pass_batch, plan), variables, add_parts, progress=progress,
+                             desc="one pass: cross-products")
+    for v in variables:
+        if part.present[v] == 0:
+            raise DataError(f"{dz._role(spec, v)} {v!r} is missing in every row")
+    n = int(part.sums.y_stats[0])
+    if n == 0:
+        raise DataError("no observations left after dropping rows with missing values")
+    frame = (part.levels.to_frame(index=False) if isinstance(part.levels, pd.MultiIndex)
+             else pd.DataFrame({g[0]: part.levels}))
+    pos, levels = dz._group_codes(frame, g)  # pos[i]: the sorted position of level i
+    dz.check_grouping(g, len(levels))
+    s2 = _placed(part.sums, pos, len(levels))
+    counts = np.zeros(len(levels), dtype=np.int64)
+    counts[pos] = part.counts
+    sorted_frame = frame.iloc[np.argsort(pos)].reset_index(drop=True)
+    summary = dz._summary(spec, sorted_frame, weights=counts.astype(float))
+    terms, n_theta = dz.place_terms(spec, {g: 0}, placed)
+    factors = (StreamedFactor(group=g, n_levels=len(levels), colnames=tuple(cols_of[g]), levels=levels,
+                              counts=counts),)
+    pattern = build_pattern(SimpleNamespace(factors=[SimpleNamespace(codes=np.arange(len(levels)),
+                                                                     n_levels=len(levels), q=len(cols_of[g]))]))
+    design, cp = finish(spec, s2, names, col_keys, {}, factors, terms, n_theta, summary, part.n_rows - n, proto,
+                        source.kind)
+    return design, pattern, cp, 0.5 * s2.sum_log_w
+
+
+def _as_range(levels: pd.Index) -> pd.Index:
+    """Integer levels that are consecutive as a RangeIndex (codes by subtraction in pass 2)."""
+    if len(levels) and not isinstance(levels, pd.MultiIndex) and levels.dtype.kind in "iu":
+        v = levels.to_numpy()
+        if v[-1] - v[0] == len(v) - 1 and np.all(np.diff(v) == 1):
+            return pd.RangeIndex(int(v[0]), int(v[-1]) + 1, name=levels.name)
+    return levels
 
 
 def finish(spec, s2: Sums, names, col_keys, fixed_levels, factors, terms, n_theta, summary, n_dropped, proto,
@@ -428,11 +570,13 @@ def finish(spec, s2: Sums, names, col_keys, fixed_levels, factors, terms, n_thet
     fixed_terms = None
     if col_keys:
         key_of = dict(zip(names, col_keys))
+        rd_keys: list = []
+        _, rd_names, _ = dz._fixed_columns(spec, proto, fixed_levels, all_levels=True, keys=rd_keys)
         sums = None
         if s2.x_rd is not None:
-            rd_keys: list = []
-            dz._fixed_columns(spec, proto, fixed_levels, all_levels=True, keys=rd_keys)
             sums = (GX, s2.x_rd[keep], rd_keys)
+        elif set(rd_names) <= set(names):  # no categorical variable: rdX's columns are X's own
+            sums = (GX, G[np.ix_(keep, [names.index(nm) for nm in rd_names])], rd_keys)
         fixed_terms = dz._fixed_terms(spec, proto, None, xnames, [key_of[nm] for nm in xnames], sums)
     mean_sq = [np.diag(z) / n for z in s2.zz]
     scale = dz._theta_scale(terms, lambda t: mean_sq[t.factor][t.cols[0]:t.cols[1]])
