@@ -289,3 +289,56 @@ def test_devices_refused_with_dask_and_glmm(files):
         jm.fit("Reaction ~ Days + (1|Subject)", f["data"], family="poisson", devices=jax.devices())
     with pytest.raises(jm.ModelError, match="jax.Device"):
         jm.fit(f["formula"], f["data"], devices=["cpu"])
+
+
+# ---------------------------------------------------------------------------------------------
+# several processes: jax.distributed on localhost, each process reading its own files
+
+PROCESS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    pid, port, jobs = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    import jaxmixed as jm
+    out = {}
+    for name, formula, parts, kw in jobs:
+        r = jm.fit(formula, jm.source(parts[pid], process_local=True), **kw)
+        out[name] = dict(loglik=r.loglik, fixed=r.fixed[["coef", "se"]].to_numpy().tolist(), nobs=r.nobs,
+                         random=r.random[["estimate", "se"]].to_numpy().tolist(), sigma=r.sigma)
+    print(json.dumps(out))
+""")
+
+
+def test_two_processes_jax_distributed(files, tmp_path):
+    """Two processes of a jax.distributed run (CPU, gloo collectives), each with its own half of the
+    files, give the in-memory fit of all the rows, and the same numbers on both processes."""
+    import socket
+
+    jobs = []
+    for name in ("nested", "slope"):
+        f = files[name]
+        d = f["data"]
+        parts = []
+        for k, half in enumerate(np.array_split(np.arange(len(d)), 2)):
+            path = tmp_path / f"{name}-{k}.parquet"
+            d.iloc[half].to_parquet(path)
+            parts.append(str(path))
+        jobs.append((name, f["formula"], parts, f["kw"]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", PROCESS_SCRIPT, str(k), str(port), json.dumps(jobs)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    got = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    assert got[0] == got[1]
+    for name, *_ in jobs:
+        ref, r = files[name]["ref"], got[0][name]
+        assert r["nobs"] == ref.nobs
+        assert abs(r["loglik"] - ref.loglik) <= 1e-10 * abs(ref.loglik)
+        fa = ref.fixed[["coef", "se"]].to_numpy(float)
+        np.testing.assert_allclose(r["fixed"], fa, rtol=1e-8, atol=1e-8 * np.max(np.abs(fa)))
+        np.testing.assert_allclose(r["sigma"], ref.sigma, rtol=1e-8)

@@ -31,6 +31,8 @@ from jaxmixed.errors import DataError
 
 #: rows per record batch read from files and tables
 BATCH_ROWS = 1 << 18
+#: record batches Arrow decodes ahead of the one being processed
+READAHEAD = 4
 
 _FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".arrow": "ipc", ".feather": "ipc",
             ".ipc": "ipc"}
@@ -162,7 +164,10 @@ class ArrowSource(Source):
     def batches(self, columns, *, progress: bool = False, desc: str = ""):
         bar = _bar(progress, self.n_rows if progress else None, desc)
         try:
-            for batch in self.dataset.to_batches(columns=list(columns), batch_size=self.batch_rows):
+            # readahead bounded (Arrow's defaults, 16 batches of 4 files, hold ~1 GB when the
+            # batches are consumed more slowly than they are decoded)
+            for batch in self.dataset.to_batches(columns=list(columns), batch_size=self.batch_rows,
+                                                 batch_readahead=READAHEAD, fragment_readahead=1):
                 if batch.num_rows == 0:
                     continue
                 yield _frame(batch)
@@ -267,6 +272,55 @@ def threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+class ProcessLocalSource(Source):
+    """The rows of one process of a ``jax.distributed`` run (``jm.source(..., process_local=True)``):
+    each process reads its own part of the data (its own files) and the partial results of
+    every pass are exchanged between the processes (``multihost_utils.process_allgather`` of
+    their pickled bytes: model-sized, never rows) and added in process order, so that every
+    process ends with the same sums and fits the same model. The collectives are JAX's."""
+
+    def __init__(self, inner: Source):
+        self.inner = inner
+        self.kind = f"{inner.kind} (process-local)"
+        self.columns = inner.columns
+
+    def prototype(self, columns) -> pd.DataFrame:
+        return self.inner.prototype(columns)
+
+    def batches(self, columns, *, progress: bool = False, desc: str = ""):
+        return self.inner.batches(columns, progress=progress, desc=desc)
+
+    def map_reduce(self, func, columns, combine, *, progress: bool = False, desc: str = ""):
+        try:
+            local = self.inner.map_reduce(func, columns, combine, progress=progress, desc=desc)
+        except DataError as exc:
+            if "has no rows" not in str(exc):
+                raise
+            local = None  # (this process holds no rows: the others may)
+        parts = [p for p in allgather_objects(local) if p is not None]
+        if not parts:
+            raise DataError(f"no process of the jax.distributed run has rows in its {self.inner.kind}")
+        return reduce(combine, parts)
+
+
+def allgather_objects(obj) -> list:
+    """Every process's ``obj`` (picklable), in process order (one process: ``[obj]``)."""
+    import pickle
+
+    import jax
+
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], dtype=np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), dtype=np.uint8)
+    padded[:data.size] = data
+    every = np.asarray(multihost_utils.process_allgather(padded))
+    return [pickle.loads(every[k, :int(sizes[k])].tobytes()) for k in range(len(sizes))]
+
+
 def _in_batches(frame: pd.DataFrame, func, combine, batch_rows: int):
     """func over a partition in pieces of ``batch_rows`` rows (bounded temporaries), added."""
     total = None
@@ -277,8 +331,12 @@ def _in_batches(frame: pd.DataFrame, func, combine, batch_rows: int):
 
 
 def _combine_some(combine, *parts):
+    """combine over the parts, starting from a copy of the first (``combine`` may update its
+    first argument in place, and a Dask task must not change its inputs: it can be rerun)."""
+    import copy
+
     parts = [p for p in parts if p is not None]
-    return reduce(combine, parts) if parts else None
+    return reduce(combine, parts[1:], copy.deepcopy(parts[0])) if parts else None
 
 
 def _bar(progress: bool, total, desc: str):
@@ -289,11 +347,18 @@ def _bar(progress: bool, total, desc: str):
     return tqdm(total=total, desc=desc or "rows", unit=" rows", unit_scale=True, leave=False, delay=0.5)
 
 
-def open_source(data, *, batch_rows: int | None = None) -> Source:
+def open_source(data, *, batch_rows: int | None = None, process_local: bool = False) -> Source:
     """A :class:`Source` for ``data``: path(s) or glob(s), a pyarrow Dataset or Table, a polars
     DataFrame or LazyFrame, or a Dask DataFrame (``jm.source``). ``batch_rows``: rows per
     record batch (default BATCH_ROWS; a Dask partition is processed in pieces of that many
-    rows). Raises DataError for anything else."""
+    rows). ``process_local``: in a ``jax.distributed`` run, ``data`` is this process's own part
+    of the rows (:class:`ProcessLocalSource`). Raises DataError for anything else."""
+    if process_local:
+        inner = open_source(data, batch_rows=batch_rows)
+        if isinstance(inner, DaskSource):
+            raise DataError("process_local=True is for files and tables each process reads itself; a Dask "
+                            "DataFrame is already spread over its cluster")
+        return inner if isinstance(inner, ProcessLocalSource) else ProcessLocalSource(inner)
     if isinstance(data, Source):
         return data
     if batch_rows is not None and (not isinstance(batch_rows, (int, np.integer)) or batch_rows < 1):

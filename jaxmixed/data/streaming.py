@@ -15,6 +15,10 @@ batch, and never held:
    formed by the in-memory path's :func:`~jaxmixed.data.crossprod.accumulate` (or its
    device-sharded version, :mod:`jaxmixed.data.sharded`); batches add.
 
+A model with one grouping factor and no categorical fixed effects needs no schema pass: each
+batch labels its sums with the levels it sees (:func:`one_pass_batch`), :func:`add_parts` aligns
+them when batches are added, and the levels are sorted at the end as in memory.
+
 Then (:func:`finish`) the fixed-effects columns that are collinear are found from the Gram
 matrix XᵀX (:func:`jaxmixed.data.design.drop_collinear_gram`), the well-conditioned basis
 X̃ = X R₀⁻¹ comes from its Cholesky factor R₀ (the in-memory path's Householder R, up to
@@ -344,17 +348,24 @@ def _placed(sums: Sums, idx, L: int) -> Sums:
 
 
 def add_parts(a: Part, b: Part) -> Part:
+    """a + b, levels aligned (b's rows added into a's arrays, which are enlarged when b brings
+    new levels: ``a`` is an intermediate sum and is updated in place)."""
     new = ~b.levels.isin(a.levels)
     union = a.levels.append(b.levels[new]) if new.any() else a.levels
     L = len(union)
     sa = a.sums if L == len(a.levels) else _placed(a.sums, np.arange(len(a.levels)), L)
+    counts = a.counts
+    if L > len(counts):
+        counts = np.zeros(L, dtype=np.int64)
+        counts[:len(a.counts)] = a.counts
     idx = union.get_indexer(b.levels)
-    sb = _placed(b.sums, idx, L)
-    counts = np.zeros(L, dtype=np.int64)
-    counts[:len(a.levels)] = a.counts
+    sa.cp.D11[idx] += b.sums.cp.D11  # (idx has no repeats: a fancy-indexed add is exact)
+    sa.cp.Z1W[idx] += b.sums.cp.Z1W
     counts[idx] += b.counts
-    return Part(add_sums(sa, sb), union, counts, {v: a.present[v] + b.present[v] for v in a.present},
-                a.n_rows + b.n_rows)
+    rest = replace(b.sums, cp=b.sums.cp._replace(D11=0.0, Z1W=0.0))
+    total = add_sums(replace(sa, cp=sa.cp._replace(D11=0.0, Z1W=0.0)), rest)
+    total = replace(total, cp=total.cp._replace(D11=sa.cp.D11, Z1W=sa.cp.Z1W))
+    return Part(total, union, counts, {v: a.present[v] + b.present[v] for v in a.present}, a.n_rows + b.n_rows)
 
 
 def _one_pass_eligible(spec: ModelSpec, cats) -> bool:
