@@ -133,7 +133,7 @@ def child(kind: str, args: list[str]) -> dict:
 
         formula, path = args
         t = time.perf_counter()
-        df = pd.read_parquet(path)
+        df = pd.read_csv(path) if path.endswith(".csv") else pd.read_parquet(path)
         t_read = time.perf_counter() - t
         t = time.perf_counter()
         r = jm.fit(formula, df, method="ml")
@@ -217,6 +217,8 @@ def main() -> None:
     ap.add_argument("--lme4-rows", default="1000000,10000000", help="CSV sample sizes lme4 is given")
     ap.add_argument("--lme4-timeout", type=float, default=1200.0)
     ap.add_argument("--skip-lme4", action="store_true")
+    ap.add_argument("--lme4-from", default=None, metavar="JSON",
+                    help="take lme4's figures from an earlier results file instead of running it again")
     ap.add_argument("--skip-dask", action="store_true")
     ap.add_argument("--skip-crossed", action="store_true")
     ap.add_argument("--out", default=str(HERE / "bench_big_results.json"))
@@ -268,13 +270,20 @@ def main() -> None:
             print(f"[{name}] Dask LocalCluster (2 workers): {d.get('fit_s', d.get('error'))} s, loglik rel diff "
                   f"{res.get('dask_loglik_rel_diff')}", flush=True)
         if not a.skip_lme4:
-            res["lme4"] = {}
+            res["lme4"], res["jaxmixed_on_lme4_sample"] = {}, {}
+            earlier = json.loads(Path(a.lme4_from).read_text())["cases"][name]["lme4"] if a.lme4_from else {}
             for n in [int(x) for x in a.lme4_rows.split(",") if x]:
                 csv = folder / f"sample_{n}.csv"
                 csv_sample(first, csv, n)
-                r = run_lme4(csv, LME4[name], a.lme4_timeout)
+                r = earlier[str(n)] if str(n) in earlier else run_lme4(csv, LME4[name], a.lme4_timeout)
                 res["lme4"][str(n)] = r
-                print(f"[{name}] lme4 on {n:,} rows: {r.get('fit_s', r.get('error'))} s", flush=True)
+                j = run_child("memory", formula, str(csv))
+                res["jaxmixed_on_lme4_sample"][str(n)] = j
+                ratio = r["fit_s"] / j["fit_s"] if "fit_s" in r and "fit_s" in j else None
+                diff = j["loglik"] - r["loglik"] if "loglik" in r and "loglik" in j else None
+                print(f"[{name}] lme4 on {n:,} rows: {r.get('fit_s', r.get('error'))} s; jaxmixed (in memory, same "
+                      f"CSV) {j.get('fit_s', j.get('error'))} s: {ratio and round(ratio, 1)}×, loglik jaxmixed − lme4 "
+                      f"{diff}", flush=True)
         rd = res["read"].get("read_table_s")
         if rd and "fit_s" in s:
             res["ratio_to_read"] = s["fit_s"] / rd
