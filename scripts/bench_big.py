@@ -92,13 +92,20 @@ def simulate_crossed(folder: Path, rows: int, files: int = 4) -> None:
                        row_group_size=1 << 20)
 
 
-def csv_sample(parquet: Path, out: Path, rows: int) -> None:
+def csv_sample(folder: Path, out: Path, rows: int) -> None:
+    """The first ``rows`` rows of the files (in name order) as a CSV for R."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if out.exists():
         return
-    t = pq.read_table(parquet).slice(0, rows).to_pandas()
-    t.to_csv(out, index=False)
+    tables, n = [], 0
+    for f in sorted(folder.glob("*.parquet")):
+        tables.append(pq.read_table(f))
+        n += tables[-1].num_rows
+        if n >= rows:
+            break
+    pa.concat_tables(tables).slice(0, rows).to_pandas().to_csv(out, index=False)
 
 
 # ---------------------------------------------------------------------------------- children
@@ -274,7 +281,7 @@ def main() -> None:
             earlier = json.loads(Path(a.lme4_from).read_text())["cases"][name]["lme4"] if a.lme4_from else {}
             for n in [int(x) for x in a.lme4_rows.split(",") if x]:
                 csv = folder / f"sample_{n}.csv"
-                csv_sample(first, csv, n)
+                csv_sample(folder, csv, n)
                 r = earlier[str(n)] if str(n) in earlier else run_lme4(csv, LME4[name], a.lme4_timeout)
                 res["lme4"][str(n)] = r
                 j = run_child("memory", formula, str(csv))

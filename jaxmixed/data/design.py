@@ -632,7 +632,10 @@ def _drop_collinear(X: np.ndarray, names: list[str]):
     scale[scale == 0] = 1.0
     Xs = X / scale
     tol = 1e-9 * np.sqrt(X.shape[0])
-    keep = _independent(names, lambda cand: np.linalg.matrix_rank(Xs[:, cand], tol=tol))
+    # Xs[:, cand] = Q R[:, cand]: the same singular values from the p × p factor R (one pass
+    # over the rows instead of an SVD of n rows per candidate set)
+    R = np.linalg.qr(Xs, mode="r") if X.shape[0] > X.shape[1] > 0 else Xs
+    keep = _independent(names, lambda cand: np.linalg.matrix_rank(R[:, cand], tol=tol))
     return X[:, keep], [names[j] for j in keep], tuple(names[j] for j in range(len(names)) if j not in keep)
 
 

@@ -304,21 +304,23 @@ class ProcessLocalSource(Source):
 
 
 def allgather_objects(obj) -> list:
-    """Every process's ``obj`` (picklable), in process order (one process: ``[obj]``)."""
-    import pickle
-
+    """Every process's partial result ``obj``, in process order (one process: ``[obj]``):
+    encoded without pickle (:mod:`jaxmixed.data.exchange`), exchanged as uint8 arrays by
+    ``multihost_utils.process_allgather`` (padded to the longest)."""
     import jax
 
     if jax.process_count() == 1:
         return [obj]
     from jax.experimental import multihost_utils
 
-    data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
+    from jaxmixed.data import exchange
+
+    data = np.frombuffer(b"" if obj is None else exchange.encode(obj), dtype=np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], dtype=np.int64))).reshape(-1)
     padded = np.zeros(int(sizes.max()), dtype=np.uint8)
     padded[:data.size] = data
     every = np.asarray(multihost_utils.process_allgather(padded))
-    return [pickle.loads(every[k, :int(sizes[k])].tobytes()) for k in range(len(sizes))]
+    return [exchange.decode(every[k, :int(sizes[k])].tobytes()) if sizes[k] else None for k in range(len(sizes))]
 
 
 def _in_batches(frame: pd.DataFrame, func, combine, batch_rows: int):
