@@ -361,7 +361,7 @@ def _check_magnitude(A: np.ndarray, names, what: str) -> None:
                         f"double-precision cross-products can hold (|x| ≤ {MAX_ABS:.0e}); rescale it")
 
 
-def fixed_effects_basis(X: np.ndarray):
+def fixed_effects_basis(X: np.ndarray, R=None):
     """(X̃, R₀⁻¹, log|R₀|²): a well-conditioned basis X̃ = X R₀⁻¹ of the fixed-effects columns,
     X = X̃R₀ with R₀ upper triangular (positive diagonal). The cross-products are formed with
     X̃, so that the engine's Cholesky factors see a well-conditioned fixed-effects block however
@@ -370,11 +370,13 @@ def fixed_effects_basis(X: np.ndarray):
     β = R₀⁻¹β̃ and adds log|R₀|² to the REML deviance, so nothing reported changes.
 
     R₀ is the R of a Householder QR of X (its Q is not formed: X̃ = X R₀⁻¹ is orthonormal to
-    rounding), ≈ 0.1 s for a million rows and five columns."""
+    rounding), ≈ 0.1 s for a million rows and five columns. ``R``: that R when the caller has
+    it (:func:`_drop_collinear`'s factor)."""
     n, p = X.shape
     if p == 0:
         return X, np.zeros((0, 0)), 0.0
-    R = np.linalg.qr(X, mode="r")
+    if R is None:
+        R = np.linalg.qr(X, mode="r")
     R = R * np.where(np.diag(R) < 0, -1.0, 1.0)[:, None]
     R_inv = np.linalg.solve(R, np.eye(p))
     return X @ R_inv, R_inv, float(2.0 * np.sum(np.log(np.diag(R))))
@@ -623,20 +625,30 @@ def fixed_matrix(spec: ModelSpec, design, df: pd.DataFrame) -> np.ndarray:
     return X[:, [names.index(n) for n in design.xnames]]
 
 
-def _drop_collinear(X: np.ndarray, names: list[str]):
+def _drop_collinear(X: np.ndarray, names: list[str], factor: list | None = None):
     """Omit columns that are (numerically) linear combinations of earlier ones, as Stata does.
 
-    The constant is checked first so that a covariate, not ``_cons``, is the one omitted.
-    """
-    scale = np.sqrt(np.sum(X**2, axis=0))
+    The constant is checked first so that a covariate, not ``_cons``, is the one omitted. A set
+    of columns is independent when the singular values of its columns scaled to unit norm
+    exceed 1e-9 √n. They are those of the same columns of R D⁻¹, R the Householder factor of X
+    and D its column norms (= the norms of R's columns), so one QR of the n rows serves every
+    candidate set; ``factor``, a list, receives the R of the kept columns (for
+    :func:`fixed_effects_basis`)."""
+    n, p = X.shape
+    tol = 1e-9 * np.sqrt(n)
+    if n > p > 0:
+        R = np.linalg.qr(X, mode="r")
+        scale = np.sqrt(np.sum(R ** 2, axis=0))
+    else:
+        R = X
+        scale = np.sqrt(np.sum(X ** 2, axis=0))
     scale[scale == 0] = 1.0
-    Xs = X / scale
-    tol = 1e-9 * np.sqrt(X.shape[0])
-    # Xs[:, cand] = Q R[:, cand]: the same singular values from the p × p factor R (one pass
-    # over the rows instead of an SVD of n rows per candidate set)
-    R = np.linalg.qr(Xs, mode="r") if X.shape[0] > X.shape[1] > 0 else Xs
-    keep = _independent(names, lambda cand: np.linalg.matrix_rank(R[:, cand], tol=tol))
-    return X[:, keep], [names[j] for j in keep], tuple(names[j] for j in range(len(names)) if j not in keep)
+    Rs = R / scale
+    keep = _independent(names, lambda cand: np.linalg.matrix_rank(Rs[:, cand], tol=tol))
+    if factor is not None and n > p > 0:
+        factor.append(R if len(keep) == p else np.linalg.qr(R[:, keep], mode="r"))
+    kept = X if len(keep) == p else X[:, keep]
+    return kept, [names[j] for j in keep], tuple(names[j] for j in range(len(names)) if j not in keep)
 
 
 def _independent(names, rank) -> list[int]:
@@ -780,7 +792,7 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
     if not complete.any():
         raise DataError("no observations left after dropping rows with missing values")
     rows = np.flatnonzero(complete)
-    df = used.iloc[rows].reset_index(drop=True)
+    df = used.reset_index(drop=True) if n_dropped == 0 else used.iloc[rows].reset_index(drop=True)
     _check_values(spec, df, variables)
 
     encoders = None
@@ -793,7 +805,8 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
         X, xnames, fixed_levels = _fixed_columns(spec, df, keys=col_keys)
     _check_magnitude(X, xnames, "fixed-effect column")
     all_names = list(xnames)
-    X, xnames, omitted = _drop_collinear(X, xnames)
+    factor: list = []
+    X, xnames, omitted = _drop_collinear(X, xnames, factor)
     terms_info = None
     if col_keys:  # the terms of the fixed part (for F tests per term), native columns only
         key_of = dict(zip(all_names, col_keys))
@@ -802,7 +815,7 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
         check_fixed_count(len(y), n_dropped, xnames, fixed_levels, omitted)
     if omitted:
         warn(f"{', '.join(omitted)} omitted because of collinearity")
-    basis = fixed_effects_basis(X)
+    basis = fixed_effects_basis(X, factor[0] if factor else None)
     glmm = bool(spec.options.get("glmm"))  # a GLMM's response is checked by its family
     if not glmm:
         _check_response(y, basis[0], xnames, spec.response)
