@@ -203,15 +203,10 @@ cat(sprintf('{{"fit_s": %.3f, "loglik": %.6f, "nobs": %d, "r_max_mb": %.1f}}\\n'
 def machine() -> str:
     import platform
 
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GB RAM, Python {platform.python_version()}, "
-            f"load average {os.getloadavg()[0]:.2f}")
+    sys.path.insert(0, str(HERE))
+    import bench_glmm
+
+    return f"{bench_glmm.machine()}; Python {platform.python_version()}; load average {os.getloadavg()[0]:.2f}"
 
 
 def main() -> None:

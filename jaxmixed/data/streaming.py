@@ -57,13 +57,12 @@ class StreamedFactor(dz.FactorSchema):
 
     counts: np.ndarray = None
 
-    @property
-    def codes(self):
-        raise DataError(_NO_ROWS)
+    codes = property(lambda self: _no_rows())
+    Z = property(lambda self: _no_rows())
 
-    @property
-    def Z(self):
-        raise DataError(_NO_ROWS)
+
+def _no_rows():
+    raise DataError(_NO_ROWS)
 
 
 _NO_ROWS = ("this needs the fit's rows, which a fit on a streamed source does not keep in memory: for "
@@ -99,17 +98,9 @@ class StreamedDesign(dz.DesignBase):
     def nobs(self) -> int:
         return self.n_obs
 
-    @property
-    def X(self):
-        raise DataError(_NO_ROWS)
-
-    @property
-    def y(self):
-        raise DataError(_NO_ROWS)
-
-    @property
-    def rows(self):
-        raise DataError(_NO_ROWS)
+    X = property(lambda self: _no_rows())
+    y = property(lambda self: _no_rows())
+    rows = property(lambda self: _no_rows())
 
 
 # ---------------------------------------------------------------------------------------------
