@@ -17,6 +17,20 @@ Everything here is a pure function of arrays, usable under ``jax.jit``, ``jax.gr
     implicit differentiation (a ``jax.custom_vjp`` on the map stats ↦ θ̂: at the optimum
     ∇_θD(θ̂, s) = 0, so dθ̂/ds = −H⁻¹ ∂²D/∂θ∂s with H the Hessian of the deviance; θ entries held
     at their bound get zero derivative). β̂, σ̂ and the deviance follow by ordinary autodiff.
+``nll(eta, y, groups, params, Z=None, *, n_groups, scale=1.0)``
+    the marginal negative log likelihood of a one-factor Gaussian mixed model whose fixed part
+    η is any differentiable prediction (a network's output), group by group through the
+    Woodbury identity (:mod:`jaxmixed.engine.grouped`): a sum over groups, so a mini-batch of
+    whole groups times ``scale`` = groups / groups in the batch estimates it without bias.
+    ``params`` a :class:`VarianceParams` (log σ and an unconstrained Cholesky factor of Σ_b;
+    ``init_params(q)``, ``variance_report(params)`` in the report's metric); ``blups`` and
+    ``predict_conditional`` give η + BLUPs for seen groups and η for new ones (code −1).
+``nll_laplace(eta, y, groups, params, Z=None, *, n_groups, family="bernoulli"|"poisson")``
+    the same for a binary or count response, by the Laplace approximation per group (modes by
+    Newton steps, exact gradients from one differentiable step at the mode); ``laplace_modes``.
+``nll_factors(eta, y, groups, theta, Z=None, *, n_groups, cov="unstructured")``
+    several grouping factors (crossed or nested), full batch: ½ the ML deviance of y − η through
+    the engine, σ profiled out in closed form, θ as in :func:`deviance`.
 Every Cholesky factorisation and triangular solve here runs in plain XLA operations (the
 engine's "xla" kernel policy, :mod:`jaxmixed.engine.kernels`: fast for the many tiny blocks of a
 mixed model, and free of the LAPACK thread-pool deadlock jaxlib 0.10 can hit with large vmapped
@@ -57,13 +71,20 @@ from jaxmixed.data.crossprod import accumulate
 from jaxmixed.data.pattern import dense_block_index
 from jaxmixed.engine import pls
 from jaxmixed.engine.kernels import cholesky_xla, spd_solve_xla, triangular_solve_xla  # noqa: F401 (public)
+from jaxmixed.engine import grouped
+from jaxmixed.engine.grouped import VarianceParams, blups, init_params, nll, nll_terms  # noqa: F401 (public)
+from jaxmixed.engine.grouped import laplace_modes, nll_laplace  # noqa: F401 (public)
+from jaxmixed.engine.grouped import predict as predict_conditional  # noqa: F401 (public)
+from jaxmixed.engine.grouped import report as variance_report  # noqa: F401 (public)
 from jaxmixed.engine.pls import ModelShape, PLSArrays, TermShape
 from jaxmixed.errors import DataError, ModelError
 from jaxmixed.fit.optimizers import minimize_scaled
 from jaxmixed.model import covariance
 
 __all__ = ["ModelStats", "Estimates", "stats_from_arrays", "deviance", "solve", "fit_stats", "fit_arrays",
-           "structure", "cholesky_xla", "triangular_solve_xla"]
+           "structure", "cholesky_xla", "triangular_solve_xla",
+           "nll", "nll_terms", "blups", "predict_conditional", "init_params", "VarianceParams", "variance_report",
+           "nll_laplace", "laplace_modes", "nll_factors", "grouped"]
 
 #: the kernel policy of the functional core: every factorisation in plain XLA operations, so
 #: that no LAPACK call lands inside a user's (possibly vmapped) program
@@ -318,3 +339,15 @@ def fit_arrays(y, X, groups, Z=None, weights=None, *, n_groups=None, cov="unstru
     y = Xβ + Zb + ε from arrays, differentiable with respect to y, X and weights."""
     st = stats_from_arrays(y, X, groups, Z, weights, n_groups=n_groups, cov=cov)
     return fit_stats(st, reml, theta0, max_iter)
+
+
+def nll_factors(eta, y, groups, theta, Z=None, *, n_groups, cov="unstructured"):
+    """The marginal negative log likelihood of y − η for one or several grouping factors
+    (``groups`` a code array or a tuple of them, crossed or nested; ``n_groups`` likewise),
+    σ profiled out: ½ × the ML deviance of the statistics of y − η with no fixed-effects
+    columns (:func:`stats_from_arrays`, :func:`deviance`). Full batch only (the profiled σ couples
+    the groups); differentiable in η and θ."""
+    y = jnp.asarray(y, dtype=float)
+    r = y - jnp.asarray(eta, dtype=float)
+    stats = stats_from_arrays(r, jnp.zeros((r.shape[0], 0)), groups, Z, n_groups=n_groups, cov=cov)
+    return 0.5 * deviance(theta, stats, reml=False)
