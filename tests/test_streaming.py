@@ -293,6 +293,8 @@ def test_devices_refused_with_dask_and_glmm(files):
         jm.fit("Reaction ~ Days + (1|Subject)", f["data"], family="poisson", devices=jax.devices())
     with pytest.raises(jm.ModelError, match="jax.Device"):
         jm.fit(f["formula"], f["data"], devices=["cpu"])
+    with pytest.raises(jm.ModelError, match="process_local"):
+        jm.fit(f["formula"], jm.source(f["path"], process_local=True), devices=jax.devices())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -140,11 +140,14 @@ def _statistics(spec: ModelSpec, data, weights, residuals, dfmethod, devices, pr
         acc = ShardedAccumulator(devices)
     if is_source(data):
         from jaxmixed.data import streaming
-        from jaxmixed.data.sources import open_source
+        from jaxmixed.data.sources import DaskSource, ProcessLocalSource, open_source
 
         streaming.check_streamable(spec, residuals, dfmethod)
         source = open_source(data)
-        if acc is not None and source.kind == "Dask DataFrame":
+        if acc is not None and isinstance(source, ProcessLocalSource):
+            raise ModelError("devices= shards one process's rows over its devices; in a jax.distributed run with "
+                             "process_local sources each process forms its own cross-products: drop devices=")
+        if acc is not None and isinstance(source, DaskSource):
             raise ModelError("devices= shards rows over this process's JAX devices; with a Dask DataFrame the "
                              "partitions' cross-products are formed on the Dask workers: drop devices=")
         if weights is not None:

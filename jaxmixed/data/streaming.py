@@ -139,7 +139,7 @@ def _combos(df: pd.DataFrame, gvars, counts=None) -> pd.DataFrame:
     if not gvars:
         return pd.DataFrame({COUNT: [len(df) if counts is None else int(np.sum(counts))]})
     cols = [df[v].to_numpy() for v in gvars]
-    if len(df) and all(c.dtype.kind in "iu" for c in cols):
+    if len(df) and all(c.dtype.kind == "i" or (c.dtype.kind == "u" and int(c.max()) < 2 ** 62) for c in cols):
         lows = [int(c.min()) for c in cols]
         spans = [int(c.max()) - lo + 1 for c, lo in zip(cols, lows)]
         if float(np.prod([float(x) for x in spans])) < 2.0 ** 62:
