@@ -359,7 +359,7 @@ def test_partial_results_round_trip_without_pickle(files):
     spec = parse_formula(MODELS["nested"][0])
     src = sources.open_source(files["nested"]["path"])
     variables = list(spec.variables)
-    scan = streaming.scan(spec, src, variables, src.prototype(variables))
+    scan = streaming.scan(spec, src, variables, streaming._categoricals(spec, src.prototype(variables)))
     back = exchange.decode(exchange.encode(scan))
     assert back.n_rows == scan.n_rows and back.present == scan.present
     pd.testing.assert_frame_equal(streaming.compact_combos(back.combos), streaming.compact_combos(scan.combos))

@@ -150,9 +150,7 @@ def _statistics(spec: ModelSpec, data, weights, residuals, dfmethod, devices, pr
         if acc is not None and isinstance(source, DaskSource):
             raise ModelError("devices= shards rows over this process's JAX devices; with a Dask DataFrame the "
                              "partitions' cross-products are formed on the Dask workers: drop devices=")
-        if weights is not None:
-            if not isinstance(weights, str):
-                raise DataError("on a streamed source, weights= must be the name of a column of the source")
+        if weights is not None:  # (a column name: design_from_source says so otherwise)
             spec = replace(spec, options={**spec.options, "weighted": True})
         design, pattern, cp, half_log_w = streaming.design_from_source(spec, source, weights=weights,
                                                                         accumulate_fn=acc, progress=progress)

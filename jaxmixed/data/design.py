@@ -172,7 +172,6 @@ class Design(DesignBase):
                                                           axis=0))
 
 
-
 def _theta_scale(terms, mean_squares) -> np.ndarray:
     """Design.theta_scale from each term's random-effects columns' mean squares."""
     return np.concatenate([np.asarray(t.structure.theta_scale(mean_squares(t)), dtype=float) for t in terms])
@@ -357,8 +356,12 @@ def _check_magnitude(A: np.ndarray, names, what: str) -> None:
         return
     big = np.array([np.max(np.abs(A[:, j])) for j in range(A.shape[1])])  # (contiguous in a column-major A)
     for j in np.flatnonzero(~(big <= MAX_ABS)):  # also catches overflow to inf in products
-        raise DataError(f"{what} {names[j]!r} has values as large as {big[j]:.3g}, beyond what "
-                        f"double-precision cross-products can hold (|x| ≤ {MAX_ABS:.0e}); rescale it")
+        raise _too_large(what, names[j], big[j])
+
+
+def _too_large(what: str, name: str, big: float) -> DataError:
+    return DataError(f"{what} {name!r} has values as large as {big:.3g}, beyond what "
+                     f"double-precision cross-products can hold (|x| ≤ {MAX_ABS:.0e}); rescale it")
 
 
 def fixed_effects_basis(X: np.ndarray, R=None):
@@ -413,8 +416,7 @@ def raise_response_problem(bad: dict, response: str, n: int, value: float, rms, 
     response with ``n`` observations, first value ``value``, root mean square ``rms()`` and
     largest magnitude ``big``."""
     if bad["large"]:
-        raise DataError(f"response {response!r} has values as large as {big:.3g}, beyond what "
-                        f"double-precision cross-products can hold (|x| ≤ {MAX_ABS:.0e}); rescale it")
+        raise _too_large("response", response, big)
     if bad["constant"]:
         raise DataError(f"response {response!r} is constant ({value:g} in all {n} observations): "
                         "there is no variation to model")
@@ -765,7 +767,13 @@ def check_term_columns(t: RandomTerm, kept, dependent) -> None:
             f"{'it' if len(dependent) == 1 else 'them'} from the term")
 
 
-def place_terms(spec: ModelSpec, index: dict, starts: list) -> tuple[tuple, int]:
+def engine_order(n_levels: list) -> list[int]:
+    """The factors' engine order from their numbers of levels: most levels first (its block of
+    ZᵀZ stays block-diagonal), ties in the spec's order."""
+    return sorted(range(len(n_levels)), key=lambda k: (-n_levels[k], k))
+
+
+def place_terms(index: dict, starts: list) -> tuple[tuple, int]:
     """(TermBlocks, n_theta): each term's covariance structure, factor (``index``: grouping →
     engine position) and columns (``starts``: (term, first, stop) in the factor block)."""
     terms, pos = [], 0
@@ -848,7 +856,7 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
                 _check_magnitude(z[:, None], [c], "random-effects covariate")
 
     # Engine order: the factor with most levels first (its block of ZᵀZ stays block-diagonal).
-    order = sorted(range(len(groups)), key=lambda k: (-len(blocks[groups[k]]["levels"]), k))
+    order = engine_order([len(blocks[g]["levels"]) for g in groups])
     factors = []
     for k in order:
         b = blocks[groups[k]]
@@ -856,7 +864,7 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
                                    Z=np.column_stack(b["cols"]), colnames=tuple(b["names"]),
                                    levels=b["levels"]))
     index = {groups[k]: i for i, k in enumerate(order)}
-    terms, pos = place_terms(spec, index, placed)
+    terms, pos = place_terms(index, placed)
     return Design(y=y, X=X, xnames=tuple(xnames), factors=tuple(factors), terms=terms,
                   n_theta=pos, group_summary=_summary(spec, df), n_dropped=n_dropped,
                   omitted=omitted, response=spec.response, rows=rows,

@@ -162,6 +162,8 @@ class ArrowSource(Source):
         return self._n_rows
 
     def batches(self, columns, *, progress: bool = False, desc: str = ""):
+        import pyarrow as pa
+
         bar = _bar(progress, self.n_rows if progress else None, desc)
         try:
             # readahead bounded (Arrow's defaults, 16 batches of 4 files, hold ~1 GB when the
@@ -173,14 +175,8 @@ class ArrowSource(Source):
                 yield _frame(batch)
                 if bar is not None:
                     bar.update(batch.num_rows)
-        except (OSError, ValueError) as exc:
-            if isinstance(exc, DataError):
-                raise
-            import pyarrow as pa
-
-            if isinstance(exc, (pa.ArrowInvalid, pa.ArrowTypeError, OSError)):
-                raise DataError(f"reading the {self.kind}: {str(exc).splitlines()[0]}") from None
-            raise
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:  # (Arrow's reading errors, as ours)
+            raise DataError(f"reading the {self.kind}: {str(exc).splitlines()[0]}") from None
         finally:
             if bar is not None:
                 bar.close()
@@ -199,22 +195,18 @@ class ArrowSource(Source):
             nonlocal total
             total = part if total is None else combine(total, part)
 
-        if workers <= 1:
-            for frame in self.batches(columns, progress=progress, desc=desc):
-                take(func(frame))
-        else:
-            pending: deque = deque()
-            with ThreadPoolExecutor(workers, thread_name_prefix="jaxmixed-batch") as pool:
-                try:
-                    for frame in self.batches(columns, progress=progress, desc=desc):
-                        pending.append(pool.submit(func, frame))
-                        while len(pending) > workers:
-                            take(pending.popleft().result())
-                    while pending:
+        pending: deque = deque()
+        with ThreadPoolExecutor(workers, thread_name_prefix="jaxmixed-batch") as pool:
+            try:
+                for frame in self.batches(columns, progress=progress, desc=desc):
+                    pending.append(pool.submit(func, frame))
+                    while len(pending) > workers:
                         take(pending.popleft().result())
-                finally:
-                    for fut in pending:
-                        fut.cancel()
+                while pending:
+                    take(pending.popleft().result())
+            finally:
+                for fut in pending:
+                    fut.cancel()
         if total is None:
             raise DataError(f"the {self.kind} has no rows")
         return total

@@ -128,7 +128,17 @@ def grouping_variables(spec: ModelSpec) -> list[str]:
 
 
 def _complete(df: pd.DataFrame, variables) -> np.ndarray:
-    return df[list(variables)].notna().all(axis=1).to_numpy()
+    return np.logical_and.reduce([df[v].notna().to_numpy() for v in variables])
+
+
+def _complete_rows(spec: ModelSpec, variables, df: pd.DataFrame):
+    """(non-missing count per variable, the complete rows of ``variables``), the kept cells
+    checked as in memory (:func:`jaxmixed.data.design._check_values`)."""
+    masks = {v: df[v].notna().to_numpy() for v in variables}
+    ok = np.logical_and.reduce(list(masks.values()))
+    full = df if ok.all() else df.loc[ok].reset_index(drop=True)  # (a batch holds the model's columns)
+    dz._check_values(spec, full, variables)
+    return {v: int(m.sum()) for v, m in masks.items()}, full
 
 
 def _combos(df: pd.DataFrame, gvars, counts=None) -> pd.DataFrame:
@@ -174,12 +184,9 @@ def compact_combos(frames: list) -> pd.DataFrame:
 
 def scan_batch(spec: ModelSpec, variables: tuple, gvars: tuple, cats: tuple, df: pd.DataFrame) -> Scan:
     """Pass 1 over one batch (see the module docstring)."""
-    present = {v: int(df[v].notna().sum()) for v in variables}
-    ok = _complete(df, variables)
-    full = df.loc[ok, list(variables)].reset_index(drop=True) if not ok.all() else df[list(variables)]
-    dz._check_values(spec, full, variables)
+    present, full = _complete_rows(spec, variables, df)
     cat_counts = {v: full[v].value_counts(sort=False) for v in cats}
-    return Scan(n_rows=len(df), n_complete=int(ok.sum()), present=present, combos=[_combos(full, gvars)],
+    return Scan(n_rows=len(df), n_complete=len(full), present=present, combos=[_combos(full, gvars)],
                 cat_counts=cat_counts)
 
 
@@ -344,10 +351,7 @@ def one_pass_batch(plan: Plan, df: pd.DataFrame) -> Part:
     """Pass 1 and 2 at once over one batch (:func:`design_from_source`, one grouping factor and
     no categorical fixed effects: the levels are only needed to label the sums, so each batch
     labels its own and :func:`add_parts` aligns them)."""
-    present = {v: int(df[v].notna().sum()) for v in plan.variables}
-    ok = _complete(df, plan.variables)
-    full = df if ok.all() else df.loc[ok].reset_index(drop=True)
-    dz._check_values(plan.spec, full, plan.variables)
+    present, full = _complete_rows(plan.spec, plan.variables, df)
     group = plan.groups[0]
     if len(group) == 1 and not isinstance(full[group[0]].dtype, pd.CategoricalDtype):
         codes, uniq = pd.factorize(full[group[0]], sort=False)
@@ -427,17 +431,16 @@ def _categoricals(spec: ModelSpec, proto: pd.DataFrame) -> tuple:
     return tuple(dict.fromkeys(f.var for t in spec.fixed for f in t.factors if dz._is_categorical(f, proto)))
 
 
-def scan(spec: ModelSpec, source, variables, proto: pd.DataFrame, *, progress: bool = False) -> Scan:
-    """Pass 1 over ``source`` (a :class:`~jaxmixed.data.sources.Source`); ``proto``: its
-    columns' types (no rows)."""
+def scan(spec: ModelSpec, source, variables, cats: tuple, *, progress: bool = False) -> Scan:
+    """Pass 1 over ``source`` (a :class:`~jaxmixed.data.sources.Source`); ``cats``: the
+    categorical fixed-effects variables (:func:`_categoricals`)."""
     gvars = tuple(grouping_variables(spec))
-    cats = _categoricals(spec, proto)
     func = partial(scan_batch, spec, tuple(variables), gvars, cats)
     return source.map_reduce(func, variables, add_scans, progress=progress, desc="pass 1/2: schema")
 
 
 def design_from_source(spec: ModelSpec, source, *, weights: str | None = None, accumulate_fn=None,
-                       progress: bool = False, engine: str = "auto"):
+                       progress: bool = False):
     """(StreamedDesign, Pattern, CrossProducts, ½ Σ log w) of ``spec`` on a streamed ``source``:
     the two passes and :func:`finish`. ``weights``: the name of a prior-weights column."""
     _refuse_expressions(spec)
@@ -449,14 +452,11 @@ def design_from_source(spec: ModelSpec, source, *, weights: str | None = None, a
                                    + ([weights] if weights else [])))
     source.check_columns(variables)
     proto = source.prototype(variables)
-    if _one_pass_eligible(spec, _categoricals(spec, proto)) and accumulate_fn is None:
+    cats = _categoricals(spec, proto)
+    if _one_pass_eligible(spec, cats) and accumulate_fn is None:
         return _design_in_one_pass(spec, source, variables, weights, proto, progress)
-    s1 = scan(spec, source, variables, proto, progress=progress)
-    for v in variables:
-        if s1.present[v] == 0:
-            raise DataError(f"{dz._role(spec, v)} {v!r} is missing in every row")
-    if s1.n_complete == 0:
-        raise DataError("no observations left after dropping rows with missing values")
+    s1 = scan(spec, source, variables, cats, progress=progress)
+    _check_present(spec, s1.present, s1.n_complete)
     n_dropped = s1.n_rows - s1.n_complete
     combos = compact_combos(s1.combos)
     groups = dz.groupings(spec)
@@ -465,8 +465,7 @@ def design_from_source(spec: ModelSpec, source, *, weights: str | None = None, a
         codes_of[g], levels_of[g] = dz._group_codes(combos, g)
         dz.check_grouping(g, len(levels_of[g]))
     cols_of, placed = _term_columns(spec, groups)  # random-effects columns of each factor block
-    order = sorted(range(len(groups)), key=lambda k: (-len(levels_of[groups[k]]), k))
-    eng_groups = [groups[k] for k in order]
+    eng_groups = [groups[k] for k in dz.engine_order([len(levels_of[g]) for g in groups])]
     pseudo = SimpleNamespace(factors=[SimpleNamespace(codes=codes_of[g], n_levels=len(levels_of[g]),
                                                       q=len(cols_of[g])) for g in eng_groups])
     pattern = build_pattern(pseudo)
@@ -476,7 +475,7 @@ def design_from_source(spec: ModelSpec, source, *, weights: str | None = None, a
     plan = Plan(spec=spec, variables=tuple(variables), weights=weights, fixed_levels=fixed_levels,
                 names=tuple(names), groups=tuple(eng_groups), levels=tuple(_as_range(levels_of[g]) for g in eng_groups),
                 colnames=tuple(tuple(cols_of[g]) for g in eng_groups), pattern=pattern, accumulate=accumulate_fn,
-                overparameterised=bool(col_keys) and bool(_categoricals(spec, proto)) and len(names) <= MAX_TYPE3_COLUMNS,
+                overparameterised=bool(col_keys) and bool(cats) and len(names) <= MAX_TYPE3_COLUMNS,
                 same=tuple(identical_columns(cols_of[g], names) for g in eng_groups))
     s2 = source.map_reduce(partial(cross_batch, plan), variables, add_sums, progress=progress,
                            desc="pass 2/2: cross-products")
@@ -484,7 +483,7 @@ def design_from_source(spec: ModelSpec, source, *, weights: str | None = None, a
         raise DataError(f"the source changed between the two passes ({s1.n_complete} complete rows, then "
                         f"{s2.y_stats[0]})")
     index = {g: i for i, g in enumerate(eng_groups)}
-    terms, n_theta = dz.place_terms(spec, index, placed)
+    terms, n_theta = dz.place_terms(index, placed)
     counts = [np.bincount(codes_of[g], weights=combos[COUNT].to_numpy(dtype=float),
                           minlength=len(levels_of[g])).astype(np.int64) for g in eng_groups]
     factors = tuple(StreamedFactor(group=g, n_levels=len(levels_of[g]), colnames=tuple(cols_of[g]),
@@ -493,6 +492,15 @@ def design_from_source(spec: ModelSpec, source, *, weights: str | None = None, a
     design, cp = finish(spec, s2, names, col_keys, fixed_levels, factors, terms, n_theta, summary, n_dropped,
                         proto, source.kind)
     return design, pattern, cp, 0.5 * s2.sum_log_w
+
+
+def _check_present(spec: ModelSpec, present: dict, n_complete: int) -> None:
+    """A variable missing in every row, or no complete row: the in-memory design's DataErrors."""
+    for v, count in present.items():
+        if count == 0:
+            raise DataError(f"{dz._role(spec, v)} {v!r} is missing in every row")
+    if n_complete == 0:
+        raise DataError("no observations left after dropping rows with missing values")
 
 
 def _term_columns(spec: ModelSpec, groups):
@@ -518,12 +526,8 @@ def _design_in_one_pass(spec: ModelSpec, source, variables, weights, proto, prog
                 overparameterised=False, same=(identical_columns(cols_of[g], names),))
     part = source.map_reduce(partial(one_pass_batch, plan), variables, add_parts, progress=progress,
                              desc="one pass: cross-products")
-    for v in variables:
-        if part.present[v] == 0:
-            raise DataError(f"{dz._role(spec, v)} {v!r} is missing in every row")
     n = int(part.sums.y_stats[0])
-    if n == 0:
-        raise DataError("no observations left after dropping rows with missing values")
+    _check_present(spec, part.present, n)
     frame = (part.levels.to_frame(index=False) if isinstance(part.levels, pd.MultiIndex)
              else pd.DataFrame({g[0]: part.levels}))
     pos, levels = dz._group_codes(frame, g)  # pos[i]: the sorted position of level i
@@ -533,7 +537,7 @@ def _design_in_one_pass(spec: ModelSpec, source, variables, weights, proto, prog
     counts[pos] = part.counts
     sorted_frame = frame.iloc[np.argsort(pos)].reset_index(drop=True)
     summary = dz._summary(spec, sorted_frame, weights=counts.astype(float))
-    terms, n_theta = dz.place_terms(spec, {g: 0}, placed)
+    terms, n_theta = dz.place_terms({g: 0}, placed)
     factors = (StreamedFactor(group=g, n_levels=len(levels), colnames=tuple(cols_of[g]), levels=levels,
                               counts=counts),)
     pattern = build_pattern(SimpleNamespace(factors=[SimpleNamespace(codes=np.arange(len(levels)),
@@ -573,7 +577,7 @@ def finish(spec, s2: Sums, names, col_keys, fixed_levels, factors, terms, n_thet
     R0_inv = np.linalg.solve(R0, np.eye(p)) if p else np.zeros((0, 0))
     logdet = float(2.0 * np.sum(np.log(np.diag(R0)))) if p else 0.0
     # the response's checks, from its moments and the residual of its projection on X
-    n_, _, m2 = s2.y_stats
+    m2 = s2.y_stats[2]
     std = np.sqrt(m2 / n) if n else 0.0
     yy = float(G[p_all, p_all])
     r = np.linalg.solve(R0.T, G[keep, p_all]) if p else np.zeros(0)

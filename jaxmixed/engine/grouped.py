@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmixed.data.crossprod import segment_cross
 from jaxmixed.engine.kernels import cholesky_xla, triangular_solve_xla
 
 LOG_2PI = float(np.log(2.0 * np.pi))
@@ -58,13 +59,12 @@ def factor(params: VarianceParams):
 
 
 def group_sums(r, Z, groups, n_groups: int):
-    """(n_g, S_g = Z_gᵀZ_g, t_g = Z_gᵀr_g, ρ_g = r_gᵀr_g) per group (segment sums)."""
+    """(n_g, S_g = Z_gᵀZ_g, t_g = Z_gᵀr_g, ρ_g = r_gᵀr_g) per group: segment sums, the
+    cross-products' own (:func:`jaxmixed.data.crossprod.segment_cross`) for S and t."""
     seg = lambda x: jax.ops.segment_sum(x, groups, num_segments=n_groups)  # noqa: E731
-    n = seg(jnp.ones_like(r))
-    S = seg(Z[:, :, None] * Z[:, None, :])
-    t = seg(Z * r[:, None])
-    rho = seg(r * r)
-    return n, S, t, rho
+    S = segment_cross(groups, Z, Z, n_groups, xp=jnp)
+    t = segment_cross(groups, Z, r[:, None], n_groups, xp=jnp)[..., 0]
+    return seg(jnp.ones_like(r)), S, t, seg(r * r)
 
 
 def _as_Z(Z, n):
@@ -81,14 +81,14 @@ def _pieces(eta, y, groups, params, Z, n_groups):
     c = t @ L  # (Lᵀ t_g) per group
     C = cholesky_xla(M)
     w = triangular_solve_xla(C, c[..., None], left_side=True, lower=True)[..., 0]  # C⁻¹ c
-    return n, rho, C, w, c, L, s2, q
+    return n, rho, C, w, L, s2, q
 
 
 def nll_terms(eta, y, groups, params: VarianceParams, Z=None, *, n_groups: int):
     """−log p(y_g) of every group g (``n_groups`` of them; empty groups 0): see the module
     docstring. ``groups``: integer codes 0..n_groups-1 per row; ``Z``: (n, q) random-effects
     covariates, default a random intercept."""
-    n, rho, C, w, _, _, s2, q = _pieces(eta, y, groups, params, Z, n_groups)
+    n, rho, C, w, _, s2, q = _pieces(eta, y, groups, params, Z, n_groups)
     logdet_M = 2.0 * jnp.sum(jnp.log(jnp.diagonal(C, axis1=-2, axis2=-1)), axis=-1)
     # log|V_g| = n_g log σ² + log|I + LᵀS_gL/σ²| = (n_g − q) log σ² + log|M_g|
     return 0.5 * (n * LOG_2PI + (n - q) * jnp.log(s2) + logdet_M + (rho - jnp.sum(w * w, axis=-1)) / s2)
@@ -102,7 +102,7 @@ def nll(eta, y, groups, params: VarianceParams, Z=None, *, n_groups: int, scale=
 
 def blups(eta, y, groups, params: VarianceParams, Z=None, *, n_groups: int):
     """E[b_g | y] = L M_g⁻¹ Lᵀ Z_gᵀ (y_g − η_g) per group, (n_groups, q); 0 for groups without rows."""
-    _, _, C, w, _, L, _, _ = _pieces(eta, y, groups, params, Z, n_groups)
+    _, _, C, w, L, _, _ = _pieces(eta, y, groups, params, Z, n_groups)
     v = triangular_solve_xla(C, w[..., None], left_side=True, lower=True, transpose_a=True)[..., 0]  # M⁻¹ c
     return v @ L.T
 
@@ -176,12 +176,15 @@ def laplace_terms(eta, y, groups, params: VarianceParams, Z=None, *, n_groups: i
     seg = lambda x: jax.ops.segment_sum(x, groups, num_segments=n_groups)  # noqa: E731
     ZL = Z @ L  # rows' covariates in the spherical metric: linear predictor η + (ZL)ᵢ·u_g
 
-    def newton(u, eta, ZL):
+    def at(u, eta, ZL):  # (linear predictor, μ, Cholesky factor of H_g) at the modes u
         lin = eta + jnp.sum(ZL * u[groups], axis=1)
         mu, w = _mean_weight(family, lin)
-        grad = u - seg(ZL * (y - mu)[:, None])
-        H = jnp.eye(q) + seg(ZL[:, :, None] * ZL[:, None, :] * w[:, None, None])
-        C = cholesky_xla(H)
+        H = jnp.eye(q) + segment_cross(groups, ZL, ZL, n_groups, weights=w, xp=jnp)
+        return lin, mu, cholesky_xla(H)
+
+    def newton(u, eta, ZL):
+        _, mu, C = at(u, eta, ZL)
+        grad = u - segment_cross(groups, ZL, (y - mu)[:, None], n_groups, xp=jnp)[..., 0]
         step = triangular_solve_xla(C, triangular_solve_xla(C, grad[..., None], left_side=True, lower=True),
                                     left_side=True, lower=True, transpose_a=True)[..., 0]
         return u - step
@@ -189,10 +192,8 @@ def laplace_terms(eta, y, groups, params: VarianceParams, Z=None, *, n_groups: i
     eta0, ZL0 = jax.lax.stop_gradient(eta), jax.lax.stop_gradient(ZL)
     u = jax.lax.fori_loop(0, NEWTON_STEPS, lambda _, u: newton(u, eta0, ZL0), jnp.zeros((n_groups, q)))
     u = newton(jax.lax.stop_gradient(u), eta, ZL)  # the step that carries the derivatives
-    lin = eta + jnp.sum(ZL * u[groups], axis=1)
-    _, w = _mean_weight(family, lin)
-    H = jnp.eye(q) + seg(ZL[:, :, None] * ZL[:, None, :] * w[:, None, None])
-    logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(cholesky_xla(H), axis1=-2, axis2=-1)), axis=-1)
+    lin, _, C = at(u, eta, ZL)
+    logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(C, axis1=-2, axis2=-1)), axis=-1)
     phi = -seg(_loglik_rows(family, y, lin)) + 0.5 * jnp.sum(u * u, axis=1)
     return phi + 0.5 * logdet, u @ L.T
 
