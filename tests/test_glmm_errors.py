@@ -23,7 +23,7 @@ def d():
 @pytest.mark.parametrize("formula,kw,err,match", [
     ("y ~ x + (1|g)", dict(family="binomial", link="identity"), jm.ModelError, "does not fit the binomial"),
     ("c ~ x + (1|g)", dict(family="poisson", link="logit"), jm.ModelError, "does not fit the poisson"),
-    ("y ~ x + (1|g) + (1|h)", dict(family="binomial", nagq=3), jm.ModelError, "single grouping factor"),
+    ("y ~ x + (1|g) + (1|h)", dict(family="binomial", nagq=3), jm.ModelError, "are crossed"),
     ("y ~ x + (1|g)", dict(family="binom2"), jm.ModelError, "unknown family 'binom2'"),
     ("y ~ x + (1|g)", dict(family="binomial", link="logistic"), jm.ModelError, "unknown link"),
     ("y ~ x + (1|g)", dict(family="binomial", nagq=0), jm.ModelError, "nagq must be"),
@@ -64,8 +64,9 @@ def test_bad_stata_options(d):
         jm.melogit("y x || g:, intpoints(0)", d)
     with pytest.raises(jm.FormulaError, match="intmethod"):
         jm.melogit("y x || g:, intmethod(quadratic)", d)
-    with pytest.raises(jm.ModelError, match="several"):
-        jm.melogit("y x || g: || h:", d)
+    assert jm.melogit("y x || g: || h:, intpoints(3)", d).nagq == 3  # two nested levels: fine
+    with pytest.raises(jm.ModelError, match="at most two nested levels; this model has 3 grouping factors"):
+        jm.melogit("y x || g: || h: || n:", d)
     with pytest.raises(jm.ModelError, match="use jm.mixed"):
         jm.meglm("y x || g:, family(gaussian)", d)
 

@@ -144,5 +144,141 @@ def test_crossed_gradient_against_finite_differences():
     g = np.asarray(jax.jit(jax.grad(laplace.deviance), static_argnames=("shape",))(jnp.asarray(z0), r.data, shape))
     np.testing.assert_allclose(g, _fd_gradient(lambda z: float(dev(jnp.asarray(z), r.data, shape)), z0),
                                rtol=1e-6, atol=1e-6)
-    with pytest.raises(jm.ModelError, match="single grouping factor"):
+    with pytest.raises(jm.ModelError, match="are crossed"):
         jm.fit("y ~ x + (1 | a) + (1 | b)", d, family="poisson", nagq=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# two nested grouping factors (classes within schools), integrated level by level
+
+
+def _nested(seed=5, schools=5, classes=3, per=5, slope=False):
+    rng = np.random.default_rng(seed)
+    a = np.repeat(np.arange(schools), classes * per)
+    j = np.repeat(np.arange(schools * classes), per)
+    x = rng.normal(size=a.size)
+    eta = -0.3 + 0.7 * x + rng.normal(scale=1.0, size=schools)[a] + rng.normal(scale=0.8, size=j.max() + 1)[j]
+    if slope:
+        eta = eta + rng.normal(scale=0.6, size=j.max() + 1)[j] * x
+    y = (rng.uniform(size=a.size) < 1 / (1 + np.exp(-eta))).astype(float)
+    return pd.DataFrame({"y": y, "x": x, "school": [f"s{k}" for k in a], "cls": [f"c{k % classes}" for k in j]})
+
+
+NESTED = {"intercepts": ("y ~ x + (1 | school/cls)", {}),
+          "inner slope": ("y ~ x + (1 | school) + (1 + x | school:cls)", {"seed": 11, "per": 8, "slope": True})}
+
+
+@pytest.fixture(scope="module", params=list(NESTED))
+def nested_fit(request):
+    formula, kw = NESTED[request.param]
+    return jm.fit(formula, _nested(**kw), family="binomial")
+
+
+def _nested_value(x, r, nagq, adaptive=True):
+    shape = replace(r.engine.shape, nagq=nagq, adaptive=adaptive)
+    return float(jax.jit(laplace.deviance, static_argnames=("shape",))(jnp.asarray(x), r.data, shape))
+
+
+def _nested_brute_force(x, r, half_width=8.0, m_outer=301, m_inner=(401, 121)):
+    """Σ_a log ∫ φ(t) Π_{j∈a} [∫ Π_{i∈j} p(y_i | t, v) φ(v) dv] dt on dense grids (numpy): one
+    dimension for the schools' intercept, one or two for the classes' effects."""
+    des, shape = r.design, r.engine.shape
+    beta_t, theta, _ = laplace.split(np.asarray(x), shape)
+    lam_i, lam_o = (np.asarray(v) for v in laplace.pls.factor_lambdas(jnp.asarray(theta), shape.re))
+    inner, outer = des.factors
+    qi = inner.Z.shape[1]
+    eta0 = np.asarray(r.data.X) @ np.asarray(beta_t)
+    y = np.asarray(r.data.y)
+    t = np.linspace(-half_width, half_width, m_outer)
+    log_dt = np.log(t[1] - t[0]) - 0.5 * np.log(2 * np.pi) - 0.5 * t**2  # log φ(t) dt
+    s = np.linspace(-half_width, half_width, m_inner[qi - 1])
+    V = np.stack([g.ravel() for g in np.meshgrid(*([s] * qi), indexing="ij")], axis=1)  # (M, qi)
+    log_dv = qi * np.log(s[1] - s[0]) - 0.5 * qi * np.log(2 * np.pi) - 0.5 * np.sum(V**2, axis=1)
+    Bv = V @ lam_i.T  # inner b per node
+    total = 0.0
+    for a in range(outer.n_levels):
+        acc = log_dt.copy()
+        for j in np.unique(inner.codes[outer.codes == a]):
+            rows = np.flatnonzero(inner.codes == j)
+            ll = np.broadcast_to(log_dv, (t.size, V.shape[0])).copy()  # (m_outer, M)
+            for i in rows:
+                eta = eta0[i] + (outer.Z[i] @ lam_o)[0] * t[:, None] + (Bv @ inner.Z[i])[None, :]
+                ll += y[i] * eta - np.logaddexp(0.0, eta)
+            mx = ll.max(axis=1, keepdims=True)
+            acc = acc + (mx[:, 0] + np.log(np.sum(np.exp(ll - mx), axis=1)))
+        mx = acc.max()
+        total += mx + np.log(np.sum(np.exp(acc - mx)))
+    return total
+
+
+def test_nested_one_point_is_laplace_and_points_converge(nested_fit):
+    r = nested_fit
+    assert [f.group for f in r.design.factors] in ([("school", "cls"), ("school",)],
+                                                   [("school:cls",), ("school",)])
+    x = np.asarray(r.params) + 0.05
+    lap = float(jax.jit(laplace.laplace_deviance, static_argnames=("shape",))(jnp.asarray(x), r.data,
+                                                                              r.engine.shape))
+    assert _nested_value(x, r, 1) == pytest.approx(lap, abs=1e-10)
+    ll = {k: -0.5 * _nested_value(x, r, k) for k in (3, 5, 9, 15, 25)}
+    gaps = [abs(ll[k] - ll[25]) for k in (3, 5, 9, 15)]
+    assert gaps[0] > gaps[1] > gaps[2] > gaps[3] and gaps[3] < 1e-8
+    assert abs(ll[25] + 0.5 * lap) > 1e-3  # the quadrature does move it
+
+
+def test_nested_quadrature_equals_brute_force(nested_fit):
+    r = nested_fit
+    for shift in (0.0, 0.1):
+        x = np.asarray(r.params) + shift
+        bf = _nested_brute_force(x, r)
+        assert -0.5 * _nested_value(x, r, 25) == pytest.approx(bf, abs=1e-7)
+        # plain (non-adaptive) Gauss-Hermite on the prior gets there too, with many points
+        assert -0.5 * _nested_value(x, r, 60, adaptive=False) == pytest.approx(bf, abs=1e-3)
+
+
+def test_nested_gradient_and_hessian_against_finite_differences(nested_fit):
+    r = nested_fit
+    shape = replace(r.engine.shape, nagq=5)
+    dev = jax.jit(laplace.deviance, static_argnames=("shape",))
+    x = np.asarray(r.params) + 0.05 * np.cos(np.arange(r.params.size))
+    g = np.asarray(jax.jit(jax.grad(laplace.deviance), static_argnames=("shape",))(jnp.asarray(x), r.data, shape))
+    np.testing.assert_allclose(g, _fd_gradient(lambda z: float(dev(jnp.asarray(z), r.data, shape)), x),
+                               rtol=1e-6, atol=1e-6)
+    hess = jax.jit(jax.hessian(laplace.deviance), static_argnames=("shape",))
+    grad = jax.jit(jax.grad(laplace.deviance), static_argnames=("shape",))
+    H = np.asarray(hess(jnp.asarray(x), r.data, shape))
+    Hfd = np.stack([_fd_gradient(lambda z: float(np.asarray(grad(jnp.asarray(z), r.data, shape))[i]), x, 1e-5)
+                    for i in range(x.size)])
+    np.testing.assert_allclose(H, Hfd, rtol=1e-5, atol=1e-5)
+
+
+def test_nested_quadrature_fit_and_stata_default():
+    d = _nested()
+    r7 = jm.fit("y ~ x + (1 | school/cls)", d, family="binomial", nagq=7)
+    lap = jm.fit("y ~ x + (1 | school/cls)", d, family="binomial")
+    assert r7.converged and r7.method == "agq" and r7.nagq == 7
+    assert r7.loglik != pytest.approx(lap.loglik, abs=1e-3)
+    assert r7.loglik == pytest.approx(_nested_brute_force(r7.params, r7), abs=1e-4)
+    # Stata's melogit integrates nested levels by mvaghermite with 7 points by default
+    st = jm.melogit("melogit y x || school: || cls:", d)
+    assert st.nagq == 7 and st.loglik == pytest.approx(r7.loglik, abs=1e-8)
+    assert "Integration method: mvaghermite" in str(st)
+    # jm.mixed given an me* command fits the GLMM, not a linear model of the 0/1 response
+    assert jm.mixed("melogit y x || school: || cls:", d).loglik == pytest.approx(r7.loglik, abs=1e-8)
+    np.testing.assert_allclose(st.fixed["coef"], r7.fixed["coef"], rtol=1e-6)
+
+
+def test_crossed_factors_take_laplace_by_stata_default_and_refuse_points():
+    rng = np.random.default_rng(2)
+    a, b = np.meshgrid(np.arange(8), np.arange(5), indexing="ij")
+    a, b = np.repeat(a.ravel(), 3), np.repeat(b.ravel(), 3)
+    x = rng.normal(size=a.size)
+    eta = 0.2 + 0.5 * x + rng.normal(scale=0.8, size=8)[a] + rng.normal(scale=0.5, size=5)[b]
+    d = pd.DataFrame({"y": (rng.uniform(size=a.size) < 1 / (1 + np.exp(-eta))).astype(float), "x": x,
+                      "a": a, "b": b})
+    lap = jm.fit("y ~ x + (1 | a) + (1 | b)", d, family="binomial")
+    st = jm.melogit("melogit y x || _all: R.b || a:", d)
+    assert st.nagq == 1 and st.loglik == pytest.approx(lap.loglik, abs=1e-8)
+    with pytest.raises(jm.ModelError, match="are crossed"):
+        jm.melogit("melogit y x || _all: R.b || a:, intpoints(7)", d)
+    with pytest.raises(jm.ModelError, match="are crossed"):
+        jm.fit("y ~ x + (1 | a) + (1 | b)", d, family="binomial", nagq=7)

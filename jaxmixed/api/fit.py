@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
@@ -322,16 +321,18 @@ def _linear_only(data, devices, what: str) -> None:
 
 
 def _stata(command: str, data: pd.DataFrame, default_method: str, overrides: dict) -> FitResult:
-    from jaxmixed.syntax.stata import parse_stata
+    from jaxmixed.syntax.stata import ME_COMMANDS, parse_stata
 
     spec = parse_stata(command)
     opts = dict(spec.options)
-    if opts.get("family") or opts.get("link"):  # the talk's "family() and link() options"
+    # the talk's "family() and link() options", or a me* command given to jm.mixed/jm.xtmixed
+    fixed_family, fixed_link = ME_COMMANDS.get(opts.get("command"), (None, None))
+    if opts.get("family") or opts.get("link") or fixed_family:
         from jaxmixed.api import glmm
         from jaxmixed.model.family import family_of, link_of
 
-        fam = family_of(opts.get("family") or "gaussian")
-        if not (fam.name == "gaussian" and link_of(fam, opts.get("link")) == "identity"):
+        fam = family_of(opts.get("family") or fixed_family or "gaussian")
+        if not (fam.name == "gaussian" and link_of(fam, opts.get("link") or fixed_link) == "identity"):
             if overrides.pop("method", None) not in (None, "ml", "mle") or opts.get("method") == "reml":
                 raise ModelError("a generalized linear mixed model is fitted by maximum likelihood, not REML")
             if opts.get("dfmethod") or overrides.get("dfmethod"):

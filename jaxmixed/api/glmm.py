@@ -30,13 +30,9 @@ from jaxmixed.model.family import family_of, link_of
 from jaxmixed.model.spec import ModelSpec
 from jaxmixed.results.fitresult import FitResult
 from jaxmixed.syntax.formula import RESPONSE_COLUMN
+from jaxmixed.syntax.stata import ME_COMMANDS  # noqa: F401  (the me* commands' (family, link))
 
 TRIALS, WEIGHTS, OFFSET = "_jm_trials", "_jm_weights", "_jm_offset"
-
-#: Stata's me* commands: (family, link)
-ME_COMMANDS = {"melogit": ("bernoulli", "logit"), "meprobit": ("bernoulli", "probit"),
-               "mecloglog": ("bernoulli", "cloglog"), "mepoisson": ("poisson", "log"),
-               "menbreg": ("nbinomial", "log"), "meglm": (None, None)}
 
 
 
@@ -84,9 +80,12 @@ def _response(df, response, family):
 def fit_glmm_spec(spec: ModelSpec, data: pd.DataFrame, family, link=None, *, response=None, offsets=(),
                   nagq: int = 1, weights=None, offset=None, trials=None, exposure=None, variance: bool = False,
                   level: float = 95.0, start=None, display: dict | None = None, device=None,
-                  eform: bool = False, title: str | None = None, adaptive: bool = True) -> FitResult:
+                  eform: bool = False, title: str | None = None, adaptive: bool = True,
+                  laplace_if_crossed: bool = False) -> FitResult:
     """Fit a GLMM from a model description (the response ``spec.response`` unless ``response``:
-    the response text or a (successes, failures) pair); see the module docstring."""
+    the response text or a (successes, failures) pair); see the module docstring.
+    ``laplace_if_crossed``: crossed grouping factors take the Laplace approximation instead of
+    ``nagq`` points (Stata's default for crossed models) rather than a ModelError."""
     from jaxmixed import runtime
 
     fam = family_of(family)
@@ -100,7 +99,7 @@ def fit_glmm_spec(spec: ModelSpec, data: pd.DataFrame, family, link=None, *, res
     with runtime.fit_blas_threads():
         return _fit(spec, data, fam, link, response if response is not None else spec.response, offsets, nagq,
                     weights, offset, trials, exposure, variance, level, start, display, device, eform, title,
-                    adaptive)
+                    adaptive, laplace_if_crossed)
 
 
 def _column_or_array(df, value, what):
@@ -115,7 +114,7 @@ def _column_or_array(df, value, what):
 
 
 def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials, exposure, variance, level,
-         start, display, device, eform, title, adaptive=True):
+         start, display, device, eform, title, adaptive=True, laplace_if_crossed=False):
     from jaxmixed.runtime.devices import put, resolve_device
 
     dev = resolve_device(device)
@@ -162,9 +161,7 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
     if not adaptive and nagq < 2:
         raise ModelError("intmethod(ghermite) needs intpoints() of 2 or more")
     if nagq > 1 and len(design.factors) > 1:
-        raise ModelError(f"adaptive quadrature (nagq={nagq}) needs a single grouping factor; this model has "
-                         f"{len(design.factors)} ({', '.join(':'.join(f.group) for f in design.factors)}), whose "
-                         "integral does not factor over groups: use nagq=1 (Laplace)")
+        nagq = _quadrature_levels(design, nagq, laplace_if_crossed)
     pattern = build_pattern(design)
     re_shape = replace(pls.shape_of(design, pattern, "dense"), p=0, layout=None)
     shape = laplace.GLMMShape(re_shape, fam.name, link, design.p, nagq, bool(adaptive))
@@ -247,6 +244,39 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
         variance=bool(variance), spec=spec, design=design, engine=engine, data=arrays, params=x, solution=sol,
         cov_eta=cov_eta, display=dict(display or {}, **shown), family=fam.name, link=link, nagq=nagq,
         cov_params=cov)
+
+
+def _quadrature_levels(design, nagq: int, laplace_if_crossed: bool) -> int:
+    """The points for a model with several grouping factors: two nested ones are integrated level
+    by level (``laplace.nested_agq_deviance``); crossed factors are refused, or take the Laplace
+    approximation when that is the front end's default (Stata's for crossed models)."""
+    names = [":".join(f.group) for f in design.factors]
+    if len(design.factors) == 2:
+        inner, outer = design.factors
+        parent = np.zeros(inner.n_levels, dtype=np.int64)
+        parent[inner.codes] = outer.codes
+        if np.array_equal(parent[inner.codes], outer.codes):
+            return nagq
+        if laplace_if_crossed:
+            return 1
+        raise ModelError(f"adaptive quadrature (nagq={nagq}) needs one grouping factor or two nested ones; "
+                         f"{names[0]} and {names[1]} are crossed (levels of {names[0]} occur in several levels of "
+                         f"{names[1]}), so the integral does not factor over groups: use nagq=1 (Laplace)")
+    if laplace_if_crossed and not _nested_chain(design):
+        return 1
+    raise ModelError(f"adaptive quadrature (nagq={nagq}) integrates at most two nested levels; this model has "
+                     f"{len(names)} grouping factors ({', '.join(names)}): use nagq=1 (Laplace)")
+
+
+def _nested_chain(design) -> bool:
+    """True when the grouping factors, fewest levels last, nest each in the next."""
+    fs = sorted(design.factors, key=lambda f: -f.n_levels)
+    for inner, outer in zip(fs, fs[1:]):
+        parent = np.zeros(inner.n_levels, dtype=np.int64)
+        parent[inner.codes] = outer.codes
+        if not np.array_equal(parent[inner.codes], outer.codes):
+            return False
+    return True
 
 
 def _scale_rows(fam, variance: bool, stata: bool):
@@ -373,14 +403,12 @@ def fit_stata(command: str, data, default_family=None, default_link=None, **over
         raise ModelError("dfmethod() is for linear mixed models; a GLMM's tests are z and χ² tests")
     method = opts.get("intmethod", "mvaghermite")
     nagq = overrides.pop("nagq", None)
+    # Stata's default for crossed models is the Laplace approximation; asked-for points are not
+    default_points = nagq is None and "nagq" not in opts and "intmethod" not in opts
     if nagq is None:
         nagq = 1 if method == "laplace" else opts.get("nagq", 7)
     if method == "laplace" and opts.get("nagq", 1) != 1:
         raise ModelError("intpoints() does not go with intmethod(laplace)")
-    if nagq > 1 and len({t.group for t in spec.random}) > 1:
-        # Stata's mvaghermite integrates nested levels recursively; jaxmixed integrates one level
-        raise ModelError(f"adaptive quadrature with {nagq} points needs a single grouping level here; this model "
-                         "has several: add intmethod(laplace)")
     variance = overrides.pop("variance", None)
     if variance is None:
         variance = opts.get("variance", True)  # me* commands report variances
@@ -398,7 +426,7 @@ def fit_stata(command: str, data, default_family=None, default_link=None, **over
     return fit_glmm_spec(spec, data, fam, link, nagq=nagq, weights=weights, offset=opts.get("offset"),
                          trials=opts.get("binomial_n"), exposure=opts.get("exposure"), variance=variance,
                          level=level, start=start, display=display, device=device, eform=eform, title=cmd,
-                         adaptive=method != "ghermite")
+                         adaptive=method != "ghermite", laplace_if_crossed=default_points)
 
 
 def _command(name: str):

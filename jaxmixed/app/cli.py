@@ -112,7 +112,7 @@ def fit_model(args, data):
     if args.stata:
         spec = jm.parse_stata(args.formula)  # only to see the command word
         cmd = spec.options.get("command")
-        from jaxmixed.api.glmm import ME_COMMANDS
+        from jaxmixed.syntax.stata import ME_COMMANDS
 
         if cmd in ME_COMMANDS:
             return getattr(jm, cmd)(args.formula, data, variance=True if args.variance else None, level=args.level,

@@ -23,7 +23,8 @@ log scale s of families that have one.
 
       log L_g = −log|L_g| + log Σ_k w_k exp(h_g(u_k) + ½‖z_k‖²),
 
-  which is the Laplace value for k = 1.
+  which is the Laplace value for k = 1. Two nested grouping factors: level by level on the joint
+  Laplace Gaussian (:func:`nested_agq_deviance`).
 """
 
 from __future__ import annotations
@@ -306,9 +307,78 @@ def agq_deviance(x, data: GLMMArrays, shape: GLMMShape):
     return -2.0 * (jnp.sum(jax.scipy.special.logsumexp(S, axis=1) - logdet_g) + data.const)
 
 
+def nested_agq_deviance(x, data: GLMMArrays, shape: GLMMShape):
+    """−2 × the adaptive Gauss-Hermite log likelihood of two nested grouping factors (engine
+    order: factor 0 the inner one, each of its levels inside one level of factor 1), vector
+    effects at either level, ``shape.nagq`` points per dimension.
+
+    The nodes follow the joint Laplace Gaussian N(û, H⁻¹) written level by level: the outer
+    effects u_o of group a on N(û_a, S_a⁻¹), S_a = H_aa − Σ_{j∈a} H_ajH_jj⁻¹H_ja (the Schur
+    complement, the marginal curvature of u_a), and, at each outer node t, the inner effects of
+    group j on N(û_j − H_jj⁻¹H_ja(t − û_a), H_jj⁻¹) (the conditional of the same Gaussian). Then
+
+        log L_a = −log|C_a| + log Σ_k w_k exp(½‖z_k‖² − ½‖t_k‖² + Σ_{j∈a} log I_j(t_k)),
+        log I_j(t) = −log|C_j| + log Σ_m w_m exp(½‖z_m‖² + h_j(v_m; t)),
+
+    C the Cholesky factors of S_a and H_jj. One point per dimension gives the Laplace value
+    (log|H| = Σ_j log|H_jj| + Σ_a log|S_a|); any Gaussian centring converges to the integral as
+    the points grow. With ``shape.adaptive`` False: nodes on the prior N(0, I) at both levels."""
+    re = shape.re
+    (Li, Lo), (qi, qo) = re.L, re.q
+    beta, theta, s = split(x, shape)
+    lam_i, lam_o = pls.factor_lambdas(theta, re)
+    ci, co = data.codes
+    Zi, Zo = data.Z
+    parent = jax.ops.segment_max(co, ci, num_segments=Li)  # the outer level of each inner level
+    nodes_i, logw_i = gh_grid(shape.nagq, qi)
+    nodes_o, logw_o = gh_grid(shape.nagq, qo)
+    Ki, Ko = nodes_i.shape[0], nodes_o.shape[0]
+    eta0 = data.X @ beta + data.offset
+    if shape.adaptive:
+        u = mode(x, data, shape)
+        ui, uo = u[:Li * qi].reshape(Li, qi), u[Li * qi:].reshape(Lo, qo)
+        Ai, Ao = Zi @ lam_i, Zo @ lam_o  # ZΛ per row
+        _, w = _curvature(eta0 + jnp.sum(Ai * ui[ci], axis=1) + jnp.sum(Ao * uo[co], axis=1), x, data, shape)
+        wAi = w[:, None] * Ai
+        H_jj = jax.ops.segment_sum(wAi[:, :, None] * Ai[:, None, :], ci, num_segments=Li) + jnp.eye(qi)
+        H_ja = jax.ops.segment_sum(wAi[:, :, None] * Ao[:, None, :], ci, num_segments=Li)  # (Li, qi, qo)
+        H_aa = jax.ops.segment_sum((w[:, None] * Ao)[:, :, None] * Ao[:, None, :], co, num_segments=Lo)
+        C_j = jnp.linalg.cholesky(H_jj)
+        G = jnp.linalg.solve(H_jj, H_ja)  # H_jj⁻¹H_ja
+        S_a = H_aa + jnp.eye(qo) - jax.ops.segment_sum(jnp.einsum("jab,jac->jbc", H_ja, G), parent,
+                                                        num_segments=Lo)
+        C_a = jnp.linalg.cholesky(S_a)
+        T = uo[:, :, None] + kernels.solve_lower_t(C_a, jnp.broadcast_to(jnp.asarray(nodes_o.T), (Lo, qo, Ko)))
+        centre = ui[:, :, None] - jnp.einsum("jab,jbk->jak", G, T[parent] - uo[parent][:, :, None])  # (Li, qi, Ko)
+        spread = kernels.solve_lower_t(C_j, jnp.broadcast_to(jnp.asarray(nodes_i.T), (Li, qi, Ki)))
+        V = centre[:, :, :, None] + spread[:, :, None, :]  # (Li, qi, Ko, Ki)
+        logdet_j = jnp.sum(jnp.log(jnp.diagonal(C_j, axis1=1, axis2=2)), axis=1)
+        logdet_a = jnp.sum(jnp.log(jnp.diagonal(C_a, axis1=1, axis2=2)), axis=1)
+    else:
+        T = jnp.broadcast_to(jnp.asarray(nodes_o.T), (Lo, qo, Ko))
+        V = jnp.broadcast_to(jnp.asarray(nodes_i.T)[:, None, :], (Li, qi, Ko, Ki))
+        logdet_j, logdet_a = jnp.zeros((Li,), x.dtype), jnp.zeros((Lo,), x.dtype)
+    B_o = jnp.einsum("aqk,pq->akp", T, lam_o)  # b = Λu per node
+    B_i = jnp.einsum("jqkm,pq->jkmp", V, lam_i)
+    eta = (eta0[:, None, None] + jnp.einsum("iq,ikq->ik", Zo, B_o[co])[:, :, None]
+           + jnp.einsum("iq,ikmq->ikm", Zi, B_i[ci]))  # (n, Ko, Ki)
+    fam = family_of(shape.family)
+    ll = fam.loglik(shape.link, data.y[:, None, None], data.m[:, None, None], data.pw[:, None, None], eta, s,
+                    constant=False)
+    inner = (jax.ops.segment_sum(ll, ci, num_segments=Li) - 0.5 * jnp.sum(V**2, axis=1)
+             + jnp.asarray(0.5 * np.sum(nodes_i**2, axis=1) + logw_i))  # (Li, Ko, Ki)
+    log_i = jax.scipy.special.logsumexp(inner, axis=2) - logdet_j[:, None]  # (Li, Ko)
+    outer = (jax.ops.segment_sum(log_i, parent, num_segments=Lo) - 0.5 * jnp.sum(T**2, axis=1)
+             + jnp.asarray(0.5 * np.sum(nodes_o**2, axis=1) + logw_o))  # (Lo, Ko)
+    return -2.0 * (jnp.sum(jax.scipy.special.logsumexp(outer, axis=1) - logdet_a) + data.const)
+
+
 def deviance(x, data: GLMMArrays, shape: GLMMShape):
-    """The objective: Laplace for ``nagq`` 1, adaptive quadrature above."""
+    """The objective: Laplace for ``nagq`` 1, adaptive quadrature above (one grouping factor, or
+    two nested ones)."""
     if shape.nagq > 1 or not shape.adaptive:
+        if len(shape.re.L) == 2:
+            return nested_agq_deviance(x, data, shape)
         return agq_deviance(x, data, shape)
     return laplace_deviance(x, data, shape)
 

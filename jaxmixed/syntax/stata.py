@@ -44,7 +44,11 @@ from jaxmixed.model.spec import CONS, Factor, FixedTerm, Level, ModelSpec, Rando
 
 __all__ = ["parse_stata"]
 
-_COMMANDS = ("xtmixed", "mixed", "meglm", "melogit", "meprobit", "mecloglog", "mepoisson", "menbreg")
+# the me* commands and the (family, link) each fixes (meglm: its family() and link() options)
+ME_COMMANDS = {"melogit": ("bernoulli", "logit"), "meprobit": ("bernoulli", "probit"),
+               "mecloglog": ("bernoulli", "cloglog"), "mepoisson": ("poisson", "log"),
+               "menbreg": ("nbinomial", "log"), "meglm": (None, None)}
+_COMMANDS = ("xtmixed", "mixed", *ME_COMMANDS)
 _TOKEN = re.compile(
     r"(?P<ws>\s+|///[^\n]*(?:\n|$))"
     r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
