@@ -266,7 +266,8 @@ def fit(formula: str, data, method: str | None = None, *, variance: bool = False
 
     ``family`` ("binomial"/"bernoulli", "poisson", "negbinomial", "gamma", "gaussian") and
     ``link`` fit a generalized linear mixed model by maximum likelihood, Laplace (``nagq=1``) or
-    adaptive Gauss-Hermite quadrature with ``nagq`` points per random effect
+    adaptive Gauss-Hermite quadrature with ``nagq`` points per random effect, or lme4's
+    ``nAGQ = 0`` (``nagq=0``: θ optimised with the fixed effects inside PIRLS)
     (:mod:`jaxmixed.api.glmm`): ``cbind(successes, failures) ~ ...``, ``offset(expr)`` terms,
     ``weights=`` (lme4's prior weights: binomial trials for a proportion response, precision
     weights for the Gaussian family) and ``offset=`` (a column name or an array).

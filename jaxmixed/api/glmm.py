@@ -91,8 +91,10 @@ def fit_glmm_spec(spec: ModelSpec, data: pd.DataFrame, family, link=None, *, res
     fam = family_of(family)
     link = link_of(fam, link)
     nagq = int(nagq)
-    if nagq < 1:
-        raise ModelError(f"nagq must be a whole number ≥ 1, not {nagq}")
+    if nagq < 0:
+        raise ModelError(f"nagq must be a whole number ≥ 0, not {nagq}")
+    if nagq == 0 and not adaptive:
+        raise ModelError("nagq=0 (β inside PIRLS) has no quadrature points to place")
     level = check_level(level)
     if not isinstance(data, pd.DataFrame):
         raise DataError(f"data must be a pandas DataFrame, not {type(data).__name__}")
@@ -178,7 +180,9 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
     f64 = np.dtype("float64")
     vec = jax.ShapeDtypeStruct((shape.n_params,), f64)
     glmm_fit.optimize.prefetch(vec, vec, vec, arrays, shape)
-    laplace.after_fit.prefetch(vec, vec, arrays, shape, jax.ShapeDtypeStruct((design.p, design.p), f64), vec)
+    laplace_shape = replace(shape, nagq=1) if nagq == 0 else shape  # (nAGQ = 0: its standard errors)
+    laplace.after_fit.prefetch(vec, vec, arrays, laplace_shape, jax.ShapeDtypeStruct((design.p, design.p), f64),
+                               vec)
     beta0, s0, ll_glm, glm_ok = laplace.glm_fit(Xs, y, m, pw, off, fam.name, link)
     if start is None:
         x0 = np.concatenate([beta0, design.theta0, [s0] if shape.n_scale else []])
@@ -205,14 +209,22 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
     if singular:  # variance parameters on their bound: standard errors of β (and s) with Λ held
         mask[p:p + k_eta] = 0.0
     xi_h = np.where(np.isfinite(xi), xi, 0.0)
-    H, (u, b, V, pirls_ok) = laplace.after_fit(jnp.asarray(x), jnp.asarray(xi_h), arrays, shape, jnp.asarray(B),
-                                                jnp.asarray(mask))
+    H, (u, b, V, pirls_ok) = laplace.after_fit(jnp.asarray(x), jnp.asarray(xi_h), arrays, laplace_shape,
+                                                jnp.asarray(B), jnp.asarray(mask))
     H = np.asarray(H)
     keep = np.flatnonzero(mask > 0)
     cov_k, hess_ok = tables.covariance_from_hessian(H[np.ix_(keep, keep)])
     cov = np.full((xi.shape[0], xi.shape[0]), np.nan)
     if cov_k is not None:
         cov[np.ix_(keep, keep)] = cov_k
+    if nagq == 0:  # lme4's Var(β) for nAGQ = 0: the joint PIRLS system's (the variance parameters'
+        # standard errors from the Laplace Hessian above, at the nAGQ = 0 estimates)
+        S = np.asarray(laplace.beta_information(jnp.asarray(x), arrays, shape))
+        cov[:p, :] = cov[:, :p] = np.nan
+        try:
+            cov[:p, :p] = B @ np.linalg.solve(S, B.T)
+        except np.linalg.LinAlgError:
+            hess_ok = False
     beta = xi[:p]
     cov_beta = cov[:p, :p]
     cov_eta = None if (singular or cov_k is None) else cov[p:, p:]
@@ -237,7 +249,7 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
              "residual_rows": tuple(residual), "bounds": (lower, unit),
              "offset_exprs": None if offset_exprs is None else tuple(offset_exprs)}
     return FitResult(
-        loglik=loglik, method="laplace" if nagq == 1 else ("agq" if adaptive else "ghq"), nobs=design.nobs, converged=converged,
+        loglik=loglik, method="laplace" if nagq <= 1 else ("agq" if adaptive else "ghq"), nobs=design.nobs, converged=converged,
         singular=singular, fixed=fixed, random=random, wald=tables.wald_test(design.xnames, beta, cov_beta),
         lr_vs_linear=lr, groups=design.group_summary, theta=engine.theta(x), beta=beta, sigma=sigma,
         iterations=tuple(-0.5 * history), n_dropped=design.n_dropped, notes=tuple(notes), level=float(level),

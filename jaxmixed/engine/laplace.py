@@ -240,27 +240,39 @@ def pirls(x, data: GLMMArrays, shape: GLMMShape, u0=None):
     return u, conv, k
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(2,))
-def mode(x, data: GLMMArrays, shape: GLMMShape):
-    """û(x), differentiable by the implicit function theorem (module docstring)."""
-    return jax.lax.stop_gradient(pirls(x, data, shape)[0])
+@partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _mode(x, u0, data: GLMMArrays, shape: GLMMShape):
+    return jax.lax.stop_gradient(pirls(x, data, shape, u0)[0])
 
 
-@mode.defjvp
+@_mode.defjvp
 def _mode_jvp(shape, primals, tangents):
-    x, data = primals
-    dx, _ = tangents  # no derivatives with respect to the data
-    u = mode(x, data, shape)
+    x, u0, data = primals
+    dx = tangents[0]  # the start and the data have no derivatives
+    u = _mode(x, u0, data, shape)
     _, r = jax.jvp(lambda x_: jax.grad(_h)(u, x_, data, shape), (x,), (dx,))
     f = factor_at(u, x, data, shape)
     return u, _solve(f, r, shape)
 
 
-def laplace_deviance(x, data: GLMMArrays, shape: GLMMShape):
+def mode(x, data: GLMMArrays, shape: GLMMShape, u0=None):
+    """û(x), differentiable by the implicit function theorem (module docstring). ``u0``: where
+    PIRLS starts (0 by default; a nearby mode, e.g. the previous evaluation's, saves steps — the
+    mode itself does not depend on it)."""
+    u0 = jnp.zeros((shape.n_u,), data.y.dtype) if u0 is None else u0
+    return _mode(x, u0, data, shape)
+
+
+def laplace_deviance(x, data: GLMMArrays, shape: GLMMShape, u0=None):
     """−2 × the Laplace approximation of the log likelihood at x."""
-    u = mode(x, data, shape)
+    return laplace_deviance_and_mode(x, data, shape, u0)[0]
+
+
+def laplace_deviance_and_mode(x, data: GLMMArrays, shape: GLMMShape, u0=None):
+    """(−2 × the Laplace log likelihood at x, û) with PIRLS started at ``u0``."""
+    u = mode(x, data, shape, u0)
     f = factor_at(u, x, data, shape)
-    return -2.0 * (_h(u, x, data, shape) + data.const) + f.logdet
+    return -2.0 * (_h(u, x, data, shape) + data.const) + f.logdet, u
 
 
 def gh_grid(nagq: int, q: int):
@@ -274,8 +286,13 @@ def gh_grid(nagq: int, q: int):
     return nodes, logw
 
 
-def agq_deviance(x, data: GLMMArrays, shape: GLMMShape):
-    """−2 × the adaptive Gauss-Hermite log likelihood (one grouping factor; ``shape.nagq``
+def agq_deviance(x, data: GLMMArrays, shape: GLMMShape, u0=None):
+    """:func:`agq_deviance_and_mode`'s value."""
+    return agq_deviance_and_mode(x, data, shape, u0)[0]
+
+
+def agq_deviance_and_mode(x, data: GLMMArrays, shape: GLMMShape, u0=None):
+    """(value, modes; ``u0`` where PIRLS starts): −2 × the adaptive Gauss-Hermite log likelihood (one grouping factor; ``shape.nagq``
     points per dimension). With ``shape.adaptive`` False the nodes are those of the prior
     N(0, I) itself, not moved to the mode nor scaled by the curvature (Stata's ``ghermite``:
     needs many more points for the same accuracy)."""
@@ -287,12 +304,13 @@ def agq_deviance(x, data: GLMMArrays, shape: GLMMShape):
     K = nodes.shape[0]
     Zn = jnp.broadcast_to(jnp.asarray(nodes.T), (L1, q, K))
     if shape.adaptive:
-        u = mode(x, data, shape)
+        u = mode(x, data, shape, u0)
         f = factor_at(u, x, data, shape)
         shift = kernels.solve_lower_t(f.L1, Zn)  # L_g⁻ᵀ z_k: (L1, q, K)
         U = u.reshape(L1, q)[:, :, None] + shift  # (L1, q, K)
         logdet_g = jnp.sum(jnp.log(jnp.diagonal(f.L1, axis1=1, axis2=2)), axis=1)
     else:
+        u = u0
         U = Zn
         logdet_g = jnp.zeros((L1,), x.dtype)
     B = jnp.einsum("lqk,pq->lkp", U, lams[0])  # b = Λu per node: (L1, K, q)
@@ -304,11 +322,16 @@ def agq_deviance(x, data: GLMMArrays, shape: GLMMShape):
     ll = fam.loglik(shape.link, data.y[:, None], data.m[:, None], data.pw[:, None], eta, s, constant=False)
     S = jax.ops.segment_sum(ll, codes, num_segments=L1) - 0.5 * jnp.sum(U**2, axis=1)  # (L1, K)
     S = S + 0.5 * jnp.sum(jnp.asarray(nodes) ** 2, axis=1) + jnp.asarray(logw)
-    return -2.0 * (jnp.sum(jax.scipy.special.logsumexp(S, axis=1) - logdet_g) + data.const)
+    return -2.0 * (jnp.sum(jax.scipy.special.logsumexp(S, axis=1) - logdet_g) + data.const), u
 
 
-def nested_agq_deviance(x, data: GLMMArrays, shape: GLMMShape):
-    """−2 × the adaptive Gauss-Hermite log likelihood of two nested grouping factors (engine
+def nested_agq_deviance(x, data: GLMMArrays, shape: GLMMShape, u0=None):
+    """:func:`nested_agq_deviance_and_mode`'s value."""
+    return nested_agq_deviance_and_mode(x, data, shape, u0)[0]
+
+
+def nested_agq_deviance_and_mode(x, data: GLMMArrays, shape: GLMMShape, u0=None):
+    """(value, modes; ``u0`` where PIRLS starts): −2 × the adaptive Gauss-Hermite log likelihood of two nested grouping factors (engine
     order: factor 0 the inner one, each of its levels inside one level of factor 1), vector
     effects at either level, ``shape.nagq`` points per dimension.
 
@@ -335,7 +358,7 @@ def nested_agq_deviance(x, data: GLMMArrays, shape: GLMMShape):
     Ki, Ko = nodes_i.shape[0], nodes_o.shape[0]
     eta0 = data.X @ beta + data.offset
     if shape.adaptive:
-        u = mode(x, data, shape)
+        u = mode(x, data, shape, u0)
         ui, uo = u[:Li * qi].reshape(Li, qi), u[Li * qi:].reshape(Lo, qo)
         Ai, Ao = Zi @ lam_i, Zo @ lam_o  # ZΛ per row
         _, w = _curvature(eta0 + jnp.sum(Ai * ui[ci], axis=1) + jnp.sum(Ao * uo[co], axis=1), x, data, shape)
@@ -355,6 +378,7 @@ def nested_agq_deviance(x, data: GLMMArrays, shape: GLMMShape):
         logdet_j = jnp.sum(jnp.log(jnp.diagonal(C_j, axis1=1, axis2=2)), axis=1)
         logdet_a = jnp.sum(jnp.log(jnp.diagonal(C_a, axis1=1, axis2=2)), axis=1)
     else:
+        u = u0
         T = jnp.broadcast_to(jnp.asarray(nodes_o.T), (Lo, qo, Ko))
         V = jnp.broadcast_to(jnp.asarray(nodes_i.T)[:, None, :], (Li, qi, Ko, Ki))
         logdet_j, logdet_a = jnp.zeros((Li,), x.dtype), jnp.zeros((Lo,), x.dtype)
@@ -370,17 +394,139 @@ def nested_agq_deviance(x, data: GLMMArrays, shape: GLMMShape):
     log_i = jax.scipy.special.logsumexp(inner, axis=2) - logdet_j[:, None]  # (Li, Ko)
     outer = (jax.ops.segment_sum(log_i, parent, num_segments=Lo) - 0.5 * jnp.sum(T**2, axis=1)
              + jnp.asarray(0.5 * np.sum(nodes_o**2, axis=1) + logw_o))  # (Lo, Ko)
-    return -2.0 * (jnp.sum(jax.scipy.special.logsumexp(outer, axis=1) - logdet_a) + data.const)
+    return -2.0 * (jnp.sum(jax.scipy.special.logsumexp(outer, axis=1) - logdet_a) + data.const), u
 
 
-def deviance(x, data: GLMMArrays, shape: GLMMShape):
+def deviance(x, data: GLMMArrays, shape: GLMMShape, u0=None):
     """The objective: Laplace for ``nagq`` 1, adaptive quadrature above (one grouping factor, or
-    two nested ones)."""
+    two nested ones). ``u0``: where PIRLS starts (see :func:`mode`)."""
+    return deviance_and_mode(x, u0, data, shape)[0]
+
+
+def deviance_and_mode(x, u0, data: GLMMArrays, shape: GLMMShape):
+    """(:func:`deviance`, the conditional modes) with PIRLS started at ``u0`` (None: 0): the
+    optimiser hands each evaluation's modes to the next as its start (lme4 does the same)."""
+    if u0 is None:
+        u0 = jnp.zeros((shape.n_u,), data.y.dtype)
     if shape.nagq > 1 or not shape.adaptive:
         if len(shape.re.L) == 2:
-            return nested_agq_deviance(x, data, shape)
-        return agq_deviance(x, data, shape)
-    return laplace_deviance(x, data, shape)
+            return nested_agq_deviance_and_mode(x, data, shape, u0)
+        return agq_deviance_and_mode(x, data, shape, u0)
+    return laplace_deviance_and_mode(x, data, shape, u0)
+
+
+# ---------------------------------------------------------------------------------------------
+# lme4's nAGQ = 0: the fixed effects inside PIRLS, the optimiser over (θ, s) alone
+
+
+def _joint_system(u, eta, x, data: GLMMArrays, shape: GLMMShape, lams, floor: bool = True):
+    """The Newton system of h(u, β) = Σℓᵢ(X̃β + offset + ZΛu) − ½‖u‖² in (u, β), eliminated
+    block-wise on the blocked factor of A = ΛᵀZᵀWZΛ + I: (∇_u h, ∇_β h, factor of A, A⁻¹C, S)
+    with C = ΛᵀZᵀWX̃ and S = X̃ᵀWX̃ − CᵀA⁻¹C (the curvature of h profiled over u in β)."""
+    l1, w = _curvature(eta, x, data, shape)
+    if floor:
+        w = jnp.maximum(w, MIN_WEIGHT * data.pw)
+    f = pls_dense.factorize_random(weighted_arrays(data, shape, w), shape.re, lams)
+    g_u = _z_lambda_t(l1, lams, data, shape) - u
+    g_b = data.X.T @ l1
+    WX = w[:, None] * data.X
+    C = jax.vmap(lambda col: _z_lambda_t(col, lams, data, shape), in_axes=1, out_axes=1)(WX)
+    AiC = jax.vmap(lambda c: _solve(f, c, shape), in_axes=1, out_axes=1)(C)
+    S = data.X.T @ WX - C.T @ AiC
+    return g_u, g_b, f, AiC, 0.5 * (S + S.T)
+
+
+def pirls_joint(x, data: GLMMArrays, shape: GLMMShape, u0, beta0):
+    """(û, β̂, converged): the joint maximiser of h(u, β) at the θ and s in x (its β part not
+    used), by damped Newton on (u, β) with step halving (lme4's nAGQ = 0 inner loop)."""
+    _, theta, _ = split(x, shape)
+    lams = pls.factor_lambdas(theta, shape.re)
+
+    def eta_of(u, b):
+        return data.X @ b + data.offset + _z_lambda(u, lams, data, shape)
+
+    def step(state):
+        k, u, b, eta, hu, _, _ = state
+        g_u, g_b, f, AiC, S = _joint_system(u, eta, x, data, shape, lams)
+        Aig = _solve(f, g_u, shape)
+        d_b = jnp.linalg.solve(S, g_b - AiC.T @ g_u)
+        d_u = Aig - AiC @ d_b
+        dec = jnp.dot(g_u, d_u) + jnp.dot(g_b, d_b)
+        deta = data.X @ d_b + _z_lambda(d_u, lams, data, shape)
+        tol = 1e-12 * (1.0 + jnp.abs(hu))
+
+        def ls_cond(ls):
+            j, t, hn = ls
+            return (j < PIRLS_MAX_HALVINGS) & ~(hn >= hu - tol)
+
+        def ls_body(ls):
+            j, t, _ = ls
+            t = 0.5 * t
+            return j + 1, t, _h_at(u + t * d_u, eta + t * deta, x, data, shape)
+
+        j, t, hn = jax.lax.while_loop(ls_cond, ls_body, (0, 1.0, _h_at(u + d_u, eta + deta, x, data, shape)))
+        ok = jnp.isfinite(hn) & (hn >= hu - tol)
+        conv = (dec <= PIRLS_TOL) | (ok & (jnp.abs(hn - hu) <= 1e-14 * (1 + jnp.abs(hu))))
+        done = (dec <= PIRLS_TOL) | ~ok | ~jnp.isfinite(dec)
+        return (k + 1, jnp.where(ok, u + t * d_u, u), jnp.where(ok, b + t * d_b, b),
+                jnp.where(ok, eta + t * deta, eta), jnp.where(ok, hn, hu), done, conv)
+
+    eta0 = eta_of(u0, beta0)
+    init = (0, u0, beta0, eta0, _h_at(u0, eta0, x, data, shape), False, False)
+    _, u, b, _, _, _, conv = jax.lax.while_loop(lambda st: (st[0] < 2 * PIRLS_MAX_ITER) & ~st[5], step, init)
+    return jax.lax.stop_gradient(u), jax.lax.stop_gradient(b), conv
+
+
+def _profiled_h_grad(b, y, u, data, shape):
+    """∇_β of h profiled over u, g(β, y) = h(û(β, y), β, y) with y = (θ, s): X̃ᵀℓ'(η̂) (the
+    envelope theorem: ∇_u h = 0 at û). ``u``: PIRLS's start (the mode itself)."""
+    x = jnp.concatenate([b, y])
+    eta = linear_predictor(mode(x, data, shape, u), x, data, shape)
+    return data.X.T @ _curvature(eta, x, data, shape)[0]
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _beta_hat(y, b, u, data, shape):
+    """β̂(y) given its value ``b`` (found by :func:`pirls_joint`, with the modes ``u``),
+    differentiable by the implicit function theorem at ∇_β g = 0: dβ̂ = S⁻¹ ∂_y∇_β g dy, S =
+    −∇²_ββ g the joint system's Schur complement (:func:`nagq0_beta_information`)."""
+    return jax.lax.stop_gradient(b)
+
+
+@_beta_hat.defjvp
+def _beta_hat_jvp(shape, primals, tangents):
+    y, b, u, data = primals
+    dy = tangents[0]
+    b, u = jax.lax.stop_gradient(b), jax.lax.stop_gradient(u)
+    S = nagq0_beta_information(jnp.concatenate([b, y]), u, data, shape)
+    _, r = jax.jvp(lambda yy: _profiled_h_grad(b, yy, u, data, shape), (y,), (dy,))
+    return b, jnp.linalg.solve(S, r)
+
+
+def nagq0_deviance_and_modes(y, carry, data: GLMMArrays, shape: GLMMShape):
+    """lme4's nAGQ = 0 objective in y = (θ, s): the Laplace deviance at (β̂(y), y), β̂ jointly
+    with the modes by :func:`pirls_joint` (started from ``carry`` = (u, β)), exact derivatives
+    through β̂ (:func:`_beta_hat`) and the modes. Returns (value, (û, β̂)) for the next start."""
+    u0, b0 = carry
+    u, b, _ = pirls_joint(jnp.concatenate([b0, y]), data, shape, u0, b0)
+    b = _beta_hat(y, b, u, data, shape)
+    dev, u = laplace_deviance_and_mode(jnp.concatenate([b, y]), data, shape, u)
+    return dev, (u, b)
+
+
+def nagq0_deviance(y, data: GLMMArrays, shape: GLMMShape, beta0):
+    """:func:`nagq0_deviance_and_modes`' value from u = 0 and β = ``beta0``."""
+    carry = (jnp.zeros((shape.n_u,), y.dtype), beta0)
+    return nagq0_deviance_and_modes(y, carry, data, shape)[0]
+
+
+def nagq0_beta_information(x, u, data: GLMMArrays, shape: GLMMShape):
+    """S = X̃ᵀWX̃ − CᵀA⁻¹C at (û, β̂), W the observed curvature: the information on β̃ of the
+    joint PIRLS system, whose inverse lme4 reports as the nAGQ = 0 fit's Var(β̃)."""
+    _, theta, _ = split(x, shape)
+    lams = pls.factor_lambdas(theta, shape.re)
+    eta = linear_predictor(u, x, data, shape, lams)
+    return _joint_system(u, eta, x, data, shape, lams, floor=False)[4]
 
 
 def conditional(x, data: GLMMArrays, shape: GLMMShape):
@@ -514,17 +660,27 @@ def hessian_of_report(xi, data: GLMMArrays, shape: GLMMShape, B, fixed_mask):
     """∇²ξ of the log likelihood in the reporting metric ξ (forward over reverse, the columns
     in sequence); only the columns (and rows) where ``fixed_mask`` is 1 are computed, the rest
     are zero (a boundary fit holds its variance parameters)."""
-    def ll(z):
-        return -0.5 * deviance(params_of_report(z, shape, B), data, shape)
+    return _hessian_columns(lambda z: -0.5 * deviance(params_of_report(z, shape, B), data, shape), xi,
+                            fixed_mask)
 
+
+def _hessian_columns(ll, xi, mask):
+    """∇²ll at ξ by forward over reverse, the columns in sequence (those where ``mask`` is 0
+    are zero)."""
     g = jax.grad(ll)
 
     def column(v):
         return jax.jvp(g, (xi,), (v,))[1]
 
-    E = jnp.eye(xi.shape[0], dtype=xi.dtype) * fixed_mask[None, :]
+    E = jnp.eye(xi.shape[0], dtype=xi.dtype) * mask[None, :]
     H = jax.lax.map(column, E)
     return 0.5 * (H + H.T)
+
+
+@programs.cached(static_argnames=("shape",))
+def beta_information(x, data: GLMMArrays, shape: GLMMShape):
+    """:func:`nagq0_beta_information` at the modes of x (after an nAGQ = 0 fit)."""
+    return nagq0_beta_information(x, mode(x, data, shape), data, shape)
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,18 @@ from jaxmixed.runtime import programs
 
 
 def _minimize(x0, lower, unit, data, shape):
-    return minimize_scaled(lambda x: laplace.deviance(x, data, shape), x0, lower, unit, max_iter=300,
-                           quasi_newton=True)
+    """Projected BFGS; each evaluation's conditional modes start the next one's PIRLS. With
+    ``shape.nagq`` 0 (lme4's nAGQ = 0) over (θ, s) alone, β̂ found with the modes by the joint
+    PIRLS; the result's x is then (β̂, θ̂, ŝ) and its gradient's β part 0."""
+    u0 = jnp.zeros((shape.n_u,), x0.dtype)
+    if shape.nagq == 0:
+        p = shape.p
+        opt = minimize_scaled(lambda y, c: laplace.nagq0_deviance_and_modes(y, c, data, shape), x0[p:],
+                              lower[p:], unit[p:], max_iter=300, quasi_newton=True, carry=(u0, x0[:p]))
+        _, beta, _ = laplace.pirls_joint(jnp.concatenate([x0[:p], opt.x]), data, shape, u0, x0[:p])
+        return opt._replace(x=jnp.concatenate([beta, opt.x]), grad=jnp.concatenate([jnp.zeros_like(beta), opt.grad]))
+    return minimize_scaled(lambda x, u: laplace.deviance_and_mode(x, u, data, shape), x0, lower, unit,
+                           max_iter=300, quasi_newton=True, carry=u0)
 
 
 @programs.cached(static_argnames=("shape",))

@@ -149,8 +149,13 @@ BOUNDARY_SNAP = 1e-5  # a bounded coordinate closer than this to its bound may b
 
 
 def minimize_quasi_newton(fun, x0, lower, args=(), max_iter: int = 200, gtol: float = 1e-7,
-                          ftol: float = 1e-13, max_halvings: int = 30, fd_step: float = 1e-4) -> OptResult:
+                          ftol: float = 1e-13, max_halvings: int = 30, fd_step: float = 1e-4,
+                          carry=None) -> OptResult:
     """Minimise ``fun(x, *args)`` over x ≥ lower with gradients only (projected BFGS).
+
+    ``carry``: a warm start handed from one evaluation to the next (e.g. a GLMM's conditional
+    modes): then ``fun(x, carry, *args)`` returns (f, next carry), the carry not differentiated;
+    the value must not depend on it beyond round-off.
 
     For objectives whose Hessian is costly to trace or evaluate (the blocked engine's large
     dense panels). The loop evaluates f and ∇f once per pass, at a trial point, so the program
@@ -172,7 +177,11 @@ def minimize_quasi_newton(fun, x0, lower, args=(), max_iter: int = 200, gtol: fl
     Convergence tests as in :func:`minimize_bounded` (first order: a BFGS estimate cannot
     certify second-order conditions). Returns an OptResult; ``n_iter`` counts accepted steps.
     """
-    vg = jax.value_and_grad(fun)
+    if carry is None:
+        vg_aux = jax.value_and_grad(lambda x, c, *a: (fun(x, *a), c), has_aux=True)
+    else:
+        vg_aux = jax.value_and_grad(lambda x, c, *a: (lambda f, c2: (f, jax.lax.stop_gradient(c2)))(*fun(x, c, *a)),
+                                    has_aux=True)
     bounded = jnp.isfinite(lower)
     n = x0.shape[0]
     eye = jnp.eye(n)
@@ -204,7 +213,7 @@ def minimize_quasi_newton(fun, x0, lower, args=(), max_iter: int = 200, gtol: fl
 
     def body(s):
         ne = s["n_eval"]
-        ft, gt = vg(s["xt"], *args)
+        (ft, carry_t), gt = vg_aux(s["xt"], s["carry"], *args)
         ft = jnp.where(jnp.isfinite(ft), ft, jnp.inf)
         fd = ne <= n  # finite-difference phase: 0 is x₀ itself, i ≥ 1 is x₀ + hᵢ eᵢ
         # --- finite-difference phase
@@ -259,33 +268,37 @@ def minimize_quasi_newton(fun, x0, lower, args=(), max_iter: int = 200, gtol: fl
         xt = jnp.where(fd & (ne < n), nxt_fd, proj(x_new + alpha * d))
         done = conv | (k >= max_iter) | stuck | ~jnp.isfinite(f_new)
         return dict(n_eval=ne + 1, k=k, x=x_new, f=f_new, g=g_new, B=B, H=H, d=d, alpha=alpha, xt=xt,
-                    halvings=halvings, history=history, done=done, conv=conv)
+                    halvings=halvings, history=history, done=done, conv=conv, carry=carry_t)
 
     x0p = proj(x0)
     init = dict(n_eval=0, k=0, x=x0p, f=jnp.asarray(jnp.inf, x0.dtype), g=jnp.zeros(n), B=eye,
                 H=jnp.zeros((n, n)), d=jnp.zeros(n), alpha=jnp.asarray(1.0, x0.dtype), xt=x0p, halvings=0,
-                history=jnp.full((max_iter,), jnp.nan), done=False, conv=False)
+                history=jnp.full((max_iter,), jnp.nan), done=False, conv=False,
+                carry=() if carry is None else carry)
     out = jax.lax.while_loop(lambda s: ~s["done"], body, init)
     return OptResult(out["x"], out["f"], out["g"], out["k"], out["conv"] & jnp.isfinite(out["f"]),
                      out["history"])
 
 
 def minimize_scaled(fun, x0, lower, unit, args=(), *, quasi_newton: bool = False, max_iter: int = 200,
-                    hessian: str = "map") -> OptResult:
+                    hessian: str = "map", carry=None) -> OptResult:
     """Minimise ``fun(x, *args)`` over x ≥ lower working on x / ``unit`` (the optimiser's units,
     e.g. ``Design.theta_scale``: O(1) whatever the scale of the data, so that the tolerances
     mean the same everywhere). x₀, the bounds and the returned x and gradient are in x's own
     units. Projected Newton (:func:`minimize_bounded`, ``hessian`` as there), or projected BFGS
     on exact gradients (:func:`minimize_quasi_newton`) where Hessians are costly. The one
     implementation of optimising in scaled units (jm.fit, the per-panel engine, fit_many and
-    the functional core)."""
+    the functional core). ``carry``: a warm start passed between evaluations (projected BFGS
+    only; :func:`minimize_quasi_newton`)."""
     unit = jnp.asarray(unit, dtype=x0.dtype)
 
     def scaled(xs, *a):
         return fun(xs * unit, *a)
 
     if quasi_newton:
-        opt = minimize_quasi_newton(scaled, x0 / unit, lower / unit, args, max_iter=max_iter)
+        opt = minimize_quasi_newton(scaled, x0 / unit, lower / unit, args, max_iter=max_iter, carry=carry)
     else:
+        if carry is not None:
+            raise ValueError("carry= is for the quasi-Newton optimiser")
         opt = minimize_bounded(scaled, x0 / unit, lower / unit, args, max_iter=max_iter, hessian=hessian)
     return opt._replace(x=opt.x * unit, grad=opt.grad / unit)

@@ -89,7 +89,8 @@ def _header(r, show_groups: bool = True) -> list[str]:
             out.append(f"Family: {_family_word(r)}")
             out.append(f"Link: {r.link}")
             out.append("")
-        method = "Laplace" if r.nagq == 1 else ("mvaghermite" if r.method == "agq" else "ghermite")
+        method = ("Laplace" if r.nagq == 1 else "Laplace, β in PIRLS (nAGQ = 0)" if r.nagq == 0 else
+                  "mvaghermite" if r.method == "agq" else "ghermite")
         pts = f"Integration pts.   = {r.nagq:>9}" if r.nagq > 1 else ""
         out.append(f"{'Integration method: ' + method:<48}{pts}".rstrip())
     small = getattr(r, "small", None)
