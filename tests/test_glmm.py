@@ -213,8 +213,9 @@ def test_fit_many_glmm_equals_one_fit_per_response():
     cb = jm.datasets.load("cbpp")
     rng = np.random.default_rng(1)
     names = [f"p{j}" for j in range(4)]
+    herd = rng.normal(scale=0.7, size=cb["herd"].nunique())[cb["herd"].astype("category").cat.codes]
     for c in names:
-        cb[c] = rng.binomial(cb["size"], 0.2) / cb["size"]
+        cb[c] = rng.binomial(cb["size"], 1 / (1 + np.exp(1.4 - herd))) / cb["size"]
     m = jm.fit_many("p0 ~ period + (1 | herd)", cb, responses=names, family="binomial", weights="size")
     assert list(m.responses) == names and m.summary.converged.all()
     for c in (names[1], names[3]):
@@ -224,6 +225,12 @@ def test_fit_many_glmm_equals_one_fit_per_response():
         np.testing.assert_allclose(got[one.fixed.index], one.fixed.coef, rtol=1e-4, atol=1e-6)
         sd = m.random[m.random.response == c].estimate.iloc[0]
         assert sd == pytest.approx(one.random.estimate.iloc[0], rel=1e-3, abs=1e-5)
+        # standard errors as jm.fit forms them (the exact Hessian per response)
+        fx = m.fixed[m.fixed.response == c].set_index("term")
+        np.testing.assert_allclose(fx.se[one.fixed.index], one.fixed.se, rtol=1e-3)
+        np.testing.assert_allclose(fx.ci_lower[one.fixed.index], one.fixed.ci_lower, rtol=1e-3, atol=1e-5)
+        rse = m.random[m.random.response == c].se.iloc[0]
+        assert not one.singular and rse == pytest.approx(one.random.se.iloc[0], rel=1e-2)
 
 
 def test_bootstrap_glmm_is_reproducible_and_sensible():
@@ -239,6 +246,27 @@ def test_bootstrap_glmm_is_reproducible_and_sensible():
     for term in ("_cons", "period[T.2]"):
         assert t.loc[term, "se"] == pytest.approx(r.fixed.loc[term, "se"], rel=0.3)
         assert t.loc[term, "ci_lower"] < r.fixed.loc[term, "coef"] < t.loc[term, "ci_upper"]
+
+
+def test_bootstrap_lrtest_between_glmms():
+    """The parametric-bootstrap LR test of cbpp's period effect: each draw is the LR of the two
+    models refitted to a response simulated from the null (checked against jm.fit on one draw);
+    under the null the LR statistics follow roughly χ²(3)."""
+    cb = jm.datasets.load("cbpp")
+    big = fitted("cbpp")
+    small = jm.fit("cbind(incidence, size - incidence) ~ 1 + (1 | herd)", cb, family="binomial")
+    t = jm.bootstrap_lrtest(small, big, n=150, seed=5)
+    obs = jm.lrtest(small, big)
+    assert (t.stat, t.df) == (pytest.approx(obs.stat), 3)
+    assert t.n_valid == 150 and np.all(t.draws >= 0)
+    assert t.p == pytest.approx(1 / 151)  # the period effect is far beyond every draw (χ² p 1e-5)
+    assert 2.2 < np.mean(t.draws) < 3.8 and 0.2 < np.mean(t.draws > 7.815) * 20 < 2.5  # χ²(3): mean 3, 5 % above 7.815
+    y = small.simulate(1, seed=5)[:, 0]  # draw 0 by hand
+    d = cb.copy()
+    d.loc[d.index[small.design.rows], "incidence"] = y
+    lr0 = 2 * (jm.fit(FORMULAS["cbpp"], d, family="binomial").loglik
+               - jm.fit("cbind(incidence, size - incidence) ~ 1 + (1 | herd)", d, family="binomial").loglik)
+    assert t.draws[0] == pytest.approx(max(lr0, 0.0), abs=1e-5)
 
 
 def test_stata_ghermite_is_plain_quadrature():

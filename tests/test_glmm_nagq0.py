@@ -111,5 +111,7 @@ def test_nagq0_in_fit_many_and_errors():
     for k in range(3):
         one = jm.fit(f"y{k} ~ x + (1 | g)", d, family="binomial", nagq=0)
         assert many.loglik[k] == pytest.approx(one.loglik, abs=1e-7)
+        fx = many.fixed[many.fixed.response == f"y{k}"].set_index("term")
+        np.testing.assert_allclose(fx.se[one.fixed.index], one.fixed.se, rtol=1e-5)
     with pytest.raises(jm.ModelError, match="nagq must be a whole number ≥ 0"):
         jm.fit("y0 ~ x + (1 | g)", d, family="binomial", nagq=-1)

@@ -322,8 +322,8 @@ def fit_many(formula: str, data: pd.DataFrame, responses, family, link=None, *, 
     """``jm.fit_many(formula, data, responses, family=...)``: the GLMM of ``formula`` fitted to
     each response column (counts, 0/1 values or successes; the trials, weights and offset are
     the formula's), all in one vmapped program started from the first response's fit. Rows: those
-    the first response's fit uses; every response must be complete there. Standard errors are
-    not computed (NaN): refit a response with ``jm.fit`` for its table."""
+    the first response's fit uses; every response must be complete there. Standard errors as
+    ``jm.fit`` forms them (the exact Hessian per response, one vmapped program)."""
     from jaxmixed.results.many import ManyResult
 
     if isinstance(responses, str):
@@ -351,27 +351,38 @@ def fit_many(formula: str, data: pd.DataFrame, responses, family, link=None, *, 
         fam.check_response(Y[:, j], m, c)
     lower, unit = first.display["bounds"]
     raw = glmm_fit.fit_responses(Y, first.params, lower, unit, first.data, first.engine.shape, chunk_size, progress)
-    from jaxmixed.inference.glmm import report_draws
+    from jaxmixed.inference import distributions as sps
+    from jaxmixed.inference.glmm import covariances_responses
+    from jaxmixed.inference.tables import component_layout, component_values
 
-    beta, est = report_draws(first, raw["x"])
     k, p = len(names), first.design.p
+    xi = np.stack([laplace.report_of_params(x, first.engine.shape, first.engine.B) for x in raw["x"]])
+    beta = xi[:, :p]
+    cov, hess_ok, singular = covariances_responses(raw["x"], Y, first.data, first.engine.shape, first.engine.B,
+                                                   unit, chunk_size)
     loglik = -0.5 * raw["fun"]
-    singular = np.array([first.engine.singular(x, first.design.theta_scale) for x in raw["x"]])
-    summary = pd.DataFrame({"loglik": loglik, "converged": raw["converged"], "singular": singular,
+    converged = raw["converged"] & (singular | hess_ok)
+    summary = pd.DataFrame({"loglik": loglik, "converged": converged, "singular": singular,
                             "iterations": np.full(k, -1)}, index=pd.Index(names, name="response"))
-    nan = np.full(k * p, np.nan)
+    z = sps.norm.ppf(0.5 + float(level) / 200.0)
+    se = np.sqrt(np.diagonal(cov[:, :p, :p], axis1=1, axis2=2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        zs = beta / se
     fixed = pd.DataFrame({"response": np.repeat(names, p), "term": np.tile(first.design.xnames, k),
-                          "coef": beta.ravel(), "se": nan, "z": nan, "p": nan, "ci_lower": nan, "ci_upper": nan})
-    rows_r = len(first.random)
-    nr = np.full(k * rows_r, np.nan)
-    random = pd.DataFrame({"response": np.repeat(names, rows_r), "group": list(first.random.group) * k,
-                           "name": list(first.random.name) * k, "estimate": est.ravel(), "se": nr,
-                           "ci_lower": nr, "ci_upper": nr})
-    notes = ["GLMM fits: standard errors not computed (refit a response with jm.fit for its table)"]
+                          "coef": beta.ravel(), "se": se.ravel(), "z": zs.ravel(),
+                          "p": (2 * sps.norm.sf(np.abs(zs))).ravel(), "ci_lower": (beta - z * se).ravel(),
+                          "ci_upper": (beta + z * se).ravel()})
+    layout = component_layout(first.design.terms, first.variance, first.display["residual_rows"])
+    cov_eta = np.where(singular[:, None, None], np.nan, cov[:, p:, p:])
+    est, vse, lo, hi = component_values(xi[:, p:], layout, cov_eta, z)
+    random = pd.DataFrame({"response": np.repeat(names, len(layout)), "group": [r.group for r in layout] * k,
+                           "name": [r.name for r in layout] * k, "estimate": est.ravel(), "se": vse.ravel(),
+                           "ci_lower": lo.ravel(), "ci_upper": hi.ravel()})
+    notes = []
     if first.n_dropped:
         notes.append(f"{first.n_dropped} observation(s) dropped because of missing values")
-    if (~raw["converged"]).any():
-        notes.append(f"{int((~raw['converged']).sum())} response(s) did not converge (see summary.converged)")
+    if (~converged).any():
+        notes.append(f"{int((~converged).sum())} response(s) did not converge (see summary.converged)")
     th = raw["x"][:, p:p + first.engine.shape.re.n_theta]
     return ManyResult(responses=tuple(names), method=first.method, nobs=first.nobs, n_dropped=first.n_dropped,
                       level=float(level), variance=bool(variance), summary=summary, fixed=fixed, random=random,

@@ -81,3 +81,21 @@ def fit_responses(Y, x0, lower, unit, data, shape, chunk_size: int = 32, progres
         bar.update(m)
     bar.close()
     return dict(x=np.concatenate(xs), fun=np.concatenate(funs), converged=np.concatenate(convs))
+
+
+@programs.cached(static_argnames=("shape", "nagq0"))
+def hessians_responses(XI, masks, Y, data, shape, B, nagq0: bool = False):
+    """Per response (vmapped): the Hessian of its log likelihood in the reporting metric at ξ
+    (:func:`jaxmixed.engine.laplace.hessian_of_report`, the columns where its mask is 0 held),
+    and, with ``nagq0``, the joint PIRLS information on β̃ (lme4's nAGQ = 0 Var(β̃)⁻¹) at x."""
+    fam = family_of(shape.family)
+
+    def one(xi, mask, y):
+        d = data._replace(y=y, const=fam.constant(y, data.m, data.pw, jnp))
+        H = laplace.hessian_of_report(xi, d, shape, B, mask)
+        if not nagq0:
+            return H, jnp.zeros((shape.p, shape.p), xi.dtype)
+        x = laplace.params_of_report(xi, shape, B)
+        return H, laplace.nagq0_beta_information(x, laplace.mode(x, d, shape), d, shape)
+
+    return jax.vmap(one)(XI, masks, Y)

@@ -83,9 +83,6 @@ class _Simulator:
 
 
 def _check_simulable(result):
-    if getattr(result, "family", None) is not None:
-        raise ModelError("bootstrap_lrtest is not offered for GLMMs yet (result.bootstrap() is); "
-                         "compare GLMMs with jm.lrtest")
     if not result.engine.supports_batched:
         raise ModelError("bootstrap supports models with independent, homoskedastic residuals only "
                          "(this fit has a residuals() structure)")
@@ -98,6 +95,10 @@ def simulate(result, n: int = 1, seed: int = 0, device=None) -> np.ndarray:
     is the same whatever ``n`` ≥ d+1. Rows follow the observations the fit used
     (``result.design.rows`` of the data)."""
     n = integer_argument(n, "n")
+    if getattr(result, "family", None) is not None:  # a GLMM: draws from its family (numpy)
+        from jaxmixed.inference import glmm
+
+        return glmm.simulate(result, n, seed)
     return _Simulator(result, n, seed, device)(0, n)
 
 
@@ -216,25 +217,33 @@ def bootstrap_lrtest(a, b, n: int = 1000, seed: int = 0, *, chunk_size: int | No
     distribution this stays valid when the null puts a variance on its boundary.
 
     Both fits must use the same observations and criterion (and, for REML, the same fixed
-    effects), as for ``jm.lrtest``.
+    effects), as for ``jm.lrtest``. GLMMs too (same family, link and integration method): the
+    draws come from the null GLMM's family, and each model's refits run in one vmapped program
+    (``device`` is then JAX's default).
     """
     n = integer_argument(n, "n", 2)
     observed = lrtest(a, b)  # same criterion, observations, REML rule and nesting checks
     if not np.array_equal(np.asarray(a.design.rows), np.asarray(b.design.rows)):
         raise ModelError("bootstrap_lrtest: the models use different observations")
     small, big = (a, b) if a.n_params <= b.n_params else (b, a)
-    _check_simulable(big)
     df, stat = observed.df, observed.stat
-    sim = _Simulator(small, n, seed, device)
-    reml = small.method == "reml"
-    kw = dict(chunk_size=chunk_size, progress=progress, device=device, hessian=False)
-    r_small = fit_responses(small.design, sim, n, reml, label="bootstrap_lrtest (null model)",
-                            engine=small.engine.shape.kind,
-                            warm_start=np.asarray(small.theta), **kw)
-    r_big = fit_responses(big.design, sim, n, reml, label="bootstrap_lrtest (alternative)",
-                          engine=big.engine.shape.kind,
-                          warm_start=np.asarray(big.theta), **kw)
-    lr = r_small["fun"] - r_big["fun"]  # 2(ℓ_big − ℓ_small): fun is −2ℓ
+    if getattr(small, "family", None) is not None:  # GLMMs: one vmapped program per model
+        from jaxmixed.inference import glmm
+
+        f_small, f_big = glmm.lrtest_draws(small, big, n, seed, chunk_size, progress)
+        lr = f_small - f_big
+    else:
+        _check_simulable(big)
+        sim = _Simulator(small, n, seed, device)
+        reml = small.method == "reml"
+        kw = dict(chunk_size=chunk_size, progress=progress, device=device, hessian=False)
+        r_small = fit_responses(small.design, sim, n, reml, label="bootstrap_lrtest (null model)",
+                                engine=small.engine.shape.kind,
+                                warm_start=np.asarray(small.theta), **kw)
+        r_big = fit_responses(big.design, sim, n, reml, label="bootstrap_lrtest (alternative)",
+                              engine=big.engine.shape.kind,
+                              warm_start=np.asarray(big.theta), **kw)
+        lr = r_small["fun"] - r_big["fun"]  # 2(ℓ_big − ℓ_small): fun is −2ℓ
     ok = np.isfinite(lr)
     lr = np.maximum(lr[ok], 0.0)
     n_valid = int(ok.sum())

@@ -10,11 +10,15 @@ prior weights and offset; the refit starts from the fit's estimate.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import jax.numpy as jnp
 import numpy as np
 
 from jaxmixed.engine import laplace
+from jaxmixed.fit import glmm as glmm_fit
 from jaxmixed.fit.glmm import fit_responses
-from jaxmixed.inference.tables import component_layout, component_values
+from jaxmixed.inference.tables import component_layout, component_values, covariance_from_hessian
 from jaxmixed.model.family import family_of, inverse_link
 
 
@@ -73,3 +77,60 @@ def bootstrap_draws(result, n: int, seed: int, chunk_size=None, progress: bool =
     P = np.concatenate([beta, est], axis=1)
     ok = np.isfinite(raw["fun"]) & np.all(np.isfinite(beta), axis=1)
     return P, ok, raw["converged"], raw["x"]
+
+
+def lrtest_draws(small, big, n: int, seed: int, chunk_size=None, progress: bool = False):
+    """(−2ℓ of ``small``, −2ℓ of ``big``) refitted to each of n responses simulated from the
+    smaller GLMM (the null; :func:`simulate`), each model in one vmapped program started from
+    its own estimates: the parametric bootstrap's LR statistics are their differences."""
+    Y = simulate(small, n, seed)
+    out = []
+    for r, label in ((small, "null model"), (big, "alternative")):
+        lower, unit = r.display["bounds"]
+        raw = fit_responses(Y, r.params, lower, unit, r.data, r.engine.shape, chunk_size or 32, progress,
+                            label=f"bootstrap_lrtest ({label})")
+        out.append(np.asarray(raw["fun"]))
+    return out[0], out[1]
+
+
+def covariances_responses(X, Y, data, shape, B, unit, chunk_size: int = 32):
+    """Cov of (β, each term's η, s) per response (k × m × m; NaN where the Hessian is not
+    negative definite) at the fits X (k × m) of the responses Y (n × k), as ``jm.fit`` forms
+    them for one fit: variance parameters on their bound held (their rows NaN); nAGQ = 0 fits'
+    β block from the joint PIRLS system. Also the mask of lanes whose Hessian was usable."""
+    engine = laplace.LaplaceEngine(shape, np.asarray(B))
+    k, m = X.shape
+    p, k_eta = shape.p, engine.n_variance_params
+    XI = np.stack([laplace.report_of_params(x, shape, B) for x in X])
+    masks = np.ones((k, m))
+    singular = np.array([engine.singular(x, unit[p:p + shape.re.n_theta]) for x in X])
+    masks[singular, p:p + k_eta] = 0.0
+    nagq0 = shape.nagq == 0
+    lap = replace(shape, nagq=1) if nagq0 else shape
+    chunk = max(1, min(int(chunk_size), k))
+    Hs, Ss = [], []
+    for a in range(0, k, chunk):
+        sl = slice(a, a + chunk)
+        xi, mk, yb = np.where(np.isfinite(XI[sl]), XI[sl], 0.0), masks[sl], Y[:, sl].T
+        j = xi.shape[0]
+        if j < chunk:  # pad with copies of the chunk's first lane: one compiled shape
+            xi, mk, yb = (np.concatenate([v, np.repeat(v[:1], chunk - j, axis=0)]) for v in (xi, mk, yb))
+        H, S = glmm_fit.hessians_responses(jnp.asarray(xi), jnp.asarray(mk), jnp.asarray(yb), data, lap, jnp.asarray(B),
+                                  nagq0=nagq0)
+        Hs.append(np.asarray(H)[:j])
+        Ss.append(np.asarray(S)[:j])
+    H, S = np.concatenate(Hs), np.concatenate(Ss)
+    cov = np.full((k, m, m), np.nan)
+    ok = np.zeros(k, dtype=bool)
+    for i in range(k):
+        keep = np.flatnonzero(masks[i] > 0)
+        c, ok[i] = covariance_from_hessian(H[i][np.ix_(keep, keep)])
+        if c is not None:
+            cov[i][np.ix_(keep, keep)] = c
+        if nagq0:
+            cov[i, :p, :] = cov[i, :, :p] = np.nan
+            try:
+                cov[i, :p, :p] = B @ np.linalg.solve(S[i], np.asarray(B).T)
+            except np.linalg.LinAlgError:
+                ok[i] = False
+    return cov, ok, singular

@@ -136,6 +136,15 @@ class FitResult:
 
         return bootstrap(self, n=n, seed=seed, level=level, **kwargs)
 
+    def simulate(self, n: int = 1, seed: int = 0, device=None):
+        """``n`` responses simulated from the fitted model (nobs × n; lme4's ``simulate``): new
+        random effects and residuals (a GLMM: responses from its family, successes for the
+        binomial) on the observations the fit used (``design.rows`` of the data), the
+        bootstrap's own draws (the same ``seed`` gives the same columns)."""
+        from jaxmixed.inference.bootstrap import simulate
+
+        return simulate(self, n=n, seed=seed, device=device)
+
     def test(self, which, rhs=0.0):
         """Test of linear hypotheses on the fixed effects (Stata's ``test``/``testparm``): a
         coefficient name, a list of names (each = ``rhs``), or a contrast matrix L (rows × p, or
