@@ -292,3 +292,23 @@ def test_display_methods_name_the_glmm():
         r.wcorrelation()
     with pytest.raises(jm.DataError, match="kind for a GLMM"):
         r.predict("residuals")
+
+
+PROFILE_REF = json.loads((Path(__file__).parent / "reference" / "glmm_profile.json").read_text())
+
+
+@pytest.mark.parametrize("case", ["cbpp", "contraception_ri_linear_age"])
+def test_profile_intervals_match_lme4(case):
+    """confint(method="profile") of a GLMM against lme4's confint(glmer fit) (which interpolates
+    ζ with splines; the limits agree to 1e-4 here, 5e-4 allowed)."""
+    r, ref = fitted(case), PROFILE_REF[case]
+    ci = r.confint(method="profile")
+    n_var = sum(name.startswith(".sig") for name in ref["parameters"])
+    lo, hi = np.asarray(ref["lower"]), np.asarray(ref["upper"])
+    # lme4: variance parameters, then the intercept first; jaxmixed: fixed effects (intercept
+    # last), then the variance parameters
+    order = list(range(n_var + 1, len(lo))) + [n_var] + list(range(n_var))
+    assert len(ci) == len(lo)
+    np.testing.assert_allclose(ci["lower"], lo[order], atol=5e-4, rtol=0)
+    np.testing.assert_allclose(ci["upper"], hi[order], atol=5e-4, rtol=0)
+    assert np.all(ci["lower"] < ci["estimate"]) and np.all(ci["estimate"] < ci["upper"])

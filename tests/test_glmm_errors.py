@@ -26,7 +26,7 @@ def d():
     ("y ~ x + (1|g) + (1|h)", dict(family="binomial", nagq=3), jm.ModelError, "are crossed"),
     ("y ~ x + (1|g)", dict(family="binom2"), jm.ModelError, "unknown family 'binom2'"),
     ("y ~ x + (1|g)", dict(family="binomial", link="logistic"), jm.ModelError, "unknown link"),
-    ("y ~ x + (1|g)", dict(family="binomial", nagq=0), jm.ModelError, "nagq must be"),
+    ("y ~ x + (1|g)", dict(family="binomial", nagq=-1), jm.ModelError, "nagq must be"),
     ("y ~ x + (1|g)", dict(family="binomial", method="reml"), jm.ModelError, "REML is defined for linear"),
     ("cbind(c) ~ x + (1|g)", dict(family="binomial"), jm.FormulaError, r"cbind\(\) needs two arguments"),
     ("cbind(c, n - c) ~ x + (1|g)", dict(family="poisson"), jm.ModelError, "binomial response"),

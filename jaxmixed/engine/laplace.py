@@ -146,7 +146,11 @@ def _h(u, x, data, shape):
 
 
 def _curvature(eta, x, data, shape):
-    """(ℓ', −ℓ'') per row, by forward-mode autodiff of the elementwise log density."""
+    """(ℓ', −ℓ'') per row: closed forms for canonical binomial and Poisson models
+    (:meth:`Family.eta_derivatives`), else forward-mode autodiff of the elementwise log density."""
+    closed = family_of(shape.family).eta_derivatives(shape.link, data.y, data.m, data.pw, eta)
+    if closed is not None:
+        return closed
     f = lambda e: row_loglik(e, x, data, shape)  # noqa: E731
     ones = jnp.ones_like(eta)
     d1 = lambda e: jax.jvp(f, (e,), (ones,))[1]  # noqa: E731

@@ -181,7 +181,7 @@ def _root(zeta_of, x_hat, step, side, z, limit=None, max_double: int = 40):
     never reaches z before it)."""
     from scipy.optimize import brentq
 
-    a, za = x_hat, 0.0
+    a = x_hat
     h = step
     for _ in range(max_double):
         b = x_hat + side * h
@@ -193,17 +193,102 @@ def _root(zeta_of, x_hat, step, side, z, limit=None, max_double: int = 40):
                           rtol=1e-12)
         if limit is not None and b == limit:
             return None
-        a, za = b, zb
+        a = b
         h *= 2.0
     return None
+
+
+class _GLMMProfiler:
+    """The deviance of a GLMM fit (its own Laplace or quadrature objective) with one coordinate
+    of the reporting parameters ξ = (β, each term's η, s) held, minimised over the others."""
+
+    def __init__(self, r):
+        import jax
+        import jax.numpy as jnp
+
+        from jaxmixed.engine import laplace
+
+        shape, data, B = r.engine.shape, r.data, jnp.asarray(r.engine.B)
+        u0 = jnp.asarray(r.solution.u)  # PIRLS starts at the fit's modes
+
+        def dev(free, mask, fixed):
+            xi = jnp.where(mask, fixed, free)
+            return laplace.deviance(laplace.params_of_report(xi, shape, B), data, shape, u0)
+
+        self._dev = jax.jit(jax.value_and_grad(dev))
+        self.xi_hat = np.asarray(laplace.report_of_params(r.params, shape, r.engine.B), dtype=float)
+        self.D_hat = -2.0 * float(r.loglik)
+
+    def dev_at(self, i: int, value: float, start):
+        from scipy.optimize import minimize
+
+        mask = np.zeros(len(self.xi_hat), dtype=bool)
+        mask[i] = True
+        x0 = np.where(np.isfinite(start), start, -8.0)
+        x0[i] = 0.0
+        res = minimize(_host(self._dev), x0, args=(mask, value), jac=True, method="BFGS",
+                       options=dict(maxiter=400, gtol=1e-9))
+        x = res.x.copy()
+        x[i] = value
+        return float(res.fun), x
+
+
+def _glmm_profile_intervals(r, level: float) -> pd.DataFrame:
+    """lme4's ``confint(glmer fit)``: ζ of the fit's own objective (Laplace or quadrature) for
+    each fixed effect (data units) and variance parameter (ln sd, atanh corr, the scale's ln)."""
+    from jaxmixed.inference.tables import component_layout
+
+    if r.nagq == 0:
+        raise ModelError("profile intervals need the likelihood maximised over every parameter; an nagq=0 fit "
+                         "holds β at its PIRLS value: refit with nagq=1, or use confint(method='wald')")
+    z = float(sps.norm.ppf(0.5 + level / 200.0))
+    prof = _GLMMProfiler(r)
+    p = r.design.p
+    xi_hat = prof.xi_hat
+    cov = np.asarray(r.cov_params, dtype=float) if r.cov_params is not None else np.full((len(xi_hat),) * 2, np.nan)
+    steps = np.sqrt(np.abs(np.diag(cov)))
+    steps = np.where(np.isfinite(steps) & (steps > 0), np.minimum(steps, 2.0), 0.5)
+    residual = tuple((("sd(" + name[4:]) if name.startswith("var(") else name, kind)
+                     for name, kind in r.display["residual_rows"])
+    rows, index = [], []
+    fwd_of = {"sd": np.exp, "exp": np.exp, "corr": np.tanh, "exp_neg": lambda v: np.exp(-v)}
+    targets = [(j, name, "free") for j, name in enumerate(r.fixed.index)]
+    for row in component_layout(r.design.terms, False, residual):
+        targets.append((p + row.idx[0], f"{row.group}: {row.name}" if row.group else row.name, row.kind))
+    for i, name, kind in targets:
+        centre = xi_hat[i]
+        cache = {"start": xi_hat.copy()}
+
+        def zeta(v, i=i, cache=cache, centre=centre):
+            D, x = prof.dev_at(i, v, cache["start"])
+            cache["start"] = x
+            return _zeta(D, prof.D_hat, 1.0 if not np.isfinite(centre) else np.sign(v - centre))
+
+        fwd = fwd_of.get(kind, lambda v: v)
+        if not np.isfinite(centre):  # an sd estimated 0: the interval starts at 0
+            hi = _root(zeta, np.log(1e-4), 1.0, 1, z)
+            lo_val, hi_val = 0.0, (np.nan if hi is None else float(fwd(hi)))
+            est = 0.0
+        else:
+            limit_lo = {"sd": centre - 30.0, "corr": -12.0}.get(kind)
+            limit_hi = {"corr": 12.0}.get(kind)
+            lo = _root(zeta, centre, steps[i], -1, z, limit=limit_lo)
+            cache["start"] = xi_hat.copy()
+            hi = _root(zeta, centre, steps[i], 1, z, limit=limit_hi)
+            lo_b = (0.0 if kind == "sd" else -1.0 if kind == "corr" else np.nan) if lo is None else float(fwd(lo))
+            hi_b = (1.0 if kind == "corr" else np.nan) if hi is None else float(fwd(hi))
+            lo_val, hi_val = (hi_b, lo_b) if kind == "exp_neg" else (lo_b, hi_b)  # (a decreasing map)
+            est = float(fwd(centre))
+        rows.append((est, lo_val, hi_val))
+        index.append(name)
+    return pd.DataFrame(rows, index=index, columns=["estimate", "lower", "upper"])
 
 
 def profile_intervals(r, level: float) -> pd.DataFrame:
     from jaxmixed.engine.pls import PLSEngine
 
     if r.family is not None:
-        raise ModelError("profile intervals are available for linear mixed models; for a GLMM use "
-                         "confint(method='wald') or 'bootstrap'")
+        return _glmm_profile_intervals(r, level)
     if not isinstance(r.engine, PLSEngine):
         raise ModelError("profile intervals are available for independent residual errors; for a residual "
                          "structure use confint(method='wald') or 'bootstrap'")

@@ -94,7 +94,9 @@ class Family:
         """ℓᵢ(ηᵢ) per row (full log density, times the prior weight); ``constant=False`` leaves
         out the terms free of every parameter (:meth:`constant`: log C(m, y), −log y!), which
         the engines add once instead of at every evaluation."""
-        if self.name == "binomial":
+        if self.name == "binomial" and link == "logit":  # y log μ + (m − y) log(1 − μ), one softplus
+            ll = y * eta - m * jax.nn.softplus(eta)
+        elif self.name == "binomial":
             ll = jnp.where(y > 0, y * _log_mu(link, eta), 0.0) \
                 + jnp.where(m - y > 0, (m - y) * _log_1m_mu(link, eta), 0.0)
         elif self.name == "poisson":
@@ -119,6 +121,18 @@ class Family:
         if constant:
             ll = ll + self.row_constant(y, m, jnp)
         return pw * ll
+
+    def eta_derivatives(self, link: str, y, m, pw, eta):
+        """(∂ℓᵢ/∂ηᵢ, −∂²ℓᵢ/∂ηᵢ²) in closed form for the canonical links of the binomial (logit)
+        and Poisson (log) families — one exponential per row where autodiff of :meth:`loglik`
+        takes several — or None for the others (the engines then differentiate ``loglik``)."""
+        if self.name == "binomial" and link == "logit":
+            mu = jax.nn.sigmoid(eta)
+            return pw * (y - m * mu), pw * m * mu * (1.0 - mu)
+        if self.name == "poisson" and link == "log":
+            mu = jnp.exp(eta)
+            return pw * (y - mu), pw * mu
+        return None
 
     def row_constant(self, y, m, xp=np):
         """The parameter-free part of each row's log density (before the prior weight):
