@@ -249,7 +249,8 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
              "residual_rows": tuple(residual), "bounds": (lower, unit),
              "offset_exprs": None if offset_exprs is None else tuple(offset_exprs)}
     return FitResult(
-        loglik=loglik, method="laplace" if nagq <= 1 else ("agq" if adaptive else "ghq"), nobs=design.nobs, converged=converged,
+        loglik=loglik, method="laplace" if nagq <= 1 else ("agq" if adaptive else "ghq"), nobs=design.nobs,
+        converged=converged,
         singular=singular, fixed=fixed, random=random, wald=tables.wald_test(design.xnames, beta, cov_beta),
         lr_vs_linear=lr, groups=design.group_summary, theta=engine.theta(x), beta=beta, sigma=sigma,
         iterations=tuple(-0.5 * history), n_dropped=design.n_dropped, notes=tuple(notes), level=float(level),
@@ -264,10 +265,7 @@ def _quadrature_levels(design, nagq: int, laplace_if_crossed: bool) -> int:
     approximation when that is the front end's default (Stata's for crossed models)."""
     names = [":".join(f.group) for f in design.factors]
     if len(design.factors) == 2:
-        inner, outer = design.factors
-        parent = np.zeros(inner.n_levels, dtype=np.int64)
-        parent[inner.codes] = outer.codes
-        if np.array_equal(parent[inner.codes], outer.codes):
+        if _nested_in(*design.factors):
             return nagq
         if laplace_if_crossed:
             return 1
@@ -280,15 +278,17 @@ def _quadrature_levels(design, nagq: int, laplace_if_crossed: bool) -> int:
                      f"{len(names)} grouping factors ({', '.join(names)}): use nagq=1 (Laplace)")
 
 
+def _nested_in(inner, outer) -> bool:
+    """True when every level of the factor ``inner`` lies inside one level of ``outer``."""
+    parent = np.zeros(inner.n_levels, dtype=np.int64)
+    parent[inner.codes] = outer.codes
+    return bool(np.array_equal(parent[inner.codes], outer.codes))
+
+
 def _nested_chain(design) -> bool:
     """True when the grouping factors, fewest levels last, nest each in the next."""
     fs = sorted(design.factors, key=lambda f: -f.n_levels)
-    for inner, outer in zip(fs, fs[1:]):
-        parent = np.zeros(inner.n_levels, dtype=np.int64)
-        parent[inner.codes] = outer.codes
-        if not np.array_equal(parent[inner.codes], outer.codes):
-            return False
-    return True
+    return all(_nested_in(inner, outer) for inner, outer in zip(fs, fs[1:]))
 
 
 def _scale_rows(fam, variance: bool, stata: bool):

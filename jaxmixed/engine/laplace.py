@@ -296,10 +296,11 @@ def agq_deviance(x, data: GLMMArrays, shape: GLMMShape, u0=None):
 
 
 def agq_deviance_and_mode(x, data: GLMMArrays, shape: GLMMShape, u0=None):
-    """(value, modes; ``u0`` where PIRLS starts): −2 × the adaptive Gauss-Hermite log likelihood (one grouping factor; ``shape.nagq``
-    points per dimension). With ``shape.adaptive`` False the nodes are those of the prior
-    N(0, I) itself, not moved to the mode nor scaled by the curvature (Stata's ``ghermite``:
-    needs many more points for the same accuracy)."""
+    """(value, modes; ``u0`` where PIRLS starts): −2 × the adaptive Gauss-Hermite log
+    likelihood (one grouping factor; ``shape.nagq`` points per dimension). With
+    ``shape.adaptive`` False the nodes are those of the prior N(0, I) itself, not moved to the
+    mode nor scaled by the curvature (Stata's ``ghermite``: needs many more points for the same
+    accuracy)."""
     re = shape.re
     L1, q = re.L[0], re.q[0]
     beta, theta, _ = split(x, shape)
@@ -335,9 +336,10 @@ def nested_agq_deviance(x, data: GLMMArrays, shape: GLMMShape, u0=None):
 
 
 def nested_agq_deviance_and_mode(x, data: GLMMArrays, shape: GLMMShape, u0=None):
-    """(value, modes; ``u0`` where PIRLS starts): −2 × the adaptive Gauss-Hermite log likelihood of two nested grouping factors (engine
-    order: factor 0 the inner one, each of its levels inside one level of factor 1), vector
-    effects at either level, ``shape.nagq`` points per dimension.
+    """(value, modes; ``u0`` where PIRLS starts): −2 × the adaptive Gauss-Hermite log
+    likelihood of two nested grouping factors (engine order: factor 0 the inner one, each of its
+    levels inside one level of factor 1), vector effects at either level, ``shape.nagq`` points
+    per dimension. Memory: n × k^(q_inner + q_outer) evaluations at once.
 
     The nodes follow the joint Laplace Gaussian N(û, H⁻¹) written level by level: the outer
     effects u_o of group a on N(û_a, S_a⁻¹), S_a = H_aa − Σ_{j∈a} H_ajH_jj⁻¹H_ja (the Schur
@@ -664,19 +666,15 @@ def hessian_of_report(xi, data: GLMMArrays, shape: GLMMShape, B, fixed_mask):
     """∇²ξ of the log likelihood in the reporting metric ξ (forward over reverse, the columns
     in sequence); only the columns (and rows) where ``fixed_mask`` is 1 are computed, the rest
     are zero (a boundary fit holds its variance parameters)."""
-    return _hessian_columns(lambda z: -0.5 * deviance(params_of_report(z, shape, B), data, shape), xi,
-                            fixed_mask)
+    def ll(z):
+        return -0.5 * deviance(params_of_report(z, shape, B), data, shape)
 
-
-def _hessian_columns(ll, xi, mask):
-    """∇²ll at ξ by forward over reverse, the columns in sequence (those where ``mask`` is 0
-    are zero)."""
     g = jax.grad(ll)
 
     def column(v):
         return jax.jvp(g, (xi,), (v,))[1]
 
-    E = jnp.eye(xi.shape[0], dtype=xi.dtype) * mask[None, :]
+    E = jnp.eye(xi.shape[0], dtype=xi.dtype) * fixed_mask[None, :]
     H = jax.lax.map(column, E)
     return 0.5 * (H + H.T)
 

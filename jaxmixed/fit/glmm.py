@@ -30,7 +30,8 @@ def _minimize(x0, lower, unit, data, shape):
         opt = minimize_scaled(lambda y, c: laplace.nagq0_deviance_and_modes(y, c, data, shape), x0[p:],
                               lower[p:], unit[p:], max_iter=300, quasi_newton=True, carry=(u0, x0[:p]))
         _, beta, _ = laplace.pirls_joint(jnp.concatenate([x0[:p], opt.x]), data, shape, u0, x0[:p])
-        return opt._replace(x=jnp.concatenate([beta, opt.x]), grad=jnp.concatenate([jnp.zeros_like(beta), opt.grad]))
+        return opt._replace(x=jnp.concatenate([beta, opt.x]),
+                            grad=jnp.concatenate([jnp.zeros_like(beta), opt.grad]))
     return minimize_scaled(lambda x, u: laplace.deviance_and_mode(x, u, data, shape), x0, lower, unit,
                            max_iter=300, quasi_newton=True, carry=u0)
 
