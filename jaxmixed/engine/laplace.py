@@ -202,46 +202,51 @@ def pirls(x, data: GLMMArrays, shape: GLMMShape, u0=None):
     _, theta, _ = split(x, shape)
     lams = pls.factor_lambdas(theta, shape.re)
     u0 = jnp.zeros((shape.n_u,), data.y.dtype) if u0 is None else u0
-    eta0 = linear_predictor(u0, x, data, shape, lams)
 
-    def h_of(u, eta):
-        return _h_at(u, eta, x, data, shape)
-
-    def step(state):
-        k, u, eta, hu, _, _ = state
+    def direction(u, eta):
         l1, w = _curvature(eta, x, data, shape)
         f = pls_dense.factorize_random(weighted_arrays(data, shape, jnp.maximum(w, MIN_WEIGHT * data.pw)),
                                        shape.re, lams)
         g = _z_lambda_t(l1, lams, data, shape) - u
         d = _solve(f, g, shape)
-        dec = jnp.dot(g, d)
-        deta = _z_lambda(d, lams, data, shape)
-        tol = 1e-12 * (1.0 + jnp.abs(hu))
+        return d, jnp.dot(g, d), _z_lambda(d, lams, data, shape)
+
+    return _newton_ascent(u0, linear_predictor(u0, x, data, shape, lams),
+                          lambda u, eta: _h_at(u, eta, x, data, shape), direction, PIRLS_MAX_ITER)
+
+
+def _newton_ascent(z0, eta0, h_of, direction, max_iter: int):
+    """(z, converged, iterations): damped Newton ascent on h(z) (z a pytree) whose linear
+    predictor η is linear in z, so trial points cost elementwise work only. ``direction(z, η)``
+    gives (the step d, the Newton decrement, η's change along d); step halving until h does not
+    fall; stops at a decrement ≤ PIRLS_TOL or when h no longer changes."""
+    def moved(z, t, d):
+        return jax.tree_util.tree_map(lambda a, b: a + t * b, z, d)
+
+    def step(state):
+        k, z, eta, hz, _, _ = state
+        d, dec, deta = direction(z, eta)
+        tol = 1e-12 * (1.0 + jnp.abs(hz))
 
         def ls_cond(ls):
             j, t, hn = ls
-            return (j < PIRLS_MAX_HALVINGS) & ~(hn >= hu - tol)
+            return (j < PIRLS_MAX_HALVINGS) & ~(hn >= hz - tol)
 
         def ls_body(ls):
             j, t, _ = ls
             t = 0.5 * t
-            return j + 1, t, h_of(u + t * d, eta + t * deta)
+            return j + 1, t, h_of(moved(z, t, d), eta + t * deta)
 
-        j, t, hn = jax.lax.while_loop(ls_cond, ls_body, (0, 1.0, h_of(u + d, eta + deta)))
-        ok = jnp.isfinite(hn) & (hn >= hu - tol)
-        u_next = jnp.where(ok, u + t * d, u)
-        eta_next = jnp.where(ok, eta + t * deta, eta)
-        h_next = jnp.where(ok, hn, hu)
-        conv = (dec <= PIRLS_TOL) | (ok & (jnp.abs(hn - hu) <= 1e-14 * (1 + jnp.abs(hu))))
+        j, t, hn = jax.lax.while_loop(ls_cond, ls_body, (0, 1.0, h_of(moved(z, 1.0, d), eta + deta)))
+        ok = jnp.isfinite(hn) & (hn >= hz - tol)
+        z_next = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, b, a), z, moved(z, t, d))
+        conv = (dec <= PIRLS_TOL) | (ok & (jnp.abs(hn - hz) <= 1e-14 * (1 + jnp.abs(hz))))
         done = (dec <= PIRLS_TOL) | ~ok | ~jnp.isfinite(dec)
-        return k + 1, u_next, eta_next, h_next, done, conv
+        return k + 1, z_next, jnp.where(ok, eta + t * deta, eta), jnp.where(ok, hn, hz), done, conv
 
-    def cond(state):
-        return (state[0] < PIRLS_MAX_ITER) & ~state[4]
-
-    init = (0, u0, eta0, h_of(u0, eta0), False, False)
-    k, u, _, _, _, conv = jax.lax.while_loop(cond, step, init)
-    return u, conv, k
+    init = (0, z0, eta0, h_of(z0, eta0), False, False)
+    k, z, _, _, _, conv = jax.lax.while_loop(lambda st: (st[0] < max_iter) & ~st[4], step, init)
+    return z, conv, k
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(3,))
@@ -448,38 +453,17 @@ def pirls_joint(x, data: GLMMArrays, shape: GLMMShape, u0, beta0):
     _, theta, _ = split(x, shape)
     lams = pls.factor_lambdas(theta, shape.re)
 
-    def eta_of(u, b):
-        return data.X @ b + data.offset + _z_lambda(u, lams, data, shape)
-
-    def step(state):
-        k, u, b, eta, hu, _, _ = state
+    def direction(z, eta):
+        u, _ = z
         g_u, g_b, f, AiC, S = _joint_system(u, eta, x, data, shape, lams)
-        Aig = _solve(f, g_u, shape)
         d_b = jnp.linalg.solve(S, g_b - AiC.T @ g_u)
-        d_u = Aig - AiC @ d_b
-        dec = jnp.dot(g_u, d_u) + jnp.dot(g_b, d_b)
-        deta = data.X @ d_b + _z_lambda(d_u, lams, data, shape)
-        tol = 1e-12 * (1.0 + jnp.abs(hu))
+        d_u = _solve(f, g_u, shape) - AiC @ d_b
+        return ((d_u, d_b), jnp.dot(g_u, d_u) + jnp.dot(g_b, d_b),
+                data.X @ d_b + _z_lambda(d_u, lams, data, shape))
 
-        def ls_cond(ls):
-            j, t, hn = ls
-            return (j < PIRLS_MAX_HALVINGS) & ~(hn >= hu - tol)
-
-        def ls_body(ls):
-            j, t, _ = ls
-            t = 0.5 * t
-            return j + 1, t, _h_at(u + t * d_u, eta + t * deta, x, data, shape)
-
-        j, t, hn = jax.lax.while_loop(ls_cond, ls_body, (0, 1.0, _h_at(u + d_u, eta + deta, x, data, shape)))
-        ok = jnp.isfinite(hn) & (hn >= hu - tol)
-        conv = (dec <= PIRLS_TOL) | (ok & (jnp.abs(hn - hu) <= 1e-14 * (1 + jnp.abs(hu))))
-        done = (dec <= PIRLS_TOL) | ~ok | ~jnp.isfinite(dec)
-        return (k + 1, jnp.where(ok, u + t * d_u, u), jnp.where(ok, b + t * d_b, b),
-                jnp.where(ok, eta + t * deta, eta), jnp.where(ok, hn, hu), done, conv)
-
-    eta0 = eta_of(u0, beta0)
-    init = (0, u0, beta0, eta0, _h_at(u0, eta0, x, data, shape), False, False)
-    _, u, b, _, _, _, conv = jax.lax.while_loop(lambda st: (st[0] < 2 * PIRLS_MAX_ITER) & ~st[5], step, init)
+    eta0 = data.X @ beta0 + data.offset + _z_lambda(u0, lams, data, shape)
+    (u, b), conv, _ = _newton_ascent((u0, beta0), eta0, lambda z, eta: _h_at(z[0], eta, x, data, shape),
+                                     direction, 2 * PIRLS_MAX_ITER)
     return jax.lax.stop_gradient(u), jax.lax.stop_gradient(b), conv
 
 
