@@ -261,7 +261,12 @@ def random_column(spec: ModelSpec, df: pd.DataFrame, c: str, encoders: dict | No
     if c == CONS:
         return np.ones(len(df))
     if c not in spec.options.get("random_expressions", ()):
-        return _numeric(df[c], "random-effects covariate")
+        s = df[c]
+        if not (pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s)):
+            raise DataError(f"random-effects covariate {c!r} is not numeric (dtype {s.dtype}); random slopes "
+                            f"take numeric columns: for a factor's, add its 0/1 indicator columns "
+                            f"(e.g. (df[{c!r}] == level) * 1.0) and name those in the term")
+        return _numeric(s, "random-effects covariate")
     import formulaic
 
     try:
