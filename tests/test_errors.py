@@ -93,7 +93,7 @@ BAD_INPUTS = [
     ("non-numeric response", "fit", "y ~ x + (1|g)", _with(y=lambda d: d.s), {}, DataError,
      "response 'y' is not numeric"),
     ("non-numeric c. covariate", "xtmixed", "y c.s || g:", _frame, {}, DataError, "variable 's' is not numeric"),
-    ("non-numeric random slope", "fit", "y ~ 1 + (s|g)", _frame, {}, DataError,
+    ("non-numeric random slope (Stata)", "xtmixed", "y || g: s", _frame, {}, DataError,
      "random-effects covariate 's' is not numeric"),
     ("grouping variable all missing", "fit", "y ~ x + (1|g)", _with(g=np.nan), {}, DataError,
      "grouping variable 'g' is missing in every row"),

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from jaxmixed.data.crossprod import cross_products
-from jaxmixed.data.design import Design, build_design
+from jaxmixed.data.design import Design, build_design, expand_factor_slopes
 from jaxmixed.data.pattern import build_pattern
 from jaxmixed.engine import pls
 from jaxmixed.errors import DataError, ModelError
@@ -156,6 +156,7 @@ def _statistics(spec: ModelSpec, data, weights, residuals, dfmethod, devices, pr
         return spec, design, pattern, cp, half_log_w
     if weights is not None:
         spec, data = _with_weights(spec, data, weights)
+    spec = expand_factor_slopes(spec, data)
     design = build_design(spec, data)
     w = None if weights is None else data[WEIGHTS_COLUMN].to_numpy(dtype=float)[design.rows]
     if w is not None and not (residuals is None or residuals.is_default):

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from jaxmixed.api.options import check_level, fit_notes, warn_notes
-from jaxmixed.data.design import build_design
+from jaxmixed.data.design import build_design, expand_factor_slopes
 from jaxmixed.data.design import evaluate_expression as _evaluate
 from jaxmixed.data.pattern import build_pattern
 from jaxmixed.engine import laplace, pls
@@ -154,6 +154,7 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
         ff = spec.options["fixed_formula"]
         spec = replace(spec, options={**spec.options, "response_variables": (RESPONSE_COLUMN,),
                                       "fixed_formula": RESPONSE_COLUMN + " ~" + ff.split("~", 1)[1]})
+    spec = expand_factor_slopes(spec, df)
     design = build_design(spec, df)
     rows = design.rows
     y, m, pw, off = (df[c].to_numpy(dtype=float)[rows] for c in (RESPONSE_COLUMN, TRIALS, WEIGHTS, OFFSET))

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from jaxmixed.api.options import check_level, method_is_reml
-from jaxmixed.data.design import Design, build_design, model_variables, response_problems
+from jaxmixed.data.design import Design, build_design, expand_factor_slopes, model_variables, response_problems
 from jaxmixed.errors import DataError, ModelError
 from jaxmixed.fit.batched import fit_responses
 from jaxmixed.results.many import ManyResult, summarise
@@ -165,6 +165,7 @@ def fit_many(formula: str, data: pd.DataFrame, responses=None, method: str = "re
     frame = frame.loc[complete_y].reset_index(drop=True)
     if len(frame) == 0:
         raise DataError("no observations left: every row has a missing value in some response")
+    spec = expand_factor_slopes(spec, frame)
     design = build_design(spec, frame)
     rows = np.flatnonzero(complete_y)[design.rows]
     n_dropped = len(data) - len(rows)

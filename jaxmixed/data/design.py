@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from functools import cached_property
 
@@ -251,6 +251,61 @@ def model_variables(spec: ModelSpec, columns) -> list[str]:
     extra = [c for c in dict.fromkeys(cands) if c in columns and c not in spec.variables]
     aux = [c for c in spec.options.get("aux_variables", ()) if c not in spec.variables and c not in extra]
     return list(spec.variables) + extra + aux
+
+
+def _is_factor_column(s: pd.Series) -> bool:
+    return not (pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s))
+
+
+def _literal(level) -> str:
+    """A level as a Python literal inside a formula expression."""
+    if isinstance(level, (str, np.str_)):
+        return repr(str(level))
+    if isinstance(level, np.generic):
+        return repr(level.item())
+    return repr(level)
+
+
+def expand_factor_slopes(spec: ModelSpec, data: pd.DataFrame) -> ModelSpec:
+    """lme4's random slopes of a factor (formula syntax): in ``(1 + f | g)`` a categorical
+    column f becomes one random column per level but the first (all levels without an
+    intercept, as ``(0 + f | g)``), each the 0/1 indicator ``I((f == level) * 1.0)`` shown as
+    ``f<level>`` (lme4's ``fB``); levels in the fixed effects' order, among the rows the model
+    can use. ``(0 + f | g)`` is unstructured over f's levels (as lme4); in ``(1 + f || g)`` the
+    indicators are independent like every other column there (lme4 keeps a factor's
+    indicators correlated under ``||``). Other specs come back unchanged."""
+    if spec.syntax != "formula":
+        return spec
+    exprs = list(spec.options.get("random_expressions", ()))
+    todo = {c for t in spec.random for c in t.columns
+            if c != CONS and c not in exprs and c in data.columns and _is_factor_column(data[c])}
+    if not todo:
+        return spec
+    used = [v for v in model_variables(spec, data.columns) if v in data.columns]
+    complete = data[used].notna().all(axis=1).to_numpy()
+    cands = list(spec.options.get("random_candidates", ()))
+    terms = []
+    for t in spec.random:
+        cols, shown = [], []
+        for c, name in zip(t.columns, t.display):
+            if c not in todo:
+                cols.append(c)
+                shown.append(name)
+                continue
+            s = data[c][complete]
+            levels = levels_of(pd.unique(s), s.dtype)
+            ref = c if c.isidentifier() else f"`{c}`"
+            for lv in (levels[1:] if CONS in t.columns else levels):
+                e = f"I(({ref} == {_literal(lv)}) * 1.0)"
+                cols.append(e)
+                shown.append(f"{c}{lv}")
+                exprs.append(e)
+            cands.append(c)
+        # a one-column term (cov "identity") of a factor: unstructured over its indicators, as lme4
+        cov = "unstructured" if (len(t.columns) == 1 and len(cols) > 1) else t.cov
+        terms.append(replace(t, columns=tuple(cols), display=tuple(shown), cov=cov))
+    return replace(spec, random=tuple(terms), options={**spec.options, "random_expressions": tuple(exprs),
+                                                       "random_candidates": tuple(dict.fromkeys(cands))})
 
 
 def random_column(spec: ModelSpec, df: pd.DataFrame, c: str, encoders: dict | None = None) -> np.ndarray:
