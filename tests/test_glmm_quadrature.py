@@ -128,12 +128,18 @@ def test_gradient_and_hessian_against_finite_differences(tiny_fit, nagq):
     np.testing.assert_allclose(H, Hfd, rtol=1e-5, atol=1e-5)
 
 
-def test_crossed_gradient_against_finite_differences():
-    rng = np.random.default_rng(7)
-    a, b = np.meshgrid(np.arange(9), np.arange(6), indexing="ij")
-    a, b = np.repeat(a.ravel(), 2), np.repeat(b.ravel(), 2)
+def _crossed(seed, n_a, n_b, reps, intercept, sd_a, sd_b):
+    """(rng, a, b, x, η) of a fully crossed a × b design with ``reps`` rows per cell."""
+    rng = np.random.default_rng(seed)
+    a, b = np.meshgrid(np.arange(n_a), np.arange(n_b), indexing="ij")
+    a, b = np.repeat(a.ravel(), reps), np.repeat(b.ravel(), reps)
     x = rng.normal(size=a.size)
-    eta = 0.3 + 0.5 * x + rng.normal(scale=0.7, size=9)[a] + rng.normal(scale=0.4, size=6)[b]
+    eta = intercept + 0.5 * x + rng.normal(scale=sd_a, size=n_a)[a] + rng.normal(scale=sd_b, size=n_b)[b]
+    return rng, a, b, x, eta
+
+
+def test_crossed_gradient_against_finite_differences():
+    rng, a, b, x, eta = _crossed(7, 9, 6, 2, 0.3, 0.7, 0.4)
     y = rng.poisson(np.exp(eta))
     d = pd.DataFrame({"y": y, "x": x, "a": [f"a{k}" for k in a], "b": [f"b{k}" for k in b]})
     r = jm.fit("y ~ x + (1 | a) + (1 | b)", d, family="poisson")
@@ -268,11 +274,7 @@ def test_nested_quadrature_fit_and_stata_default():
 
 
 def test_crossed_factors_take_laplace_by_stata_default_and_refuse_points():
-    rng = np.random.default_rng(2)
-    a, b = np.meshgrid(np.arange(8), np.arange(5), indexing="ij")
-    a, b = np.repeat(a.ravel(), 3), np.repeat(b.ravel(), 3)
-    x = rng.normal(size=a.size)
-    eta = 0.2 + 0.5 * x + rng.normal(scale=0.8, size=8)[a] + rng.normal(scale=0.5, size=5)[b]
+    rng, a, b, x, eta = _crossed(2, 8, 5, 3, 0.2, 0.8, 0.5)
     d = pd.DataFrame({"y": (rng.uniform(size=a.size) < 1 / (1 + np.exp(-eta))).astype(float), "x": x,
                       "a": a, "b": b})
     lap = jm.fit("y ~ x + (1 | a) + (1 | b)", d, family="binomial")

@@ -26,6 +26,7 @@ from jaxmixed.engine import laplace, pls
 from jaxmixed.errors import DataError, FormulaError, ModelError
 from jaxmixed.fit import glmm as glmm_fit
 from jaxmixed.inference import tables
+from jaxmixed.inference.glmm import fit_covariance, hessian_mask
 from jaxmixed.model.family import family_of, link_of
 from jaxmixed.model.spec import ModelSpec
 from jaxmixed.results.fitresult import FitResult
@@ -203,32 +204,20 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
     loglik = -0.5 * dev_hat
     engine = laplace.LaplaceEngine(shape, B)
     xi = laplace.report_of_params(x, shape, B)
-    singular = engine.singular(x, design.theta_scale)
     k_eta = engine.n_variance_params
     p = design.p
-    mask = np.ones(xi.shape[0])
-    if singular:  # variance parameters on their bound: standard errors of β (and s) with Λ held
-        mask[p:p + k_eta] = 0.0
+    mask, singular = hessian_mask(engine, x, design.theta_scale)
     xi_h = np.where(np.isfinite(xi), xi, 0.0)
     H, (u, b, V, pirls_ok) = laplace.after_fit(jnp.asarray(x), jnp.asarray(xi_h), arrays, laplace_shape,
                                                 jnp.asarray(B), jnp.asarray(mask))
-    H = np.asarray(H)
-    keep = np.flatnonzero(mask > 0)
-    cov_k, hess_ok = tables.covariance_from_hessian(H[np.ix_(keep, keep)])
-    cov = np.full((xi.shape[0], xi.shape[0]), np.nan)
-    if cov_k is not None:
-        cov[np.ix_(keep, keep)] = cov_k
-    if nagq == 0:  # lme4's Var(β) for nAGQ = 0: the joint PIRLS system's (the variance parameters'
-        # standard errors from the Laplace Hessian above, at the nAGQ = 0 estimates)
-        S = np.asarray(laplace.beta_information(jnp.asarray(x), arrays, shape))
-        cov[:p, :] = cov[:, :p] = np.nan
-        try:
-            cov[:p, :p] = B @ np.linalg.solve(S, B.T)
-        except np.linalg.LinAlgError:
-            hess_ok = False
+    # nAGQ = 0: lme4's Var(β), the joint PIRLS system's (the variance parameters' standard errors
+    # from the Laplace Hessian above, at the nAGQ = 0 estimates)
+    S = np.asarray(laplace.beta_information(jnp.asarray(x), arrays, shape)) if nagq == 0 else None
+    cov, h_ok, s_ok = fit_covariance(np.asarray(H), mask, B, S)
+    hess_ok = h_ok and s_ok
     beta = xi[:p]
     cov_beta = cov[:p, :p]
-    cov_eta = None if (singular or cov_k is None) else cov[p:, p:]
+    cov_eta = None if (singular or not h_ok) else cov[p:, p:]
     residual = _scale_rows(fam, variance, stata=spec.syntax == "stata") if shape.n_scale else []
     table = tables.component_table(design.terms, xi[p:], cov_eta, variance, level, residual)
     random = table[["group", "name", "estimate", "se", "ci_lower", "ci_upper"]].copy()

@@ -317,7 +317,7 @@ def random_column(spec: ModelSpec, df: pd.DataFrame, c: str, encoders: dict | No
         return np.ones(len(df))
     if c not in spec.options.get("random_expressions", ()):
         s = df[c]
-        if not (pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s)):
+        if _is_factor_column(s):
             raise DataError(f"random-effects covariate {c!r} is not numeric (dtype {s.dtype}); random slopes "
                             f"take numeric columns: for a factor's, add its 0/1 indicator columns "
                             f"(e.g. (df[{c!r}] == level) * 1.0) and name those in the term")
@@ -845,6 +845,16 @@ def place_terms(index: dict, starts: list) -> tuple[tuple, int]:
     return tuple(terms), pos
 
 
+def check_present(spec: ModelSpec, present: dict, n_complete: int) -> None:
+    """A DataError for a variable missing in every row (``present``: its non-missing count) or
+    for no complete row (``n_complete``); the in-memory and streamed designs' rule."""
+    for v, count in present.items():
+        if count == 0:
+            raise DataError(f"{_role(spec, v)} {v!r} is missing in every row")
+    if n_complete == 0:
+        raise DataError("no observations left after dropping rows with missing values")
+
+
 def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
     """Turn a model description and a data frame into the arrays the engine needs."""
     _check_columns(spec, data)
@@ -854,11 +864,7 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
     used = data[variables]
     complete = used.notna().all(axis=1).to_numpy()
     n_dropped = int((~complete).sum())
-    for v in variables:
-        if data[v].isna().all():
-            raise DataError(f"{_role(spec, v)} {v!r} is missing in every row")
-    if not complete.any():
-        raise DataError("no observations left after dropping rows with missing values")
+    check_present(spec, {v: int(data[v].notna().sum()) for v in variables}, int(complete.sum()))
     rows = np.flatnonzero(complete)
     df = used.reset_index(drop=True) if n_dropped == 0 else used.iloc[rows].reset_index(drop=True)
     _check_values(spec, df, variables)

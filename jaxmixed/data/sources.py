@@ -267,8 +267,8 @@ def threads() -> int:
 class ProcessLocalSource(Source):
     """The rows of one process of a ``jax.distributed`` run (``jm.source(..., process_local=True)``):
     each process reads its own part of the data (its own files) and the partial results of
-    every pass are exchanged between the processes (``multihost_utils.process_allgather`` of
-    their pickled bytes: model-sized, never rows) and added in process order, so that every
+    every pass are exchanged between the processes (:func:`allgather_objects`: model-sized
+    bytes, never rows) and added in process order, so that every
     process ends with the same sums and fits the same model. The collectives are JAX's."""
 
     def __init__(self, inner: Source):

@@ -456,7 +456,7 @@ def design_from_source(spec: ModelSpec, source, *, weights: str | None = None, a
     if _one_pass_eligible(spec, cats) and accumulate_fn is None:
         return _design_in_one_pass(spec, source, variables, weights, proto, progress)
     s1 = scan(spec, source, variables, cats, progress=progress)
-    _check_present(spec, s1.present, s1.n_complete)
+    dz.check_present(spec, s1.present, s1.n_complete)
     n_dropped = s1.n_rows - s1.n_complete
     combos = compact_combos(s1.combos)
     groups = dz.groupings(spec)
@@ -494,15 +494,6 @@ def design_from_source(spec: ModelSpec, source, *, weights: str | None = None, a
     return design, pattern, cp, 0.5 * s2.sum_log_w
 
 
-def _check_present(spec: ModelSpec, present: dict, n_complete: int) -> None:
-    """A variable missing in every row, or no complete row: the in-memory design's DataErrors."""
-    for v, count in present.items():
-        if count == 0:
-            raise DataError(f"{dz._role(spec, v)} {v!r} is missing in every row")
-    if n_complete == 0:
-        raise DataError("no observations left after dropping rows with missing values")
-
-
 def _term_columns(spec: ModelSpec, groups):
     """(each grouping's random-effects columns, (term, first, stop) per term)."""
     cols_of = {g: [] for g in groups}
@@ -527,7 +518,7 @@ def _design_in_one_pass(spec: ModelSpec, source, variables, weights, proto, prog
     part = source.map_reduce(partial(one_pass_batch, plan), variables, add_parts, progress=progress,
                              desc="one pass: cross-products")
     n = int(part.sums.y_stats[0])
-    _check_present(spec, part.present, n)
+    dz.check_present(spec, part.present, n)
     frame = (part.levels.to_frame(index=False) if isinstance(part.levels, pd.MultiIndex)
              else pd.DataFrame({g[0]: part.levels}))
     pos, levels = dz._group_codes(frame, g)  # pos[i]: the sorted position of level i

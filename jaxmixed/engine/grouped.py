@@ -34,6 +34,7 @@ import numpy as np
 
 from jaxmixed.data.crossprod import segment_cross
 from jaxmixed.engine.kernels import cholesky_xla, triangular_solve_xla
+from jaxmixed.model.family import family_of
 
 LOG_2PI = float(np.log(2.0 * np.pi))
 
@@ -140,18 +141,11 @@ FAMILIES = ("bernoulli", "poisson")
 NEWTON_STEPS = 30
 
 
-def _loglik_rows(family: str, y, eta):
-    if family == "bernoulli":
-        return y * eta - jnp.logaddexp(0.0, eta)
-    return y * eta - jnp.exp(eta) - jax.scipy.special.gammaln(y + 1.0)
-
-
-def _mean_weight(family: str, eta):
-    if family == "bernoulli":
-        mu = jax.nn.sigmoid(eta)
-        return mu, mu * (1.0 - mu)
-    mu = jnp.exp(eta)
-    return mu, mu
+def _family(family: str):
+    """(the Family, its canonical link): the model layer's log densities and their closed-form
+    derivatives (:meth:`jaxmixed.model.family.Family.eta_derivatives`)."""
+    fam = family_of(family)
+    return fam, fam.canonical
 
 
 def laplace_terms(eta, y, groups, params: VarianceParams, Z=None, *, n_groups: int, family: str = "bernoulli"):
@@ -174,17 +168,19 @@ def laplace_terms(eta, y, groups, params: VarianceParams, Z=None, *, n_groups: i
     L, _ = factor(params)
     q = L.shape[0]
     seg = lambda x: jax.ops.segment_sum(x, groups, num_segments=n_groups)  # noqa: E731
+    fam, link = _family(family)
+    ones = jnp.ones_like(y)
     ZL = Z @ L  # rows' covariates in the spherical metric: linear predictor η + (ZL)ᵢ·u_g
 
     def at(u, eta, ZL):  # (linear predictor, μ, Cholesky factor of H_g) at the modes u
         lin = eta + jnp.sum(ZL * u[groups], axis=1)
-        mu, w = _mean_weight(family, lin)
+        score, w = fam.eta_derivatives(link, y, ones, ones, lin)  # (y − μ, its variance)
         H = jnp.eye(q) + segment_cross(groups, ZL, ZL, n_groups, weights=w, xp=jnp)
-        return lin, mu, cholesky_xla(H)
+        return lin, score, cholesky_xla(H)
 
     def newton(u, eta, ZL):
-        _, mu, C = at(u, eta, ZL)
-        grad = u - segment_cross(groups, ZL, (y - mu)[:, None], n_groups, xp=jnp)[..., 0]
+        _, score, C = at(u, eta, ZL)
+        grad = u - segment_cross(groups, ZL, score[:, None], n_groups, xp=jnp)[..., 0]
         step = triangular_solve_xla(C, triangular_solve_xla(C, grad[..., None], left_side=True, lower=True),
                                     left_side=True, lower=True, transpose_a=True)[..., 0]
         return u - step
@@ -194,7 +190,7 @@ def laplace_terms(eta, y, groups, params: VarianceParams, Z=None, *, n_groups: i
     u = newton(jax.lax.stop_gradient(u), eta, ZL)  # the step that carries the derivatives
     lin, _, C = at(u, eta, ZL)
     logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(C, axis1=-2, axis2=-1)), axis=-1)
-    phi = -seg(_loglik_rows(family, y, lin)) + 0.5 * jnp.sum(u * u, axis=1)
+    phi = -seg(fam.loglik(link, y, ones, ones, lin, 0.0)) + 0.5 * jnp.sum(u * u, axis=1)
     return phi + 0.5 * logdet, u @ L.T
 
 

@@ -177,11 +177,13 @@ def minimize_quasi_newton(fun, x0, lower, args=(), max_iter: int = 200, gtol: fl
     Convergence tests as in :func:`minimize_bounded` (first order: a BFGS estimate cannot
     certify second-order conditions). Returns an OptResult; ``n_iter`` counts accepted steps.
     """
-    if carry is None:
-        vg_aux = jax.value_and_grad(lambda x, c, *a: (fun(x, *a), c), has_aux=True)
-    else:
-        vg_aux = jax.value_and_grad(lambda x, c, *a: (lambda f, c2: (f, jax.lax.stop_gradient(c2)))(*fun(x, c, *a)),
-                                    has_aux=True)
+    def with_carry(x, c, *a):  # (f, the next evaluation's start), the start not differentiated
+        if carry is None:
+            return fun(x, *a), c
+        f, c_next = fun(x, c, *a)
+        return f, jax.lax.stop_gradient(c_next)
+
+    vg_aux = jax.value_and_grad(with_carry, has_aux=True)
     bounded = jnp.isfinite(lower)
     n = x0.shape[0]
     eye = jnp.eye(n)

@@ -93,18 +93,50 @@ def lrtest_draws(small, big, n: int, seed: int, chunk_size=None, progress: bool 
     return out[0], out[1]
 
 
+def hessian_mask(engine, x, theta_scale):
+    """(mask, singular): the reporting parameters whose Hessian rows are formed (all, or all but
+    the variance parameters when they are on their bound: a boundary fit's standard errors of β
+    and s hold Λ) for the estimates x."""
+    p = engine.shape.p
+    singular = engine.singular(x, theta_scale)
+    mask = np.ones(p + engine.n_variance_params + engine.shape.n_scale)  # (ξ's length)
+    if singular:
+        mask[p:p + engine.n_variance_params] = 0.0
+    return mask, singular
+
+
+def fit_covariance(H, mask, B, S=None):
+    """(Cov of (β, each term's η, s), Hessian usable, S usable) as a GLMM fit reports it: the
+    inverse of −H on the coordinates where ``mask`` is 1 (NaN elsewhere and where −H is not
+    positive definite); with ``S`` (an nAGQ = 0 fit's joint PIRLS information on β̃) the β block
+    is lme4's B S⁻¹ Bᵀ and its cross-covariances NaN."""
+    p = np.asarray(B).shape[0]
+    keep = np.flatnonzero(mask > 0)
+    cov = np.full((len(mask), len(mask)), np.nan)
+    c, h_ok = covariance_from_hessian(np.asarray(H)[np.ix_(keep, keep)])
+    if c is not None:
+        cov[np.ix_(keep, keep)] = c
+    s_ok = True
+    if S is not None:
+        cov[:p, :] = cov[:, :p] = np.nan
+        try:
+            cov[:p, :p] = B @ np.linalg.solve(S, np.asarray(B).T)
+        except np.linalg.LinAlgError:
+            s_ok = False
+    return cov, h_ok, s_ok
+
+
 def covariances_responses(X, Y, data, shape, B, unit, chunk_size: int = 32):
     """Cov of (β, each term's η, s) per response (k × m × m; NaN where the Hessian is not
     negative definite) at the fits X (k × m) of the responses Y (n × k), as ``jm.fit`` forms
-    them for one fit: variance parameters on their bound held (their rows NaN); nAGQ = 0 fits'
-    β block from the joint PIRLS system. Also the mask of lanes whose Hessian was usable."""
+    them for one fit (:func:`hessian_mask`, :func:`fit_covariance`). Also the mask of lanes
+    whose covariance is usable, and of the boundary fits."""
     engine = laplace.LaplaceEngine(shape, np.asarray(B))
-    k, m = X.shape
-    p, k_eta = shape.p, engine.n_variance_params
+    k = X.shape[0]
+    p = shape.p
     XI = np.stack([laplace.report_of_params(x, shape, B) for x in X])
-    masks = np.ones((k, m))
-    singular = np.array([engine.singular(x, unit[p:p + shape.re.n_theta]) for x in X])
-    masks[singular, p:p + k_eta] = 0.0
+    masks, singular = zip(*(hessian_mask(engine, x, unit[p:p + shape.re.n_theta]) for x in X))
+    masks, singular = np.stack(masks), np.array(singular)
     nagq0 = shape.nagq == 0
     lap = replace(shape, nagq=1) if nagq0 else shape
     chunk = max(1, min(int(chunk_size), k))
@@ -115,22 +147,12 @@ def covariances_responses(X, Y, data, shape, B, unit, chunk_size: int = 32):
         j = xi.shape[0]
         if j < chunk:  # pad with copies of the chunk's first lane: one compiled shape
             xi, mk, yb = (np.concatenate([v, np.repeat(v[:1], chunk - j, axis=0)]) for v in (xi, mk, yb))
-        H, S = glmm_fit.hessians_responses(jnp.asarray(xi), jnp.asarray(mk), jnp.asarray(yb), data, lap, jnp.asarray(B),
-                                  nagq0=nagq0)
+        H, S = glmm_fit.hessians_responses(jnp.asarray(xi), jnp.asarray(mk), jnp.asarray(yb), data, lap,
+                                           jnp.asarray(B), nagq0=nagq0)
         Hs.append(np.asarray(H)[:j])
         Ss.append(np.asarray(S)[:j])
     H, S = np.concatenate(Hs), np.concatenate(Ss)
-    cov = np.full((k, m, m), np.nan)
-    ok = np.zeros(k, dtype=bool)
-    for i in range(k):
-        keep = np.flatnonzero(masks[i] > 0)
-        c, ok[i] = covariance_from_hessian(H[i][np.ix_(keep, keep)])
-        if c is not None:
-            cov[i][np.ix_(keep, keep)] = c
-        if nagq0:
-            cov[i, :p, :] = cov[i, :, :p] = np.nan
-            try:
-                cov[i, :p, :p] = B @ np.linalg.solve(S[i], np.asarray(B).T)
-            except np.linalg.LinAlgError:
-                ok[i] = False
+    out = [fit_covariance(H[i], masks[i], B, S[i] if nagq0 else None) for i in range(k)]
+    cov = np.stack([c for c, _, _ in out])
+    ok = np.array([h and s for _, h, s in out])
     return cov, ok, singular

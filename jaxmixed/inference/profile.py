@@ -122,17 +122,7 @@ class _Profiler:
 
     # -- variance parameters -----------------------------------------------------------------
     def dev_at_eta(self, i: int, value: float, start):
-        from scipy.optimize import minimize
-
-        mask = np.zeros(len(self.eta_ml), dtype=bool)
-        mask[i] = True
-        x0 = np.where(np.isfinite(start), start, -8.0)
-        x0[i] = 0.0
-        f = self._dev_eta
-        res = minimize(_host(f), x0, args=(mask, value), jac=True, method="BFGS", options=dict(maxiter=400, gtol=1e-9))
-        x = res.x.copy()
-        x[i] = value
-        return float(res.fun), x
+        return _minimise_holding(self._dev_eta, i, value, start)
 
     # -- fixed effects -----------------------------------------------------------------------
     def arrays_fixing(self, j: int, b: float):
@@ -161,6 +151,22 @@ class _Profiler:
         bounds = [(lo if np.isfinite(lo) else None, None) for lo in self.lower]
         return minimize(_host(f), start, args=args, jac=True, method="L-BFGS-B", bounds=bounds,
                         options=dict(maxiter=500, ftol=1e-15, gtol=1e-10))
+
+
+def _minimise_holding(f, i: int, value: float, start):
+    """(min D, the minimiser) of a jitted value-and-gradient ``f(free, mask, fixed)`` with
+    coordinate i held at ``value`` (scipy's BFGS from ``start``, non-finite entries, a variance
+    on its boundary, started at −8)."""
+    from scipy.optimize import minimize
+
+    mask = np.zeros(len(start), dtype=bool)
+    mask[i] = True
+    x0 = np.where(np.isfinite(start), start, -8.0)
+    x0[i] = 0.0
+    res = minimize(_host(f), x0, args=(mask, value), jac=True, method="BFGS", options=dict(maxiter=400, gtol=1e-9))
+    x = res.x.copy()
+    x[i] = value
+    return float(res.fun), x
 
 
 def _host(f):
@@ -220,17 +226,7 @@ class _GLMMProfiler:
         self.D_hat = -2.0 * float(r.loglik)
 
     def dev_at(self, i: int, value: float, start):
-        from scipy.optimize import minimize
-
-        mask = np.zeros(len(self.xi_hat), dtype=bool)
-        mask[i] = True
-        x0 = np.where(np.isfinite(start), start, -8.0)
-        x0[i] = 0.0
-        res = minimize(_host(self._dev), x0, args=(mask, value), jac=True, method="BFGS",
-                       options=dict(maxiter=400, gtol=1e-9))
-        x = res.x.copy()
-        x[i] = value
-        return float(res.fun), x
+        return _minimise_holding(self._dev, i, value, start)
 
 
 def _glmm_profile_intervals(r, level: float) -> pd.DataFrame:
