@@ -31,7 +31,7 @@ from jaxmixed.model.family import family_of, link_of
 from jaxmixed.model.spec import ModelSpec
 from jaxmixed.results.fitresult import FitResult
 from jaxmixed.syntax.formula import RESPONSE_COLUMN
-from jaxmixed.syntax.stata import ME_COMMANDS  # noqa: F401  (the me* commands' (family, link))
+from jaxmixed.syntax.stata import ME_COMMANDS
 
 TRIALS, WEIGHTS, OFFSET = "_jm_trials", "_jm_weights", "_jm_offset"
 
