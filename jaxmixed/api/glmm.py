@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
@@ -25,7 +24,7 @@ from jaxmixed.data.pattern import build_pattern
 from jaxmixed.engine import laplace, pls
 from jaxmixed.errors import DataError, FormulaError, ModelError
 from jaxmixed.fit import glmm as glmm_fit
-from jaxmixed.inference import tables
+from jaxmixed.inference import distributions, tables
 from jaxmixed.inference.glmm import fit_covariance, hessian_mask
 from jaxmixed.model.family import family_of, link_of
 from jaxmixed.model.spec import ModelSpec
@@ -118,7 +117,7 @@ def _column_or_array(df, value, what):
 
 def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials, exposure, variance, level,
          start, display, device, eform, title, adaptive=True, laplace_if_crossed=False):
-    from jaxmixed.runtime.devices import put, resolve_device
+    from jaxmixed.runtime.devices import host_array, put, resolve_device
 
     dev = resolve_device(device)
     df = data.copy(deep=False)
@@ -173,10 +172,10 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
     Xt, R0_inv = design.fixed_basis[0], design.fixed_basis[1]
     Xs = Xt * np.sqrt(n)
     B = R0_inv * np.sqrt(n)
-    arrays = put(laplace.GLMMArrays(jnp.asarray(y), jnp.asarray(m), jnp.asarray(pw), jnp.asarray(off),
-                                    jnp.asarray(Xs), tuple(jnp.asarray(f.codes, jnp.int32) for f in design.factors),
-                                    tuple(jnp.asarray(f.Z, float) for f in design.factors),
-                                    jnp.asarray(float(fam.constant(y, m, pw)))), dev)
+    arrays = put(laplace.GLMMArrays(host_array(y), host_array(m), host_array(pw), host_array(off), host_array(Xs),
+                                    tuple(host_array(f.codes, np.int32) for f in design.factors),
+                                    tuple(host_array(f.Z) for f in design.factors),
+                                    host_array(float(fam.constant(y, m, pw)))), dev)
     # load the optimiser's and the post-fit programs from disk in the background (when kept
     # there) while the GLM start runs: their executables' loading then overlaps with work
     f64 = np.dtype("float64")
@@ -186,6 +185,7 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
     laplace.after_fit.prefetch(vec, vec, arrays, laplace_shape, jax.ShapeDtypeStruct((design.p, design.p), f64),
                                vec)
     beta0, s0, ll_glm, glm_ok = laplace.glm_fit(Xs, y, m, pw, off, fam.name, link)
+    distributions.preload()  # what the tables need, while the optimiser's program is loaded
     if start is None:
         x0 = np.concatenate([beta0, design.theta0, [s0] if shape.n_scale else []])
     else:
@@ -195,7 +195,7 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
                              f"not {x0.shape}")
     lower = np.concatenate([np.full(design.p, -np.inf), design.theta_lower, [-np.inf] * shape.n_scale])
     unit = np.concatenate([np.ones(design.p), design.theta_scale, [1.0] * shape.n_scale])
-    opt = glmm_fit.optimize(jnp.asarray(x0), jnp.asarray(lower), jnp.asarray(unit), arrays, shape)
+    opt = glmm_fit.optimize(host_array(x0), host_array(lower), host_array(unit), arrays, shape)
     x = np.asarray(opt.x)
     dev_hat = float(opt.fun)
     if not np.isfinite(dev_hat):
@@ -208,11 +208,11 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
     p = design.p
     mask, singular = hessian_mask(engine, x, design.theta_scale)
     xi_h = np.where(np.isfinite(xi), xi, 0.0)
-    H, (u, b, V, pirls_ok) = laplace.after_fit(jnp.asarray(x), jnp.asarray(xi_h), arrays, laplace_shape,
-                                                jnp.asarray(B), jnp.asarray(mask))
+    H, (u, b, V, pirls_ok) = laplace.after_fit(host_array(x), host_array(xi_h), arrays, laplace_shape,
+                                                host_array(B), host_array(mask))
     # nAGQ = 0: lme4's Var(β), the joint PIRLS system's (the variance parameters' standard errors
     # from the Laplace Hessian above, at the nAGQ = 0 estimates)
-    S = np.asarray(laplace.beta_information(jnp.asarray(x), arrays, shape)) if nagq == 0 else None
+    S = np.asarray(laplace.beta_information(host_array(x), arrays, shape)) if nagq == 0 else None
     cov, h_ok, s_ok = fit_covariance(np.asarray(H), mask, B, S)
     hess_ok = h_ok and s_ok
     beta = xi[:p]

@@ -42,6 +42,7 @@ from jaxmixed.data.pattern import dense_block_index
 from jaxmixed.engine import kernels, pls, pls_dense
 from jaxmixed.model.family import family_of
 from jaxmixed.runtime import programs
+from jaxmixed.runtime.devices import host_array
 
 PIRLS_MAX_ITER = 60
 PIRLS_MAX_HALVINGS = 30
@@ -606,7 +607,7 @@ def glm_fit(X, y, m, pw, offset, family: str, link: str, max_iter: int = 100):
         else:
             s0 = 0.0
         z = np.append(beta0, s0)
-    z, f, conv = _glm_loop(jnp.asarray(z), *(jnp.asarray(a, dtype=float) for a in (X, y, m, pw, offset)),
+    z, f, conv = _glm_loop(host_array(z), *(host_array(a) for a in (X, y, m, pw, offset)),
                            family, link, fam.has_scale, max_iter)
     z = np.asarray(z)
     p = X.shape[1]
@@ -640,7 +641,7 @@ def report_of_params(x, shape: GLMMShape, B) -> np.ndarray:
     parts = [np.asarray(B) @ beta_t]
     with np.errstate(divide="ignore", invalid="ignore"):
         for t in shape.re.terms:
-            lam = np.asarray(t.structure.lam(theta[t.theta[0]:t.theta[1]]))
+            lam = t.structure.lam(theta[t.theta[0]:t.theta[1]], np)
             parts.append(np.asarray(t.structure.eta_from_sigma(lam @ lam.T, np)))
     parts.append(s)
     return np.concatenate(parts)
@@ -694,7 +695,7 @@ class LaplaceEngine:
 
     def term_covariances(self, params, sigma=None) -> list[np.ndarray]:
         """Σ_k = Λ_kΛ_kᵀ of each term (absolute: a GLMM has no residual σ to scale by)."""
-        lams = [np.asarray(lam) for lam in pls.term_lambdas(self.theta(params), self.shape.re)]
+        lams = pls.term_lambdas(self.theta(params), self.shape.re, np)
         return [lam @ lam.T for lam in lams]
 
     def conditional_variances(self, params, sigma, data, design=None) -> list[np.ndarray]:

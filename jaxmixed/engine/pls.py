@@ -202,9 +202,9 @@ def factor_lambdas(theta, shape: ModelShape):
     return [blocks[0] if len(blocks) == 1 else block_diag(*blocks) for blocks in per_factor]
 
 
-def term_lambdas(theta, shape: ModelShape):
-    """Λ_k of each term, in the design's term order."""
-    return [t.structure.lam(theta[t.theta[0]:t.theta[1]]) for t in shape.terms]
+def term_lambdas(theta, shape: ModelShape, xp=jnp):
+    """Λ_k of each term, in the design's term order (``xp=np``: on the host, no JAX operation)."""
+    return [t.structure.lam(theta[t.theta[0]:t.theta[1]], xp) for t in shape.terms]
 
 
 def dof(data: PLSArrays, shape: ModelShape, reml):
@@ -495,7 +495,7 @@ class PLSEngine:
 
     def term_covariances(self, params, sigma) -> list[np.ndarray]:
         """Σ_k = σ² Λ_kΛ_kᵀ of each term."""
-        lams = [np.asarray(lam) for lam in term_lambdas(np.asarray(params), self.shape)]
+        lams = term_lambdas(np.asarray(params), self.shape, np)
         return [sigma**2 * lam @ lam.T for lam in lams]
 
     def conditional_variances(self, params, sigma, data, design=None) -> list[np.ndarray]:

@@ -84,8 +84,8 @@ class Identity:
     def theta0(self):
         return np.ones(1)
 
-    def lam(self, theta):
-        return theta[0] * jnp.eye(self.q)
+    def lam(self, theta, xp=jnp):
+        return theta[0] * xp.eye(self.q)
 
     @property
     def n_eta(self):
@@ -137,8 +137,8 @@ class Independent:
     def theta0(self):
         return np.ones(self.q)
 
-    def lam(self, theta):
-        return jnp.diag(theta)
+    def lam(self, theta, xp=jnp):
+        return xp.diag(theta)
 
     @property
     def n_eta(self):
@@ -195,9 +195,9 @@ class Exchangeable:
     def theta0(self):
         return np.ones(2)
 
-    def lam(self, theta):
-        J = jnp.ones((self.q, self.q)) / self.q
-        return theta[0] * (jnp.eye(self.q) - J) + theta[1] * J
+    def lam(self, theta, xp=jnp):
+        J = xp.ones((self.q, self.q)) / self.q
+        return theta[0] * (xp.eye(self.q) - J) + theta[1] * J
 
     @property
     def n_eta(self):
@@ -262,8 +262,12 @@ class Unstructured:
     def theta0(self):
         return self._diag_mask.astype(float)
 
-    def lam(self, theta):
+    def lam(self, theta, xp=jnp):
         r, c = _tril_indices(self.q)
+        if xp is np:  # on the host (reporting): no JAX operation
+            out = np.zeros((self.q, self.q))
+            out[r, c] = theta
+            return out
         return jnp.zeros((self.q, self.q), dtype=theta.dtype).at[r, c].set(theta)
 
     @property
