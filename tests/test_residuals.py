@@ -198,3 +198,51 @@ def test_markov_path_only_where_it_applies():
     assert not panel.marginal_engine(slopes, d, jm.ar(2, time="t"))[0].ps.markov
     assert not panel.marginal_engine(slopes, d, jm.toeplitz(1, time="t"))[0].ps.markov
     assert panel.marginal_engine(slopes, d, jm.ar(1, time="t"))[0].ps.markov
+
+
+# --- profile intervals (the per-panel engine) -----------------------------------------------------
+
+RESID_PROFILE = json.loads((REF / "resid_profile.json").read_text())
+PROFILE_ROWS = {"(Intercept)": "_cons", "week": "week", "sd_id": "id: sd(_cons)", "s": "sd(e)", "rho": "rho"}
+
+
+@pytest.mark.filterwarnings("ignore:boundary")
+def test_profile_intervals_ar1_match_glmmtmb_exact_roots():
+    """pig, weight ~ week + (1|id) with AR(1) residuals in week, ML: every interval against the
+    exact roots of glmmTMB's profile (tests/reference/make_resid_profile.R). The random
+    intercept's sd is estimated 0 (the AR(1) takes it), so its interval starts at 0; the lower
+    ends of s and ρ lie where the random intercept comes back (a second basin of the profile)."""
+    r = jm.fit("weight ~ week + (1|id)", jm.datasets.load("pig"), method="ml", residuals=jm.ar(1, time="week"))
+    assert abs(-2 * r.loglik - RESID_PROFILE["D_hat_exact"]) < 1e-6
+    ci = r.confint("profile")
+    assert list(ci.index) == ["week", "_cons", "id: sd(_cons)", "sd(e)", "rho"]
+    for parm, row in PROFILE_ROWS.items():
+        ref = RESID_PROFILE["profiles"][parm]
+        for side in ("lower", "upper"):
+            ours = ci.loc[row, side]
+            # glmmTMB's own ends to 1e-4 (its nugget of 1.5e-8 makes it inexact by ~1e-5 where the
+            # random intercept is positive), the exact roots of the same likelihood to 1e-7
+            theirs, exact = ref[side], ref.get(side + "_exact", ref[side])
+            assert abs(ours - theirs) <= 1e-4 * max(abs(theirs), 1e-2), (parm, side, ours, theirs)
+            assert abs(ours - exact) <= 1e-7 * max(abs(exact), 1e-2), (parm, side, ours, exact)
+    assert ci.loc["id: sd(_cons)", "lower"] == 0.0
+
+
+def test_profile_intervals_fixed_effects_are_exact_roots():
+    """Exchangeable residuals (the panel-matrix path, not the AR(1) prewhitening): at each end of
+    a fixed effect's interval, the model refitted with that coefficient moved into the response
+    (a separate jm.fit) is z² worse in deviance, and a REML fit is profiled on its ML refit."""
+    pig = jm.datasets.load("pig")
+    res = jm.exchangeable()
+    r = jm.fit("weight ~ week + (0 + week | id)", pig, method="reml", residuals=res)
+    ml = jm.fit("weight ~ week + (0 + week | id)", pig, method="ml", residuals=res)
+    ci = r.confint("profile", level=90)
+    z2 = 1.6448536269514722 ** 2
+    for b in ci.loc["week", ["lower", "upper"]]:
+        rb = jm.fit("yb ~ 1 + (0 + week | id)", pig.assign(yb=pig.weight - b * pig.week), method="ml", residuals=res)
+        assert abs(-2 * (rb.loglik - ml.loglik) - z2) < 1e-6
+    for b in ci.loc["_cons", ["lower", "upper"]]:
+        rb = jm.fit("yb ~ 0 + week + (0 + week | id)", pig.assign(yb=pig.weight - b), method="ml", residuals=res)
+        assert abs(-2 * (rb.loglik - ml.loglik) - z2) < 1e-6
+    assert ci.loc["week", "estimate"] == r.fixed.loc["week", "coef"]
+    assert 0 < ci.loc["rho", "lower"] < r.random.set_index("name").loc["rho", "estimate"] < ci.loc["rho", "upper"] < 1

@@ -8,7 +8,10 @@ Variance parameters are profiled on the reporting scale (ln sd, atanh corr, ln �
 sd, corr and σ), with a lower limit 0 for an sd when ζ stays below z as sd → 0 (a boundary
 estimate included); fixed effects by moving β_j into the response (the cross-products
 transformed, never the rows). ζ's roots are found exactly (Brent's method on the inner
-optimum), where lme4 interpolates a spline through a grid.
+optimum), where lme4 interpolates a spline through a grid. Residual-structure fits (the
+per-panel engine) are profiled the same way on its ML deviance, with the residual parameters
+(sd, correlations, MA coefficients, the exponential structure's r) among the variance
+parameters; there each point is minimised from two starts (:class:`_PanelProfiler`).
 
 Where the time goes (sleepstudy, 6 parameters, warm compilation cache, this project's 2-core
 machine): ≈ 4.5 s, 108 inner minimisations with ≈ 4,300 objective+gradient evaluations of
@@ -153,6 +156,102 @@ class _Profiler:
                         options=dict(maxiter=500, ftol=1e-15, gtol=1e-10))
 
 
+class _PanelProfiler:
+    """The ML deviance of a residual-structure fit (the per-panel engine) and its partial
+    minimisations (jitted once per fit): in the reporting metric η = (each term's ln sd /
+    atanh corr, the residual parameters as the report has them) with a variance parameter held,
+    in the engine's own parameters x (θ ≥ its bounds) with a fixed effect held."""
+
+    def __init__(self, r):
+        import jax
+
+        from jaxmixed.engine import gls_panels
+
+        self.r, self.gp = r, gls_panels
+        ps, data = r.engine.ps, r.data
+        self.ps = ps
+
+        def dev_eta(free, mask, fixed):
+            eta = jax.numpy.where(mask, fixed, free)
+            return gls_panels.data_deviance(gls_panels.eta_to_x(eta, ps), data, ps, False)
+
+        self._dev_eta = jax.jit(jax.value_and_grad(dev_eta))
+        self._dev_x = jax.jit(jax.value_and_grad(lambda x, d: gls_panels.data_deviance(x, d, ps, False)))
+        sub = replace(ps, p=ps.p - 1)
+        self._dev_sub = jax.jit(jax.value_and_grad(lambda x, d: gls_panels.data_deviance(x, d, sub, False))) \
+            if ps.p > 0 else None
+        self.lower = np.asarray(r.engine.lower(), dtype=float)
+
+    def _minimize_x(self, f, start, data):
+        """scipy's L-BFGS-B over x ≥ the engine's bounds, on a jitted value-and-gradient ``f``."""
+        from scipy.optimize import minimize
+
+        bounds = [(lo if np.isfinite(lo) else None, None) for lo in self.lower]
+        return minimize(_host(f), start, args=(data,), jac=True, method="L-BFGS-B", bounds=bounds,
+                        options=dict(maxiter=500, ftol=1e-15, gtol=1e-10))
+
+    def ml_fit(self):
+        """The ML optimum from the fit's estimate (a REML fit is refitted by ML)."""
+        r = self.r
+        res = self._minimize_x(self._dev_x, np.asarray(r.params, dtype=float), r.data)
+        x = res.x
+        self.x_ml, self.D_hat = x, float(res.fun)
+        self.beta_ml = np.asarray(self.gp.gls_solution(x, r.data.buckets, self.ps)[0])
+        sigma = r.engine.sigma(x)
+        self.sd_scale = float(np.exp(np.max(np.asarray(self.gp.split_params(x, self.ps)[1]))))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            self.eta_ml = np.asarray(r.engine.eta(x, sigma, r.design.theta_scale), dtype=float)
+
+    def dev_at_eta(self, i: int, value: float, start):
+        """The deviance minimised with η_i = value, the better of two starts (see
+        :meth:`dev_fixing`): ``start`` and the ML estimate with every term's sd on its boundary
+        started at a tenth of the residual sd (a boundary sd's ln is flat there: BFGS from
+        there would never bring it back)."""
+        inside = np.where(np.isfinite(self.eta_ml) & (self.eta_ml > np.log(1e-6 * self.sd_scale)), self.eta_ml,
+                          np.log(0.1 * self.sd_scale))
+        best = None
+        for x0 in (np.asarray(start, dtype=float), inside):
+            D, x = _minimise_holding(self._dev_eta, i, value, x0)
+            if best is None or D < best[0]:
+                best = (D, x)
+        return best
+
+    def data_fixing(self, j: int, b: float):
+        """PanelData of the model with β_j = b: x_j·b moved into the response, column j gone."""
+        import jax.numpy as jnp
+
+        p = self.ps.p
+        T = np.zeros((p + 1, p))
+        keep = [k for k in range(p) if k != j]
+        T[keep, np.arange(p - 1)] = 1.0
+        T[j, p - 1] = -b
+        T[p, p - 1] = 1.0
+        Tj = jnp.asarray(T)
+        d = self.r.data
+        buckets = tuple(bk._replace(W=bk.W @ Tj) for bk in d.buckets)
+        markov = None if d.markov is None else tuple(
+            mb._replace(W=jnp.einsum("rmP,rs->smP", mb.W, Tj), Wp=jnp.einsum("rmP,rs->smP", mb.Wp, Tj))
+            for mb in d.markov)
+        return d._replace(buckets=buckets, markov=markov)
+
+    def dev_fixing(self, j: int, b: float, start):
+        """The deviance minimised with β_j = b, the better of two starts: ``start`` (the last
+        point's minimiser) and the ML estimate, a θ entry on its bound moved inside. Residual correlations and variance components
+        can trade off (an AR(1) residual and a random intercept), so that the profile has more
+        than one local minimum, and a θ entry on its bound is a stationary point (the deviance
+        is even in θ) where a start would stay."""
+        data = self.data_fixing(j, b)
+        inside = self.x_ml.copy()
+        on_bound = np.isfinite(self.lower) & (inside <= self.lower + 1e-8)
+        inside[on_bound] = self.lower[on_bound] + 0.1 * self.sd_scale
+        best = None
+        for x0 in (np.array(start, dtype=float), inside):
+            res = self._minimize_x(self._dev_sub, x0, data)
+            if best is None or res.fun < best.fun:
+                best = res
+        return float(best.fun), best.x
+
+
 def _minimise_holding(f, i: int, value: float, start):
     """(min D, the minimiser) of a jitted value-and-gradient ``f(free, mask, fixed)`` with
     coordinate i held at ``value`` (scipy's BFGS from ``start``, non-finite entries, a variance
@@ -170,15 +269,21 @@ def _minimise_holding(f, i: int, value: float, start):
 
 
 def _host(f):
-    """A jitted value-and-gradient function as scipy calls it: (value, gradient) in numpy."""
+    """A jitted value-and-gradient function as scipy calls it: (value, gradient) in numpy; a
+    point outside the model's domain (NaN: a set of residual correlations that is not positive
+    definite) is +inf with a zero gradient, which the line searches step back from."""
     def g(x, *args):
-        return tuple(np.asarray(v, dtype=float) for v in f(x, *args))
+        v, dv = (np.asarray(a, dtype=float) for a in f(x, *args))
+        if not np.isfinite(v):
+            return np.inf, np.zeros_like(dv)
+        return v, dv
 
     return g
 
 
 def _zeta(D, D_hat, side):
-    return side * np.sqrt(max(D - D_hat, 0.0))
+    """ζ; a deviance that is not finite (outside the domain) counts as far beyond any limit."""
+    return side * (np.sqrt(max(D - D_hat, 0.0)) if np.isfinite(D) else 1e3)
 
 
 def _root(zeta_of, x_hat, step, side, z, limit=None, max_double: int = 40):
@@ -281,81 +386,94 @@ def _glmm_profile_intervals(r, level: float) -> pd.DataFrame:
 
 
 def profile_intervals(r, level: float) -> pd.DataFrame:
+    from jaxmixed.engine.gls_panels import MarginalEngine
     from jaxmixed.engine.pls import PLSEngine
+    from jaxmixed.inference.tables import component_layout
 
     if r.family is not None:
         return _glmm_profile_intervals(r, level)
-    if not isinstance(r.engine, PLSEngine):
-        raise ModelError("profile intervals are available for independent residual errors; for a residual "
-                         "structure use confint(method='wald') or 'bootstrap'")
+    if isinstance(r.engine, PLSEngine):
+        prof, start = _Profiler(r), None
+    elif isinstance(r.engine, MarginalEngine):
+        prof = _PanelProfiler(r)
+    else:
+        raise ModelError(f"profile intervals are not available for the {r.engine.name} engine; use "
+                         "confint(method='wald') or 'bootstrap'")
     z = float(sps.norm.ppf(0.5 + level / 200.0))
-    prof = _Profiler(r)
     prof.ml_fit()
-    rows, index = [], []
-    # fixed effects
+    start = prof.theta_ml if isinstance(prof, _Profiler) else prof.x_ml
     se = r.fixed["se"].to_numpy(dtype=float)
-    names = list(r.fixed.index)
-    for j, name in enumerate(names):
-        cache = {"start": prof.theta_ml.copy()}
-
-        def zeta_b(b, j=j, cache=cache):
-            D, th = prof.dev_fixing(j, b, cache["start"])
-            cache["start"] = th
-            return _zeta(D, prof.D_hat, np.sign(b - prof.beta_ml[j]))
-
-        bounds = []
-        for side in (-1, 1):
-            cache["start"] = prof.theta_ml.copy()
-            x = _root(zeta_b, prof.beta_ml[j], se[j], side, z)
-            bounds.append(np.nan if x is None else x)
-        rows.append((float(r.fixed["coef"].iloc[j]), bounds[0], bounds[1]))
-        index.append(name)
+    rows = _fixed_rows(r.fixed["coef"].to_numpy(dtype=float), prof.beta_ml, se, prof.dev_fixing, start,
+                       prof.D_hat, z)
+    index = list(r.fixed.index)
     # variance parameters, in the reporting metric η
-    from jaxmixed.inference.tables import component_layout
-
     layout = component_layout(r.design.terms, False, r.engine.residual_rows(False))
     eta_hat = prof.eta_ml
-    H = None
     try:
         H = -np.asarray(r.engine.hessian_eta(np.where(np.isfinite(eta_hat), eta_hat, -20.0), r.data, False))
-        cov = np.linalg.inv(H)
-        steps = np.sqrt(np.clip(np.diag(cov), 1e-8, None))
+        steps = np.sqrt(np.clip(np.diag(np.linalg.inv(H)), 1e-8, None))
     except Exception:  # noqa: BLE001 - a singular Hessian (boundary fits): a default step
         steps = np.full(len(eta_hat), 0.5)
     steps = np.where(np.isfinite(steps) & (steps > 0), np.minimum(steps, 2.0), 0.5)
     est_eta = np.asarray(r.engine.eta(r.params, r.sigma, r.design.theta_scale), dtype=float)
+    scale = max(prof.sigma_ml if isinstance(prof, _Profiler) else prof.sd_scale, 1e-8)
     for row in layout:
-        i = row.idx[0]
-        kind = row.kind
-        cache = {"start": eta_hat.copy()}
-        centre = eta_hat[i]
-        boundary = not np.isfinite(centre)
-
-        def zeta_e(v, i=i, cache=cache, centre=centre):
-            D, x = prof.dev_at_eta(i, v, cache["start"])
-            cache["start"] = x
-            return _zeta(D, prof.D_hat, 1.0 if not np.isfinite(centre) else np.sign(v - centre))
-
-        if kind == "sd":
-            fwd = np.exp
-        else:
-            fwd = np.tanh
-        if boundary:  # sd estimated 0: the interval starts at 0
-            sd_scale = max(prof.sigma_ml, 1e-8)
-            start = np.log(1e-4 * sd_scale)
-            lo_val = 0.0
-            hi = _root(zeta_e, start, 1.0, 1, z)
-            hi_val = np.nan if hi is None else float(fwd(hi))
-        else:
-            lo = _root(zeta_e, centre, steps[i], -1, z, limit=centre - 30.0 if kind == "sd" else -12.0)
-            cache["start"] = eta_hat.copy()
-            hi = _root(zeta_e, centre, steps[i], 1, z, limit=12.0 if kind == "corr" else None)
-            if lo is None:
-                lo_val = 0.0 if kind == "sd" else -1.0
-            else:
-                lo_val = float(fwd(lo))
-            hi_val = (1.0 if kind == "corr" else np.nan) if hi is None else float(fwd(hi))
-        est = float(fwd(est_eta[i])) if np.isfinite(est_eta[i]) else 0.0
-        rows.append((est, lo_val, hi_val))
+        rows.append(_eta_row(row.kind, row.idx[0], eta_hat, est_eta, steps, prof.dev_at_eta, prof.D_hat, z, scale))
         index.append(f"{row.group}: {row.name}" if row.group else row.name)
     return pd.DataFrame(rows, index=index, columns=["estimate", "lower", "upper"])
+
+
+def _fixed_rows(coef, beta_ml, se, dev_fixing, start, D_hat: float, z: float) -> list[tuple]:
+    """(estimate, lower, upper) of each fixed effect: the roots of ζ(b), the deviance minimised
+    over the variance parameters (from ``start``) with β_j = b."""
+    rows = []
+    for j in range(len(coef)):
+        cache = {"start": np.array(start, dtype=float)}
+
+        def zeta_b(b, j=j, cache=cache):
+            D, x = dev_fixing(j, b, cache["start"])
+            cache["start"] = x
+            return _zeta(D, D_hat, np.sign(b - beta_ml[j]))
+
+        bounds = []
+        for side in (-1, 1):
+            cache["start"] = np.array(start, dtype=float)
+            x = _root(zeta_b, beta_ml[j], se[j], side, z)
+            bounds.append(np.nan if x is None else x)
+        rows.append((float(coef[j]), bounds[0], bounds[1]))
+    return rows
+
+
+#: how a reporting parameter maps to the table (sd, corr, residual MA coefficients, the
+#: exponential structure's logit r), the η beyond which an interval is open and the bound then
+_ETA_KINDS = {
+    "sd": (np.exp, (-30.0, None), (0.0, np.nan)),
+    "corr": (np.tanh, (-12.0, 12.0), (-1.0, 1.0)),
+    "logit": (lambda v: 0.5 * (1.0 + np.tanh(0.5 * v)), (-12.0, 12.0), (0.0, 1.0)),
+    "free": (lambda v: v, (None, None), (np.nan, np.nan)),
+}
+
+
+def _eta_row(kind: str, i: int, eta_hat, est_eta, steps, dev_at_eta, D_hat: float, z: float, scale: float):
+    """(estimate, lower, upper) of the variance parameter η_i (lower limit 0 for an sd whose ζ
+    stays below z as sd → 0, an estimate on the boundary included)."""
+    fwd, (lim_lo, lim_hi), (open_lo, open_hi) = _ETA_KINDS[kind]
+    cache = {"start": eta_hat.copy()}
+    centre = eta_hat[i]
+    # (the per-panel engine's η is finite on the boundary: an sd below 1e-6 of the residual's)
+    boundary = not np.isfinite(centre) or (kind == "sd" and centre < np.log(1e-6 * scale))
+    est = float(fwd(est_eta[i])) if np.isfinite(est_eta[i]) else 0.0
+
+    def zeta_e(v):
+        D, x = dev_at_eta(i, v, cache["start"])
+        cache["start"] = x
+        return _zeta(D, D_hat, 1.0 if boundary else np.sign(v - centre))
+
+    if boundary:  # sd estimated 0: the interval starts at 0
+        hi = _root(zeta_e, np.log(1e-4 * scale), 1.0, 1, z)
+        return est, 0.0, (np.nan if hi is None else float(fwd(hi)))
+    lo = _root(zeta_e, centre, steps[i], -1, z, limit=None if lim_lo is None else
+               (centre + lim_lo if kind == "sd" else lim_lo))
+    cache["start"] = eta_hat.copy()
+    hi = _root(zeta_e, centre, steps[i], 1, z, limit=lim_hi)
+    return est, open_lo if lo is None else float(fwd(lo)), open_hi if hi is None else float(fwd(hi))
