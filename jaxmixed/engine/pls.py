@@ -342,17 +342,15 @@ def hessian_eta(eta, data: PLSArrays, shape: ModelShape, reml):
         return ld_L + jnp.where(reml, ld_RX, 0.0) + nu * (LOG_2PI + 2.0 * s_) + pwrss * jnp.exp(-2.0 * s_)
 
     grad_x = jax.grad(dev, argnums=(0, 1))
-
-    def column(v):
-        (g_th, g_s), (dg_th, dg_s) = jax.jvp(lambda th: grad_x(th, s), (theta,), (v,))
-        return dg_th, dg_s, g_th, g_s
-
+    # the gradient once (its factorisations kept), then its derivative one θ direction at a
+    # time: InstEval 0.52 s against 0.62 s for a jvp per direction, which redoes the primal
+    (g_th, g_s), column = jax.linearize(lambda th: grad_x(th, s), theta)
     k = theta.shape[0]
-    H_tt, H_ts, g_th, g_s = jax.lax.map(column, jnp.eye(k, dtype=theta.dtype))
+    H_tt, H_ts = jax.lax.map(column, jnp.eye(k, dtype=theta.dtype))
     H_tt = 0.5 * (H_tt + H_tt.T)
-    H_ss = 2.0 * (2.0 * nu - g_s[0])
+    H_ss = 2.0 * (2.0 * nu - g_s)
     H_x = jnp.block([[H_tt, H_ts[:, None]], [H_ts[None, :], H_ss[None, None]]])
-    G = jnp.concatenate([g_th[0], g_s[:1]])
+    G = jnp.concatenate([g_th, g_s[None]])
 
     def x_of(e):
         th, s_ = theta_from_eta(e, shape)
