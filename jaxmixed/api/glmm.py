@@ -175,7 +175,7 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
     arrays = put(laplace.GLMMArrays(host_array(y), host_array(m), host_array(pw), host_array(off), host_array(Xs),
                                     tuple(host_array(f.codes, np.int32) for f in design.factors),
                                     tuple(host_array(f.Z) for f in design.factors),
-                                    host_array(float(fam.constant(y, m, pw)))), dev)
+                                    host_array(float(fam.constant(y, m, pw))), _panel(design, fam, nagq)), dev)
     # load the optimiser's and the post-fit programs from disk in the background (when kept
     # there) while the GLM start runs: their executables' loading then overlaps with work
     f64 = np.dtype("float64")
@@ -247,6 +247,18 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
         variance=bool(variance), spec=spec, design=design, engine=engine, data=arrays, params=x, solution=sol,
         cov_eta=cov_eta, display=dict(display or {}, **shown), family=fam.name, link=link, nagq=nagq,
         cov_params=cov)
+
+
+def _panel(design, fam, nagq: int) -> tuple:
+    """The panel index of :func:`laplace.panel_view` (one grouping factor, not the Gaussian
+    family, not nAGQ = 0), as device arrays; () where the rows stay as they are."""
+    from jaxmixed.runtime.devices import host_array
+
+    if len(design.factors) != 1 or fam.name == "gaussian" or nagq == 0:
+        return ()
+    f = design.factors[0]
+    index = laplace.panel_index(f.codes, f.n_levels)
+    return () if not index else (host_array(index[0], np.int32), host_array(index[1], bool))
 
 
 def _quadrature_levels(design, nagq: int, laplace_if_crossed: bool) -> int:

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmixed.data.crossprod import accumulate
+from jaxmixed.data.crossprod import CrossProducts, accumulate
 from jaxmixed.data.pattern import dense_block_index
 from jaxmixed.engine import kernels, pls, pls_dense
 from jaxmixed.model.family import family_of
@@ -71,6 +71,10 @@ class GLMMArrays(NamedTuple):
     codes: tuple  # per factor (n,) int32, engine order
     Z: tuple  # per factor (n, q_f)
     const: jnp.ndarray  # Σᵢ of the rows' parameter-free log-density terms (Family.constant)
+    # one grouping factor: (idx, valid), the rows of each group padded to one length (G, m_max):
+    # idx a row of the group (its first on padded slots), valid False on those; () otherwise.
+    # :func:`panel_view` turns the rows into that layout (see there).
+    panel: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -116,8 +120,58 @@ def _effects(u, lams, shape: GLMMShape):
     return out
 
 
+def _is_panel(data) -> bool:
+    """Whether ``data`` is in :func:`panel_view`'s layout (groups × padded rows)."""
+    return len(data.codes) == 0
+
+
+def panel_view(data: GLMMArrays) -> GLMMArrays:
+    """The rows of a one-factor GLMM laid out as (slot, group): y, m, prior weights and offset of
+    shape (m_max, G), X (m_max, G, p), Z as q slabs (q, m_max, G), slot j of group g its j-th
+    row; a padded slot is a copy of one of its group's rows with prior weight 0 (so that it
+    adds exactly nothing: every family but the Gaussian, which does not get this layout,
+    multiplies its log density by the weight). A group's sum over its rows is then a sum
+    along the leading axis, vectorised over the groups, and ZΛu elementwise, where the row
+    layout needs XLA's scatter-adds and gathers (the reweighting pass of PIRLS;
+    ``scripts/README_glmm.md``). Unchanged when ``data`` has no panel index. Traceable: the
+    optimiser's program converts once and every evaluation runs on the view; values equal
+    the row layout's to rounding."""
+    if not data.panel or _is_panel(data):
+        return data
+    idx, valid = data.panel
+    return data._replace(y=data.y[idx], m=data.m[idx], pw=jnp.where(valid, data.pw[idx], 0.0),
+                         offset=data.offset[idx], X=data.X[idx], codes=(),
+                         Z=(jnp.moveaxis(data.Z[0][idx], -1, 0),))
+
+
+def panel_index(codes: np.ndarray, n_levels: int, max_ratio: float = 1.5):
+    """(idx, valid) of shape (m_max, G) for :attr:`GLMMArrays.panel` from one factor's level
+    codes (numpy), or () when padding every group to the largest would hold more than
+    ``max_ratio`` × the rows."""
+    codes = np.asarray(codes)
+    n = len(codes)
+    sizes = np.bincount(codes, minlength=n_levels)
+    m_max = int(sizes.max(initial=0))
+    if n == 0 or np.any(sizes == 0) or n_levels * m_max > max_ratio * n:
+        return ()
+    order = np.argsort(codes, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    slot = np.arange(m_max)[:, None]
+    valid = slot < sizes[None, :]
+    pos = starts[None, :] + np.where(valid, slot, 0)
+    return order[pos].astype(np.int32), valid
+
+
+def _group_sums(Zs, r):
+    """(G, q): Σ over each group's rows of z_a r, from Z's slabs (q, m, G) and r (m, G)."""
+    return jnp.stack([jnp.sum(z * r, axis=0) for z in Zs], axis=1)
+
+
 def _z_lambda(v, lams, data, shape):
     """ZΛv per row (the random part of η for spherical effects v)."""
+    if _is_panel(data):
+        b = _effects(v, lams, shape)[0]  # (G, q)
+        return sum(z * b[:, a] for a, z in enumerate(data.Z[0]))
     out = jnp.zeros(data.y.shape, data.y.dtype)
     for b, c, Z in zip(_effects(v, lams, shape), data.codes, data.Z):
         out = out + jnp.sum(Z * b[c], axis=1)
@@ -164,6 +218,14 @@ def weighted_arrays(data: GLMMArrays, shape: GLMMShape, weights):
     alone (:func:`jaxmixed.data.crossprod.accumulate` without fixed-effects or response
     columns, over the full pattern's blocks)."""
     re = shape.re
+    if _is_panel(data):
+        Zs = data.Z[0]
+        q, G = Zs.shape[0], Zs.shape[2]
+        wz = [z * weights for z in Zs]
+        D11 = jnp.stack([_group_sums(Zs, wz[a]) for a in range(q)], axis=1)  # (G, q, q)
+        cp = CrossProducts(n=jnp.sum(data.panel[1]).astype(Zs.dtype), WW=jnp.zeros((1, 1), Zs.dtype), D11=D11,
+                           Z1W=jnp.zeros((G, q, 1), Zs.dtype), Z2W=(), D22=(), A21=(), X22=())
+        return pls.arrange(cp, re, None, xp=jnp)
     cp = accumulate(None, data.codes, data.Z, re.L, dense_block_index(data.codes, re.L, jnp), weights, xp=jnp)
     return pls.arrange(cp._replace(n=jnp.asarray(float(data.y.shape[0]))), re, None, xp=jnp)
 
@@ -187,6 +249,8 @@ def _solve(f, r, shape: GLMMShape):
 
 def _z_lambda_t(r, lams, data, shape):
     """ΛᵀZᵀr (the transpose of :func:`_z_lambda`): per factor segment sums, then Λᵀ."""
+    if _is_panel(data):
+        return (_group_sums(data.Z[0], r) @ lams[0]).reshape(-1)
     parts = []
     for lam, c, Z, L in zip(lams, data.codes, data.Z, shape.re.L):
         parts.append((jax.ops.segment_sum(Z * r[:, None], c, num_segments=L) @ lam).reshape(-1))
@@ -325,13 +389,20 @@ def agq_deviance_and_mode(x, data: GLMMArrays, shape: GLMMShape, u0=None):
         U = Zn
         logdet_g = jnp.zeros((L1,), x.dtype)
     B = jnp.einsum("lqk,pq->lkp", U, lams[0])  # b = Λu per node: (L1, K, q)
-    codes, Z = data.codes[0], data.Z[0]
+    Z = data.Z[0]
     eta0 = data.X @ beta + data.offset
-    eta = eta0[:, None] + jnp.einsum("iq,ikq->ik", Z, B[codes])  # (n, K)
     _, _, s = split(x, shape)
     fam = family_of(shape.family)
-    ll = fam.loglik(shape.link, data.y[:, None], data.m[:, None], data.pw[:, None], eta, s, constant=False)
-    S = jax.ops.segment_sum(ll, codes, num_segments=L1) - 0.5 * jnp.sum(U**2, axis=1)  # (L1, K)
+    if _is_panel(data):  # (m, G, K), summed over each group's rows (the leading axis)
+        eta = eta0[..., None] + sum(z[..., None] * B[None, :, :, a] for a, z in enumerate(Z))
+        ll = fam.loglik(shape.link, data.y[..., None], data.m[..., None], data.pw[..., None], eta, s, constant=False)
+        S = jnp.sum(ll, axis=0)
+    else:
+        codes = data.codes[0]
+        eta = eta0[:, None] + jnp.einsum("iq,ikq->ik", Z, B[codes])  # (n, K)
+        ll = fam.loglik(shape.link, data.y[:, None], data.m[:, None], data.pw[:, None], eta, s, constant=False)
+        S = jax.ops.segment_sum(ll, codes, num_segments=L1)
+    S = S - 0.5 * jnp.sum(U**2, axis=1)  # (L1, K)
     S = S + 0.5 * jnp.sum(jnp.asarray(nodes) ** 2, axis=1) + jnp.asarray(logw)
     return -2.0 * (jnp.sum(jax.scipy.special.logsumexp(S, axis=1) - logdet_g) + data.const), u
 
@@ -720,6 +791,7 @@ _conditional = jax.jit(conditional, static_argnames=("shape",))
 def after_fit(x, xi, data: GLMMArrays, shape: GLMMShape, B, fixed_mask):
     """One program for what follows the optimiser: the Hessian in the reporting metric
     (:func:`hessian_report`) and the conditional modes and variances (:func:`conditional`)."""
+    data = panel_view(data)
     return hessian_of_report(xi, data, shape, B, fixed_mask), conditional(x, data, shape)
 
 

@@ -32,6 +32,7 @@ def _minimize(x0, lower, unit, data, shape):
         _, beta, _ = laplace.pirls_joint(jnp.concatenate([x0[:p], opt.x]), data, shape, u0, x0[:p])
         return opt._replace(x=jnp.concatenate([beta, opt.x]),
                             grad=jnp.concatenate([jnp.zeros_like(beta), opt.grad]))
+    data = laplace.panel_view(data)  # once: every evaluation then runs on the view
     return minimize_scaled(lambda x, u: laplace.deviance_and_mode(x, u, data, shape), x0, lower, unit,
                            max_iter=300, quasi_newton=True, carry=u0)
 
