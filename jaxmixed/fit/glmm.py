@@ -94,7 +94,7 @@ def hessians_responses(XI, masks, Y, data, shape, B, nagq0: bool = False):
 
     def one(xi, mask, y):
         d = data._replace(y=y, const=fam.constant(y, data.m, data.pw, jnp))
-        H = laplace.hessian_of_report(xi, d, shape, B, mask)
+        H = laplace.hessian_of_report(xi, laplace.panel_view(d), shape, B, mask)
         if not nagq0:
             return H, jnp.zeros((shape.p, shape.p), xi.dtype)
         x = laplace.params_of_report(xi, shape, B)

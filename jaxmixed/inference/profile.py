@@ -319,7 +319,8 @@ class _GLMMProfiler:
 
         from jaxmixed.engine import laplace
 
-        shape, data, B = r.engine.shape, r.data, jnp.asarray(r.engine.B)
+        shape, B = r.engine.shape, jnp.asarray(r.engine.B)
+        data = jax.jit(laplace.panel_view)(r.data)  # one grouping factor: groups × rows (laplace)
         u0 = jnp.asarray(r.solution.u)  # PIRLS starts at the fit's modes
 
         def dev(free, mask, fixed):
