@@ -231,7 +231,8 @@ def test_profile_intervals_ar1_match_glmmtmb_exact_roots():
 def test_profile_intervals_fixed_effects_are_exact_roots():
     """Exchangeable residuals (the panel-matrix path, not the AR(1) prewhitening): at each end of
     a fixed effect's interval, the model refitted with that coefficient moved into the response
-    (a separate jm.fit) is z² worse in deviance, and a REML fit is profiled on its ML refit."""
+    (a separate jm.fit) is z² worse in deviance, and a REML fit is profiled on its ML refit; the
+    independent-errors engine's profile of the equivalent model agrees."""
     pig = jm.datasets.load("pig")
     res = jm.exchangeable()
     r = jm.fit("weight ~ week + (0 + week | id)", pig, method="reml", residuals=res)
@@ -246,3 +247,10 @@ def test_profile_intervals_fixed_effects_are_exact_roots():
         assert abs(-2 * (rb.loglik - ml.loglik) - z2) < 1e-6
     assert ci.loc["week", "estimate"] == r.fixed.loc["week", "coef"]
     assert 0 < ci.loc["rho", "lower"] < r.random.set_index("name").loc["rho", "estimate"] < ci.loc["rho", "upper"] < 1
+    # the same model through the other engine: exchangeable residuals are a random intercept
+    # (ρ > 0), so the independent-errors fit of (1 + week || id) has the same profiles of β and
+    # of sd(week)
+    pls_ci = jm.fit("weight ~ week + (1 + week || id)", pig, method="reml").confint("profile", level=90)
+    for row in ("week", "_cons", "id: sd(week)"):
+        np.testing.assert_allclose(ci.loc[row, ["lower", "upper"]].to_numpy(dtype=float),
+                                   pls_ci.loc[row, ["lower", "upper"]].to_numpy(dtype=float), rtol=1e-6)
