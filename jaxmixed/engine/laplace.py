@@ -71,8 +71,9 @@ class GLMMArrays(NamedTuple):
     codes: tuple  # per factor (n,) int32, engine order
     Z: tuple  # per factor (n, q_f)
     const: jnp.ndarray  # Σᵢ of the rows' parameter-free log-density terms (Family.constant)
-    # one grouping factor: (idx, valid), the rows of each group padded to one length (G, m_max):
-    # idx a row of the group (its first on padded slots), valid False on those; () otherwise.
+    # one grouping factor: (idx, valid) of shape (m_max, G), the rows of each group padded to one
+    # length: idx a row of the group (its first on padded slots), valid False on those; ()
+    # otherwise.
     # :func:`panel_view` turns the rows into that layout (see there).
     panel: tuple = ()
 
