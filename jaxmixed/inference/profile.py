@@ -148,12 +148,7 @@ class _Profiler:
         return float(res.fun), res.x
 
     def _minimize_theta(self, f, start, *args):
-        """scipy's L-BFGS-B over θ ≥ its lower bounds, on a jitted value-and-gradient ``f``."""
-        from scipy.optimize import minimize
-
-        bounds = [(lo if np.isfinite(lo) else None, None) for lo in self.lower]
-        return minimize(_host(f), start, args=args, jac=True, method="L-BFGS-B", bounds=bounds,
-                        options=dict(maxiter=500, ftol=1e-15, gtol=1e-10))
+        return _minimize_bounded(f, start, self.lower, *args)
 
 
 class _PanelProfiler:
@@ -183,12 +178,7 @@ class _PanelProfiler:
         self.lower = np.asarray(r.engine.lower(), dtype=float)
 
     def _minimize_x(self, f, start, data):
-        """scipy's L-BFGS-B over x ≥ the engine's bounds, on a jitted value-and-gradient ``f``."""
-        from scipy.optimize import minimize
-
-        bounds = [(lo if np.isfinite(lo) else None, None) for lo in self.lower]
-        return minimize(_host(f), start, args=(data,), jac=True, method="L-BFGS-B", bounds=bounds,
-                        options=dict(maxiter=500, ftol=1e-15, gtol=1e-10))
+        return _minimize_bounded(f, start, self.lower, data)
 
     def ml_fit(self):
         """The ML optimum from the fit's estimate (a REML fit is refitted by ML)."""
@@ -250,6 +240,15 @@ class _PanelProfiler:
             if best is None or res.fun < best.fun:
                 best = res
         return float(best.fun), best.x
+
+
+def _minimize_bounded(f, start, lower, *args):
+    """scipy's L-BFGS-B over x ≥ ``lower`` (−inf: free), on a jitted value-and-gradient ``f``."""
+    from scipy.optimize import minimize
+
+    bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
+    return minimize(_host(f), start, args=args, jac=True, method="L-BFGS-B", bounds=bounds,
+                    options=dict(maxiter=500, ftol=1e-15, gtol=1e-10))
 
 
 def _minimise_holding(f, i: int, value: float, start):
@@ -352,38 +351,11 @@ def _glmm_profile_intervals(r, level: float) -> pd.DataFrame:
     steps = np.where(np.isfinite(steps) & (steps > 0), np.minimum(steps, 2.0), 0.5)
     residual = tuple((("sd(" + name[4:]) if name.startswith("var(") else name, kind)
                      for name, kind in r.display["residual_rows"])
-    rows, index = [], []
-    fwd_of = {"sd": np.exp, "exp": np.exp, "corr": np.tanh, "exp_neg": lambda v: np.exp(-v)}
     targets = [(j, name, "free") for j, name in enumerate(r.fixed.index)]
     for row in component_layout(r.design.terms, False, residual):
         targets.append((p + row.idx[0], f"{row.group}: {row.name}" if row.group else row.name, row.kind))
-    for i, name, kind in targets:
-        centre = xi_hat[i]
-        cache = {"start": xi_hat.copy()}
-
-        def zeta(v, i=i, cache=cache, centre=centre):
-            D, x = prof.dev_at(i, v, cache["start"])
-            cache["start"] = x
-            return _zeta(D, prof.D_hat, 1.0 if not np.isfinite(centre) else np.sign(v - centre))
-
-        fwd = fwd_of.get(kind, lambda v: v)
-        if not np.isfinite(centre):  # an sd estimated 0: the interval starts at 0
-            hi = _root(zeta, np.log(1e-4), 1.0, 1, z)
-            lo_val, hi_val = 0.0, (np.nan if hi is None else float(fwd(hi)))
-            est = 0.0
-        else:
-            limit_lo = {"sd": centre - 30.0, "corr": -12.0}.get(kind)
-            limit_hi = {"corr": 12.0}.get(kind)
-            lo = _root(zeta, centre, steps[i], -1, z, limit=limit_lo)
-            cache["start"] = xi_hat.copy()
-            hi = _root(zeta, centre, steps[i], 1, z, limit=limit_hi)
-            lo_b = (0.0 if kind == "sd" else -1.0 if kind == "corr" else np.nan) if lo is None else float(fwd(lo))
-            hi_b = (1.0 if kind == "corr" else np.nan) if hi is None else float(fwd(hi))
-            lo_val, hi_val = (hi_b, lo_b) if kind == "exp_neg" else (lo_b, hi_b)  # (a decreasing map)
-            est = float(fwd(centre))
-        rows.append((est, lo_val, hi_val))
-        index.append(name)
-    return pd.DataFrame(rows, index=index, columns=["estimate", "lower", "upper"])
+    rows = [_eta_row(kind, i, xi_hat, xi_hat, steps, prof.dev_at, prof.D_hat, z, 1.0) for i, _, kind in targets]
+    return pd.DataFrame(rows, index=[name for _, name, _ in targets], columns=["estimate", "lower", "upper"])
 
 
 def profile_intervals(r, level: float) -> pd.DataFrame:
@@ -394,7 +366,7 @@ def profile_intervals(r, level: float) -> pd.DataFrame:
     if r.family is not None:
         return _glmm_profile_intervals(r, level)
     if isinstance(r.engine, PLSEngine):
-        prof, start = _Profiler(r), None
+        prof = _Profiler(r)
     elif isinstance(r.engine, MarginalEngine):
         prof = _PanelProfiler(r)
     else:
@@ -418,8 +390,10 @@ def profile_intervals(r, level: float) -> pd.DataFrame:
     steps = np.where(np.isfinite(steps) & (steps > 0), np.minimum(steps, 2.0), 0.5)
     est_eta = np.asarray(r.engine.eta(r.params, r.sigma, r.design.theta_scale), dtype=float)
     scale = max(prof.sigma_ml if isinstance(prof, _Profiler) else prof.sd_scale, 1e-8)
+    # (the per-panel engine's η is finite on the boundary: an sd below 1e-6 of the residual's)
     for row in layout:
-        rows.append(_eta_row(row.kind, row.idx[0], eta_hat, est_eta, steps, prof.dev_at_eta, prof.D_hat, z, scale))
+        rows.append(_eta_row(row.kind, row.idx[0], eta_hat, est_eta, steps, prof.dev_at_eta, prof.D_hat, z, scale,
+                             floor=np.log(1e-6 * scale)))
         index.append(f"{row.group}: {row.name}" if row.group else row.name)
     return pd.DataFrame(rows, index=index, columns=["estimate", "lower", "upper"])
 
@@ -452,17 +426,20 @@ _ETA_KINDS = {
     "corr": (np.tanh, (-12.0, 12.0), (-1.0, 1.0)),
     "logit": (lambda v: 0.5 * (1.0 + np.tanh(0.5 * v)), (-12.0, 12.0), (0.0, 1.0)),
     "free": (lambda v: v, (None, None), (np.nan, np.nan)),
+    "exp": (np.exp, (None, None), (np.nan, np.nan)),  # a GLMM family's scale
+    "exp_neg": (lambda v: np.exp(-v), (None, None), (np.nan, np.nan)),  # its inverse (decreasing in η)
 }
 
 
-def _eta_row(kind: str, i: int, eta_hat, est_eta, steps, dev_at_eta, D_hat: float, z: float, scale: float):
-    """(estimate, lower, upper) of the variance parameter η_i (lower limit 0 for an sd whose ζ
-    stays below z as sd → 0, an estimate on the boundary included)."""
+def _eta_row(kind: str, i: int, eta_hat, est_eta, steps, dev_at_eta, D_hat: float, z: float, scale: float,
+             floor: float = -np.inf):
+    """(estimate, lower, upper) of the parameter η_i, profiled from ``eta_hat`` (lower limit 0
+    for an sd whose ζ stays below z as sd → 0, an estimate on the boundary included: η_i not
+    finite, or an sd's below ``floor``; ``scale`` sets where such a profile starts)."""
     fwd, (lim_lo, lim_hi), (open_lo, open_hi) = _ETA_KINDS[kind]
     cache = {"start": eta_hat.copy()}
     centre = eta_hat[i]
-    # (the per-panel engine's η is finite on the boundary: an sd below 1e-6 of the residual's)
-    boundary = not np.isfinite(centre) or (kind == "sd" and centre < np.log(1e-6 * scale))
+    boundary = not np.isfinite(centre) or (kind == "sd" and centre < floor)
     est = float(fwd(est_eta[i])) if np.isfinite(est_eta[i]) else 0.0
 
     def zeta_e(v):
@@ -477,4 +454,5 @@ def _eta_row(kind: str, i: int, eta_hat, est_eta, steps, dev_at_eta, D_hat: floa
                (centre + lim_lo if kind == "sd" else lim_lo))
     cache["start"] = eta_hat.copy()
     hi = _root(zeta_e, centre, steps[i], 1, z, limit=lim_hi)
-    return est, open_lo if lo is None else float(fwd(lo)), open_hi if hi is None else float(fwd(hi))
+    lo_val, hi_val = open_lo if lo is None else float(fwd(lo)), open_hi if hi is None else float(fwd(hi))
+    return (est, hi_val, lo_val) if kind == "exp_neg" else (est, lo_val, hi_val)  # (a decreasing map)
