@@ -129,3 +129,26 @@ def test_vc_values_overflowing_bound_is_nan_like_the_fit_table():
     np.testing.assert_allclose([est[0, 0], lo[0, 0], se[0, 0]],
                                [np.exp(0.1), np.exp(0.1 - 1.96 * 1e3), np.exp(0.1) * 1e3], rtol=1e-12)
     np.testing.assert_allclose([lo[0, 1], hi[0, 1], se[0, 1]], [np.exp(-0.196), np.exp(0.196), 0.1], rtol=1e-12)
+
+
+def test_concurrent_chunks_give_the_same_answer_and_the_program_calls_no_lapack(jsp_many):
+    """40 responses in chunks of 8 (32 lanes' program not reused: 8 lanes), fitted one chunk at
+    a time and three at once: identical arrays (each chunk depends on its responses and the
+    first chunk's warm start only). The batch program of this design calls no LAPACK (the
+    optimiser's eigen-decomposition is Jacobi's in XLA ops), which is what lets chunks run at
+    once."""
+    from jaxmixed.engine import pls
+    from jaxmixed.fit import batched
+
+    d, names, _ = jsp_many
+    one = jm.fit_many(FORMULA, d, responses=names, chunk_size=8, workers=1)
+    three = jm.fit_many(FORMULA, d, responses=names, chunk_size=8, workers=3)
+    for attr in ("loglik", "beta", "sigma"):
+        np.testing.assert_array_equal(getattr(one, attr), getattr(three, attr))
+    pd.testing.assert_frame_equal(one.random, three.random)
+    fit = cached_fit("fit", FORMULA, "jsp")
+    shape = pls.from_design(fit.design, "auto")[1]
+    program = batched._batch_program(shape, 200, True, "cpu")
+    assert program._compiled and not program.uses_lapack
+    with pytest.raises(jm.ModelError, match="workers"):
+        jm.fit_many(FORMULA, d, responses=names[:2], workers=0)

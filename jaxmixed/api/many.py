@@ -98,7 +98,7 @@ def _check_responses(Y: np.ndarray, design: Design, names) -> None:
 def fit_many(formula: str, data: pd.DataFrame, responses=None, method: str = "reml", *,
              chunk_size: int | None = None, progress: bool = False, device=None, level: float = 95.0,
              variance: bool = False, start=None, warm_start="auto", engine: str = "auto", family=None,
-             link=None, nagq: int = 1, weights=None, offset=None) -> ManyResult:
+             link=None, nagq: int = 1, weights=None, offset=None, workers: int | None = None) -> ManyResult:
     """Fit one mixed model to many responses that share its design, in one batched program.
 
     ``family`` (with ``link``, ``nagq``, ``weights``, ``offset`` as for ``jm.fit``): a GLMM fitted
@@ -123,6 +123,10 @@ def fit_many(formula: str, data: pd.DataFrame, responses=None, method: str = "re
     warm_start  "auto" (default): later chunks start from the median θ̂ of the first chunk's
                 interior fits, with jm.fit's own starts as the fallback (see
                 ``fit_responses``); False: jm.fit's starts only; or a θ vector.
+    workers     chunks fitted at once, each on its own thread (default: on the CPU one per core
+                this process may use, at most 8; on accelerators 1). Used only where the batch
+                program calls no LAPACK (every factorised block small enough to be unrolled);
+                the estimates do not depend on it.
 
     Rows used: those complete in every model variable and in every response (the design must be
     the same for all responses); ``n_dropped`` counts the others.
@@ -171,7 +175,7 @@ def fit_many(formula: str, data: pd.DataFrame, responses=None, method: str = "re
     n_dropped = len(data) - len(rows)
     if reml and design.nobs <= design.p:
         raise ModelError(f"REML needs more observations ({design.nobs}) than fixed effects ({design.p})")
-    Yu = np.ascontiguousarray(Y[rows])
+    Yu = Y if np.array_equal(rows, np.arange(len(Y))) else Y[rows]  # read only: no copy when no row drops
     _check_responses(Yu, design, names)
     notes = []
     if n_dropped:
@@ -179,5 +183,5 @@ def fit_many(formula: str, data: pd.DataFrame, responses=None, method: str = "re
     for name in design.omitted:
         notes.append(f"{name} omitted because of collinearity")
     raw = fit_responses(design, lambda i, j: Yu[:, i:j], len(names), reml, chunk_size=chunk_size, engine=engine,
-                        progress=progress, device=device, start=start, warm_start=warm_start)
+                        progress=progress, device=device, start=start, warm_start=warm_start, workers=workers)
     return summarise(design, raw, names, reml, level, variance, n_dropped, tuple(notes))

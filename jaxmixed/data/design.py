@@ -445,22 +445,34 @@ def fixed_effects_basis(X: np.ndarray, R=None):
     return X @ R_inv, R_inv, float(2.0 * np.sum(np.log(np.diag(R))))
 
 
-def response_problems(Y: np.ndarray, X: np.ndarray) -> dict:
+def response_problems(Y: np.ndarray, X: np.ndarray, block: int = 2048) -> dict:
     """Per column of Y (n × k), what the likelihood cannot handle: ``large`` (beyond
     MAX_ABS), ``constant``, ``small`` (root mean square below MIN_RESPONSE_RMS), ``exact``
     (fitted exactly by the fixed effects; X their well-conditioned basis X̃,
-    :func:`fixed_effects_basis`). The one set of response checks (jm.fit, fit_many)."""
+    :func:`fixed_effects_basis`). The one set of response checks (jm.fit, fit_many). Columns
+    are checked ``block`` at a time (fit_many's 100,000 responses: no n × k temporaries)."""
     Y = np.asarray(Y, dtype=float).reshape(len(Y), -1)
-    big = np.max(np.abs(Y), axis=0)
-    out = {"large": ~(big <= MAX_ABS), "constant": np.ptp(Y, axis=0) == 0}
-    with np.errstate(over="ignore", invalid="ignore"):  # (columns beyond MAX_ABS are flagged as large)
-        out["small"] = ~out["constant"] & (np.sqrt(np.mean(Y ** 2, axis=0)) < MIN_RESPONSE_RMS)
-        exact = np.zeros(Y.shape[1], dtype=bool)
-        if 0 < X.shape[1] < X.shape[0]:  # (X: the well-conditioned basis X̃ of fixed_effects_basis)
-            B = np.linalg.solve(X.T @ X, X.T @ Y)
-            resid = np.sqrt(np.mean((Y - X @ B) ** 2, axis=0))
-            exact = resid <= 1e-10 * np.std(Y, axis=0) + 1e-13 * big
-    out["exact"] = exact & ~out["constant"] & ~out["large"]
+    n, k = Y.shape
+    out = {key: np.zeros(k, dtype=bool) for key in ("large", "constant", "small", "exact")}
+    fits = 0 < X.shape[1] < X.shape[0]  # (X: the well-conditioned basis X̃ of fixed_effects_basis)
+    XtX = X.T @ X if fits else None
+    for a in range(0, k, block):
+        b = min(a + block, k)
+        Yb = Y[:, a:b]
+        hi, lo = np.max(Yb, axis=0), np.min(Yb, axis=0)
+        with np.errstate(over="ignore", invalid="ignore"):  # (columns beyond MAX_ABS are flagged as large)
+            big = np.maximum(hi, -lo)
+            large = ~(big <= MAX_ABS)
+            constant = (hi - lo) == 0
+            small = ~constant & (np.sqrt(np.einsum("ij,ij->j", Yb, Yb) / n) < MIN_RESPONSE_RMS)
+            exact = np.zeros(b - a, dtype=bool)
+            if fits:
+                B = np.linalg.solve(XtX, X.T @ Yb)
+                R = Yb - X @ B
+                resid = np.sqrt(np.einsum("ij,ij->j", R, R) / n)
+                exact = resid <= 1e-10 * np.std(Yb, axis=0) + 1e-13 * big
+        out["large"][a:b], out["constant"][a:b], out["small"][a:b] = large, constant, small
+        out["exact"][a:b] = exact & ~constant & ~large
     return out
 
 

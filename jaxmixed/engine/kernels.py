@@ -115,6 +115,62 @@ def spd_solve_xla(A, b):
 
 
 
+#: sweeps after which :func:`eigh_xla` stops even if the off-diagonal part is not yet negligible
+#: (cyclic Jacobi converges quadratically: 4-6 sweeps reach rounding for the orders used here)
+JACOBI_MAX_SWEEPS = 30
+
+
+def eigh_xla(a):
+    """Eigenvalues (ascending) and eigenvectors (columns) of a symmetric (n, n) ``a`` by cyclic
+    Jacobi rotations in plain XLA ops: ``jnp.linalg.eigh`` without LAPACK, for the optimiser's
+    n × n Hessians (n = the number of parameters, a handful) inside batched programs, where a
+    LAPACK call becomes a batched kernel (module docstring). Under ``vmap`` the rotation
+    indices stay unbatched (they come from the loop counter); the loop runs until every
+    matrix's off-diagonal part is at rounding level (or :data:`JACOBI_MAX_SWEEPS`). NaN in,
+    NaN out. Only the lower triangle's mirror is assumed: ``a`` is symmetrised first."""
+    n = a.shape[-1]
+    a = 0.5 * (a + jnp.swapaxes(a, -1, -2))
+    if n <= 1:
+        return a[..., 0, :], jnp.ones_like(a)
+    pq = [(p, q) for p in range(n - 1) for q in range(p + 1, n)]
+    P = jnp.array([p for p, _ in pq], dtype=jnp.int32)
+    Q = jnp.array([q for _, q in pq], dtype=jnp.int32)
+    idx = jnp.arange(n)
+    eye = jnp.eye(n, dtype=a.dtype)
+
+    def rotate(m, AV):
+        A, V = AV
+        p, q = P[m], Q[m]
+        ep, eq = (idx == p).astype(a.dtype), (idx == q).astype(a.dtype)
+        app, aqq, apq = ep @ A @ ep, eq @ A @ eq, ep @ A @ eq
+        nonzero = apq != 0
+        tau = (aqq - app) / (2.0 * jnp.where(nonzero, apq, 1.0))
+        t = jnp.where(tau >= 0, 1.0, -1.0) / (jnp.abs(tau) + jnp.sqrt(1.0 + tau * tau))
+        t = jnp.where(nonzero & jnp.isfinite(tau), t, jnp.where(nonzero, t, 0.0))
+        c = 1.0 / jnp.sqrt(1.0 + t * t)
+        s = t * c
+        J = eye + (c - 1.0) * (jnp.outer(ep, ep) + jnp.outer(eq, eq)) + s * (jnp.outer(ep, eq) - jnp.outer(eq, ep))
+        return J.T @ A @ J, V @ J
+
+    def off(A):
+        return jnp.sum(jnp.where(idx[:, None] != idx[None, :], A * A, 0.0))
+
+    def cond(state):
+        k, A, _ = state
+        return (k < JACOBI_MAX_SWEEPS) & (off(A) > (1e-16 * 1e-16) * jnp.sum(A * A))
+
+    def sweep(state):
+        k, A, V = state
+        A, V = lax.fori_loop(0, len(pq), rotate, (A, V))
+        return k + 1, A, V
+
+    _, A, V = lax.while_loop(cond, sweep, (0, a, eye))
+    w = jnp.diagonal(A)
+    order = jnp.argsort(w)
+    finite = jnp.all(jnp.isfinite(a))  # else the loop may not have started: NaN, as LAPACK's
+    return jnp.where(finite, w[order], jnp.nan), jnp.where(finite, V[:, order], jnp.nan)
+
+
 def _use_xla(n: int, policy: KernelPolicy) -> bool:
     if policy not in POLICIES:
         raise ValueError(f"kernel policy must be one of {POLICIES}, not {policy!r}")

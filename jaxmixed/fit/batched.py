@@ -17,6 +17,9 @@ XLA's YNNPACK/XNNPACK library fusions (2× faster here). Used by ``jm.fit_many``
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache, partial
 from typing import Callable
 
@@ -37,6 +40,8 @@ __all__ = ["fit_responses", "fit_lanes"]
 MEMORY_BUDGET = 256 * 2**20  # bytes per chunk used to choose a default chunk size
 MAX_CHUNK = 4096
 CPU_CHUNK = 32
+MAX_WORKERS = 8  # chunks run at once on the CPU (one core each), at most
+READ_BLOCK = 1024  # responses read and reduced to their cross-products at once (a multiple of the chunk)
 # The kernel policy of the batched programs (jaxmixed.engine.kernels): single matrices of order
 # ≤ UNROLL_MAX as unrolled XLA operations, larger ones with LAPACK (safe from jaxlib 0.10's LAPACK
 # thread-pool deadlock with --xla_cpu_multi_thread_eigen=false, and far quicker to compile).
@@ -85,28 +90,95 @@ def _fit_lanes(theta0, lower, base, z1y, z2y, xy, yy, reml, scale=None, *, shape
     return jax.vmap(one)(theta0, z1y, z2y, xy, yy)
 
 
+#: primitives that JAX lowers to LAPACK calls on the CPU
+LAPACK_PRIMITIVES = frozenset({"cholesky", "triangular_solve", "eigh", "eig", "lu", "geqrf", "geqp3",
+                               "householder_product", "svd", "schur", "hessenberg", "tridiagonal",
+                               "tridiagonal_solve", "qr"})
+
+
+def _calls_lapack(jaxpr) -> bool:
+    """Whether ``jaxpr`` (a Jaxpr or ClosedJaxpr) or any jaxpr inside it (loops, branches,
+    custom derivatives) applies one of :data:`LAPACK_PRIMITIVES`."""
+    seen, todo = set(), [jaxpr]
+    while todo:
+        j = todo.pop()
+        j = getattr(j, "jaxpr", j)  # ClosedJaxpr -> Jaxpr
+        if id(j) in seen or not hasattr(j, "eqns"):
+            continue
+        seen.add(id(j))
+        for eqn in j.eqns:
+            if eqn.primitive.name in LAPACK_PRIMITIVES:
+                return True
+            for v in eqn.params.values():
+                for w in (v if isinstance(v, (tuple, list)) else (v,)):
+                    if hasattr(w, "eqns") or hasattr(getattr(w, "jaxpr", None), "eqns"):
+                        todo.append(w)
+    return False
+
+
+class _BatchProgram:
+    """``jax.jit`` of a batch function, compiled ahead of time once per argument signature so
+    that each executable's program can be inspected: :attr:`uses_lapack` tells whether any
+    compiled so far calls LAPACK (then chunks are never run concurrently, see
+    :func:`fit_responses`)."""
+
+    def __init__(self, fn, options: dict | None):
+        self.jitted = None
+        if options:
+            try:
+                self.jitted = jax.jit(fn, compiler_options=options)
+            except TypeError:  # a jax without per-jit compiler options
+                pass
+        if self.jitted is None:
+            self.jitted = jax.jit(fn)
+        self._compiled: dict = {}
+        self._lock = threading.Lock()
+        self.uses_lapack = False
+
+    def __call__(self, *args, **kwargs):
+        leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
+        key = (tree, tuple((tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False))) for x in leaves))
+        with self._lock:
+            compiled = self._compiled.get(key)
+            if compiled is None:  # compiled under the lock: concurrent chunks wait for one compile
+                traced = self.jitted.trace(*args, **kwargs)
+                self.uses_lapack = self.uses_lapack or _calls_lapack(traced.jaxpr)
+                compiled = self._compiled[key] = traced.lower().compile()
+        return compiled(*args, **kwargs)
+
+
 @lru_cache(maxsize=64)
-def _program(shape, max_iter: int, hessian: bool, platform: str):
-    """The jitted batch program for one model shape (static arguments bound, so a call passes
-    arrays only: the fast dispatch path)."""
+def _program(shape, max_iter: int, hessian: bool, platform: str) -> _BatchProgram:
+    """The batch program for one model shape (static arguments bound, so a call passes arrays
+    only: the fast dispatch path)."""
     fn = partial(_fit_lanes, shape=shape, max_iter=max_iter, hessian=hessian)
-    if platform == "cpu":
-        try:
-            return jax.jit(fn, compiler_options=CPU_COMPILER_OPTIONS)
-        except TypeError:  # a jax without per-jit compiler options
-            pass
-    return jax.jit(fn)
+    return _BatchProgram(fn, CPU_COMPILER_OPTIONS if platform == "cpu" else None)
+
+
+def _batch_program(shape, max_iter: int, hessian: bool, platform: str | None) -> _BatchProgram:
+    from dataclasses import replace
+
+    return _program(replace(shape, kernels=KERNELS), int(max_iter), bool(hessian), platform or jax.default_backend())
 
 
 def fit_lanes(theta0, lower, base, z1y, z2y, xy, yy, shape, reml,
               max_iter: int = 200, hessian: bool = True, platform: str | None = None, scale=None):
     """``_fit_lanes`` compiled for ``platform`` (default: JAX's default backend), with the
     batched programs' kernel policy."""
-    from dataclasses import replace
-
-    program = _program(replace(shape, kernels=KERNELS), int(max_iter), bool(hessian),
-                       platform or jax.default_backend())
+    program = _batch_program(shape, max_iter, hessian, platform)
     return program(theta0, lower, base, z1y, z2y, xy, yy, reml=reml, scale=scale)
+
+
+def default_workers(platform: str) -> int:
+    """Chunks run at once on ``platform``: on the CPU one per core this process may use (at
+    most :data:`MAX_WORKERS`; each chunk's program runs on one core), elsewhere 1."""
+    if platform != "cpu":
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cores))
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,6 +244,7 @@ class _YParts:
         self.Xt = np.ascontiguousarray(design.fixed_basis[0].T)  # X̃ᵀ, as the cross-products
 
     def __call__(self, Y: np.ndarray):
+        Y = np.ascontiguousarray(Y)
         b = Y.shape[1]
         z1y = np.asarray(self.Z1t @ Y).reshape(self.L1, self.q1, b).transpose(2, 0, 1)
         z2y = np.asarray(self.Z2t @ Y).T if self.Z2t is not None else np.zeros((b, 0))
@@ -182,7 +255,8 @@ class _YParts:
 
 def fit_responses(design: Design, get_y: Callable[[int, int], np.ndarray], k: int, reml: bool, *,
                   chunk_size: int | None = None, progress: bool = False, device=None, start=None,
-                  hessian: bool = True, label: str = "fit_many", warm_start="auto", engine: str = "auto") -> dict:
+                  hessian: bool = True, label: str = "fit_many", warm_start="auto", engine: str = "auto",
+                  workers: int | None = None) -> dict:
     """Fit ``k`` responses sharing ``design``; ``get_y(i, j)`` returns responses i..j-1 as an
     (nobs × (j-i)) array. Returns numpy arrays with a leading axis of length k.
 
@@ -197,6 +271,15 @@ def fit_responses(design: Design, get_y: Callable[[int, int], np.ndarray], k: in
     does not converge to an interior point then gets all of jm.fit's starts, θ₀ × 1 included,
     so its estimate is jm.fit's whenever the optimum is unique (and never a worse optimum).
     A θ vector: that warm start from the first chunk on. False: jm.fit's starts only.
+
+    ``workers``: chunks fitted at once after the first, each on its own thread (XLA runs a
+    program on the thread that calls it, so on the CPU each uses one core); default
+    :func:`default_workers`. Only where the batch program calls no LAPACK (with the "unrolled"
+    kernels: every factorised block of order ≤ ``UNROLL_MAX``), because jaxlib 0.10's batched
+    LAPACK kernels can wedge when several run at once; otherwise one chunk at a time. The
+    responses (``get_y``) are read on the calling thread in order, and every chunk's result
+    depends on its responses and the warm start only, so the answer does not depend on
+    ``workers``.
     """
     dev = resolve_device(device)
     arrays, shape = pls.from_design(design, engine)
@@ -211,6 +294,7 @@ def fit_responses(design: Design, get_y: Callable[[int, int], np.ndarray], k: in
              else integer_argument(chunk_size, "chunk_size"))
     lanes = min(chunk, _next_pow2(k))
     yparts = _YParts(design)
+    n_workers = default_workers(platform) if workers is None else integer_argument(workers, "workers")
     reml_arr = jnp.asarray(bool(reml))
     terms = [(t.structure, t.theta) for t in shape.terms]
     structures, slices = [s for s, _ in terms], [sl for _, sl in terms]
@@ -243,26 +327,57 @@ def fit_responses(design: Design, get_y: Callable[[int, int], np.ndarray], k: in
         warm_theta = np.asarray(warm_start, dtype=float)
         if warm_theta.shape != (design.n_theta,):
             raise ModelError(f"warm_start must have {design.n_theta} entries (θ), not {warm_theta.shape}")
+
+    def fit_chunk(i, j, parts, first, scales):
+        best = restart_search(run_chunk(parts), np.broadcast_to(first, (j - i, design.n_theta)), theta0, terms,
+                              design.theta_scale, scales=scales, x_key="theta", converged_key="opt_converged")
+        best.pop("tried")
+        return best
+
     results = []
     bar = _Progress(k, progress, label)
-    for i in range(0, k, lanes):
-        j = min(i + lanes, k)
-        Y = np.asarray(get_y(i, j), dtype=float)
-        if Y.shape != (design.nobs, j - i):
-            raise DataError(f"responses {i}..{j - 1}: expected shape {(design.nobs, j - i)}, got {Y.shape}")
-        parts = yparts(Y)
-        first = theta0 if warm_theta is None else warm_theta  # a warm start first, then jm.fit's own starts
-        best = restart_search(run_chunk(parts), np.broadcast_to(first, (j - i, design.n_theta)), theta0, terms,
-                              design.theta_scale, scales=START_SCALES[1:] if warm_theta is None else START_SCALES,
-                              x_key="theta", converged_key="opt_converged")
-        best.pop("tried")
-        if warm and warm_theta is None:
-            interior = best["opt_converged"] & ~is_singular(best["theta"], structures, slices, design.theta_scale)
-            if interior.sum() >= min(8, j - i):
-                warm_theta = np.median(best["theta"][interior], axis=0)
-        results.append(best)
-        bar.update(j - i)
-    bar.close()
+    pool, pending = None, []
+    try:
+        block = lanes * max(1, READ_BLOCK // lanes)  # responses read (and their cross-products formed) at once
+        for i in range(0, k, lanes):
+            j = min(i + lanes, k)
+            if i % block == 0:
+                jb = min(i + block, k)
+                Y = np.asarray(get_y(i, jb), dtype=float)  # the caller's function: on this thread, in order
+                if Y.shape != (design.nobs, jb - i):
+                    raise DataError(f"responses {i}..{jb - 1}: expected shape {(design.nobs, jb - i)}, got {Y.shape}")
+                block_parts = yparts(Y)
+            parts = tuple(a[i % block:i % block + (j - i)] for a in block_parts)
+            # a warm start first, then jm.fit's own starts
+            first, scales = (theta0, START_SCALES[1:]) if warm_theta is None else (warm_theta, START_SCALES)
+            settled = not (warm and warm_theta is None)  # no later chunk changes the warm start
+            if (pool is None and i > 0 and settled and n_workers > 1
+                    and not _batch_program(shape, 200, hessian, platform).uses_lapack):
+                pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="jaxmixed-many")
+            if pool is None:
+                best = fit_chunk(i, j, parts, first, scales)
+                if warm and warm_theta is None:
+                    interior = best["opt_converged"] & ~is_singular(best["theta"], structures, slices,
+                                                                    design.theta_scale)
+                    if interior.sum() >= min(8, j - i):
+                        warm_theta = np.median(best["theta"][interior], axis=0)
+                results.append(best)
+                bar.update(j - i)
+                continue
+            pending.append((j - i, pool.submit(fit_chunk, i, j, parts, first, scales)))
+            while len(pending) > 2 * n_workers or (pending and pending[0][1].done()):
+                size, future = pending.pop(0)
+                results.append(future.result())
+                bar.update(size)
+        for size, future in pending:
+            results.append(future.result())
+            bar.update(size)
+    finally:
+        if pool is not None:
+            for _, future in pending:
+                future.cancel()
+            pool.shutdown(wait=True)
+        bar.close()
     return {key: np.concatenate([r[key] for r in results]) for key in results[0]}
 
 

@@ -20,6 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxmixed.engine import kernels
+
 
 class OptResult(NamedTuple):
     x: jnp.ndarray
@@ -48,7 +50,9 @@ def minimize_bounded(fun, x0, lower, args=(), max_iter: int = 200, gtol: float =
     - ``"forward"``: forward over forward, all columns at once. For objectives that already
       avoid LAPACK (the "unrolled" or "xla" kernel policy of jaxmixed.engine.kernels) and run under an outer ``vmap`` (``fit_many``,
       the bootstrap): a third faster than forward over reverse for a handful of entries, the
-      same matrix to rounding.
+      same matrix to rounding. The Newton step's eigen-decomposition is then Jacobi's in plain
+      XLA ops (:func:`jaxmixed.engine.kernels.eigh_xla`), so that the optimiser adds no LAPACK
+      call either (under ``vmap`` it would be a batched one).
 
     Two details make the loop safe under ``vmap``, where every lane runs until the last one
     stops: the line search is skipped once a lane has converged or spent its budget (its step
@@ -79,6 +83,7 @@ def minimize_bounded(fun, x0, lower, args=(), max_iter: int = 200, gtol: float =
         evaluate = jax.jacfwd(grad_fwd, has_aux=True)
     else:
         raise ValueError(f"hessian must be 'map' or 'forward', not {hessian!r}")
+    eigh = kernels.eigh_xla if hessian == "forward" else jnp.linalg.eigh
     bounded = jnp.isfinite(lower)
 
     def proj(x):
@@ -96,7 +101,7 @@ def minimize_bounded(fun, x0, lower, args=(), max_iter: int = 200, gtol: float =
         free = ~(at_bound & (g > 0))
         Hf = jnp.where(free[:, None] & free[None, :], H, 0.0) + jnp.diag(jnp.where(free, 0.0, 1.0))
         gf = jnp.where(free, g, 0.0)
-        w, V = jnp.linalg.eigh(Hf)
+        w, V = eigh(Hf)
         scale = jnp.max(jnp.abs(w))
         neg = w[0] < -1e-8 * (scale + 1.0)
         pg = jnp.max(jnp.abs(x - proj(x - g)), initial=0.0)

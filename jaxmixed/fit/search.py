@@ -24,15 +24,16 @@ START_SCALES = (1.0, 0.1, 10.0, 0.01)  # θ₀ × scale until the optimiser conv
 MIRROR_ROUNDS = 3
 
 
-def better(fun, converged, best_fun, best_converged) -> bool:
-    """A lower deviance wins; at a tie (the same optimum) a run that met the tolerance wins."""
-    best_fun, fun = float(best_fun), float(fun)
-    if not np.isfinite(best_fun):
-        return True
-    if not np.isfinite(fun):
-        return False
-    tie = abs(fun - best_fun) <= 1e-9 * (1.0 + abs(fun))
-    return fun < best_fun - 1e-9 or (tie and bool(converged) and not bool(best_converged))
+def better(fun, converged, best_fun, best_converged):
+    """A lower deviance wins; at a tie (the same optimum) a run that met the tolerance wins.
+    Elementwise on arrays (one entry per lane); a bool for scalars."""
+    fun, best_fun = np.asarray(fun, dtype=float), np.asarray(best_fun, dtype=float)
+    converged, best_converged = np.asarray(converged, dtype=bool), np.asarray(best_converged, dtype=bool)
+    with np.errstate(invalid="ignore"):
+        tie = np.abs(fun - best_fun) <= 1e-9 * (1.0 + np.abs(fun))
+        wins = (fun < best_fun - 1e-9) | (tie & converged & ~best_converged)
+    out = np.where(~np.isfinite(best_fun), True, np.where(~np.isfinite(fun), False, wins))
+    return bool(out) if out.ndim == 0 else out
 
 
 def mirrored(theta: np.ndarray, terms, scale=None):
@@ -79,20 +80,16 @@ def restart_search(run: Callable, starts: np.ndarray, theta0: np.ndarray, terms,
     tried = [[1.0] for _ in range(k)]
 
     def keep_better(lanes, new) -> np.ndarray:
-        kept = np.zeros(len(lanes), dtype=bool)
-        for j, lane in enumerate(lanes):
-            if better(new["fun"][j], new[converged_key][j], best["fun"][lane], best[converged_key][lane]):
-                kept[j] = True
-                for key in best:
-                    best[key][lane] = new[key][j]
+        kept = better(new["fun"], new[converged_key], best["fun"][lanes], best[converged_key][lanes])
+        for key in best:
+            best[key][lanes[kept]] = np.asarray(new[key])[kept]
         return kept
 
-    def needs_more(lane) -> bool:
-        return not (bool(best[converged_key][lane])
-                    and not is_singular(best[x_key][lane], structures, slices, scale))
+    def needs_more() -> np.ndarray:
+        return ~(best[converged_key].astype(bool) & ~is_singular(best[x_key], structures, slices, scale))
 
     for s in scales:
-        lanes = np.array([lane for lane in range(k) if needs_more(lane)], dtype=int)
+        lanes = np.flatnonzero(needs_more())
         if lanes.size == 0:
             break
         for lane in lanes:

@@ -106,7 +106,7 @@ class Identity:
         return jnp.exp(eta[:1]) / sigma
 
     def boundary(self, theta, tol):
-        return bool(theta[0] < tol)
+        return np.asarray(theta)[..., 0] < tol
 
     def sigma_from_gamma(self, g):
         return g[0] * jnp.eye(self.q)
@@ -165,7 +165,7 @@ class Independent:
         return xp.diagonal(S)
 
     def boundary(self, theta, tol):
-        return bool(np.any(np.asarray(theta) < tol))
+        return np.any(np.asarray(theta) < tol, axis=-1)
 
     def theta_scale(self, ms, xp=np):
         return 1.0 / column_scale(ms, xp)
@@ -232,7 +232,7 @@ class Exchangeable:
         return xp.stack([xp.mean(xp.diagonal(S)), (xp.sum(S) - xp.trace(S)) / (q * (q - 1))])
 
     def boundary(self, theta, tol):
-        return bool(np.any(np.asarray(theta) < tol))
+        return np.any(np.asarray(theta) < tol, axis=-1)
 
     def theta_scale(self, ms, xp=np):
         return xp.ones(2) / _common(ms, xp)
@@ -312,7 +312,7 @@ class Unstructured:
         return S[r, c]
 
     def boundary(self, theta, tol):
-        return bool(np.any(np.asarray(theta)[self._diag_mask] < tol))
+        return np.any(np.asarray(theta)[..., self._diag_mask] < tol, axis=-1)
 
     def theta_scale(self, ms, xp=np):
         """Entry (i, j) of Λ is in the units of 1/column i: w = 1/s_i."""
@@ -368,6 +368,7 @@ def is_singular(theta, structures, slices, scale=None, tol: float = SINGULAR_TOL
     th = np.asarray(theta, dtype=float)
     if scale is not None:
         th = th / np.asarray(scale, dtype=float)
-    if th.ndim == 2:  # a batch of θ (one row per response)
-        return np.array([is_singular(row, structures, slices, None, tol) for row in th], dtype=bool)
-    return any(s.boundary(th[a:b], tol) for s, (a, b) in zip(structures, slices))
+    out = np.zeros(th.shape[:-1], dtype=bool)  # a batch of θ (one row per response): one flag each
+    for s, (a, b) in zip(structures, slices):
+        out |= s.boundary(th[..., a:b], tol)
+    return out if th.ndim == 2 else bool(out)
