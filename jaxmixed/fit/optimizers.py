@@ -42,8 +42,8 @@ def minimize_bounded(fun, x0, lower, args=(), max_iter: int = 200, gtol: float =
 
     ``hessian`` picks how ∇²f is formed:
 
-    - ``"map"`` (default): forward over reverse, the gradient linearised once and its tangent
-      applied to the Hessian's columns in sequence (``lax.map``). Vmapped tangents would turn each LAPACK call into a batched one, and
+    - ``"map"`` (default): forward over reverse, the Hessian's columns in sequence
+      (``lax.map``). Vmapped tangents would turn each LAPACK call into a batched one, and
       jaxlib 0.10's batched CPU kernels can wedge their thread pool (jaxmixed.engine.kernels);
       forward over forward in this form has deadlocked too (the per-panel engine; a
       20,000-group random-slope model).
@@ -68,9 +68,12 @@ def minimize_bounded(fun, x0, lower, args=(), max_iter: int = 200, gtol: float =
             return g, (f, g)
 
         def evaluate(x):
-            """x -> (H, (f, g)): the gradient's primal once (``jax.linearize``), then its
-            tangent, one Hessian column at a time."""
-            g, column, (f, _) = jax.linearize(grad_aux, x, has_aux=True)
+            """x -> (H, (f, g))."""
+            g, (f, _) = grad_aux(x)
+
+            def column(v):
+                return jax.jvp(lambda z: grad_aux(z)[0], (x,), (v,))[1]
+
             return jax.lax.map(column, jnp.eye(x.shape[0], dtype=x.dtype)), (f, g)
     elif hessian == "forward":
         def grad_fwd(x):
