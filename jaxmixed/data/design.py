@@ -770,6 +770,10 @@ def _group_codes(df: pd.DataFrame, group: tuple[str, ...]):
         # one plain column: factorize it directly (5× faster than through a MultiIndex)
         codes, uniques = pd.factorize(df[group[0]], sort=True)
         return codes.astype(np.int64), pd.Index(list(uniques), name=group[0])
+    if len(group) > 1 and not any(isinstance(df[g].dtype, pd.CategoricalDtype) for g in group):
+        fast = _combined_codes(df, group)
+        if fast is not None:
+            return fast
     keys = df[list(group)]
     codes, uniques = pd.MultiIndex.from_frame(keys).factorize(sort=True)
     if len(group) == 1:
@@ -777,12 +781,35 @@ def _group_codes(df: pd.DataFrame, group: tuple[str, ...]):
     return codes.astype(np.int64), uniques
 
 
-def _summary(spec: ModelSpec, df: pd.DataFrame, weights=None) -> pd.DataFrame:
+def _combined_codes(df: pd.DataFrame, group: tuple[str, ...]):
+    """What ``pd.MultiIndex.from_frame(df[group]).factorize(sort=True)`` gives (codes of the
+    combinations present, in lexicographic order of the sorted levels of each column), from each
+    column's own sorted factorisation (4× faster); None where a column has missing values or
+    levels that do not sort (the MultiIndex path then decides)."""
+    try:
+        parts = [pd.factorize(df[g], sort=True) for g in group]
+    except TypeError:
+        return None
+    combined = np.zeros(len(df), dtype=np.int64)
+    for codes, uniques in parts:
+        if len(codes) and codes.min() < 0:
+            return None
+        combined = combined * len(uniques) + codes
+    present, codes = np.unique(combined, return_inverse=True)
+    arrays = []
+    for codes_j, uniques in reversed(parts):
+        arrays.append(np.asarray(uniques)[present % len(uniques)])
+        present = present // len(uniques)
+    return codes.astype(np.int64).ravel(), pd.MultiIndex.from_arrays(arrays[::-1])  # unnamed, as there
+
+
+def _summary(spec: ModelSpec, df: pd.DataFrame, weights=None, known=None) -> pd.DataFrame:
     """Groups per level and observations per group (min, mean, max); ``weights``: the number of
-    observations each row of ``df`` stands for (a streamed source's distinct combinations)."""
+    observations each row of ``df`` stands for (a streamed source's distinct combinations);
+    ``known``: {grouping: (codes, levels)} already computed for ``df``."""
     rows = []
     for lev in spec.levels:
-        codes, uniques = _group_codes(df, lev.group)
+        codes, uniques = (known or {}).get(lev.group) or _group_codes(df, lev.group)
         counts = np.bincount(codes, weights=weights, minlength=len(uniques))
         rows.append((lev.label, len(uniques), int(counts.min()), float(counts.mean()), int(counts.max())))
     out = pd.DataFrame(rows, columns=["level", "n_groups", "min", "mean", "max"]).set_index("level")
@@ -944,7 +971,9 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
     index = {groups[k]: i for i, k in enumerate(order)}
     terms, pos = place_terms(index, placed)
     return Design(y=y, X=X, xnames=tuple(xnames), factors=tuple(factors), terms=terms,
-                  n_theta=pos, group_summary=_summary(spec, df), n_dropped=n_dropped,
+                  n_theta=pos, group_summary=_summary(spec, df, known={g: (b["codes"], b["levels"])
+                                                                       for g, b in blocks.items()}),
+                  n_dropped=n_dropped,
                   omitted=omitted, response=spec.response, rows=rows,
                   fixed_levels=fixed_levels, fixed_basis=basis, fixed_encoder=encoders,
                   column_encoders=column_encoders, fixed_terms=terms_info)
