@@ -23,7 +23,8 @@ variable                       field               meaning (default)
                                                    (off)
 ``JAXMIXED_FAST_COMPILE``      ``fast_compile``    ``0``: compile every program with XLA's default
                                                    options (on: small programs are compiled at XLA's
-                                                   optimisation level 0, see
+                                                   optimisation level 0, the others with its classic
+                                                   loop emitters, see
                                                    :mod:`jaxmixed.runtime.programs`)
 =============================  ==================  =====================================================
 
@@ -73,7 +74,7 @@ class Settings:
     blas_threads: int = 1
     #: ``JAXMIXED_EXIT_GC``: the command line leaves shutdown alone (no ``gc.freeze()`` at exit)
     exit_gc: bool = False
-    #: ``JAXMIXED_FAST_COMPILE``: small programs compiled with XLA's quick options
+    #: ``JAXMIXED_FAST_COMPILE``: programs compiled with XLA's quicker options
     fast_compile: bool = True
 
 

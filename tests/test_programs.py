@@ -74,8 +74,10 @@ def _jit(fun, *args, **kwargs):
 
 def test_fast_compile_options_only_for_small_programs_on_cpu(monkeypatch):
     small, big = jnp.ones((10, 10)), jax.ShapeDtypeStruct((programs.FAST_COMPILE_MAX + 1,), jnp.float64)
-    assert programs.compiler_options([small]) == (programs.FAST_OPTIONS if jax.default_backend() == "cpu" else ())
-    assert programs.compiler_options([big]) == ()
+    cpu = jax.default_backend() == "cpu"
+    assert programs.compiler_options([small]) == (programs.FAST_OPTIONS if cpu else ())
+    assert programs.compiler_options([big]) == (programs.LARGE_OPTIONS if cpu else ())
+    assert programs.LARGE_OPTIONS == (("xla_cpu_use_fusion_emitters", False),)
     import dataclasses
 
     from jaxmixed import settings
@@ -85,7 +87,7 @@ def test_fast_compile_options_only_for_small_programs_on_cpu(monkeypatch):
 
     assert programs.compiler_options([small, Static()]) == programs.compiler_options([small])
     monkeypatch.setattr(settings, "_CURRENT", dataclasses.replace(settings.current(), fast_compile=False))
-    assert programs.compiler_options([small]) == ()
+    assert programs.compiler_options([small]) == () and programs.compiler_options([big]) == ()
 
 
 def test_cached_program_is_kept_loaded_and_exact(cache_dir):
