@@ -144,9 +144,14 @@ class _BatchProgram:
         with self._lock:
             compiled = self._compiled.get(key)
             if compiled is None:  # compiled under the lock: concurrent chunks wait for one compile
-                traced = self.jitted.trace(*args, **kwargs)
-                self.uses_lapack = self.uses_lapack or _calls_lapack(traced.jaxpr)
-                compiled = self._compiled[key] = traced.lower().compile()
+                if hasattr(self.jitted, "trace"):
+                    traced = self.jitted.trace(*args, **kwargs)
+                    self.uses_lapack = self.uses_lapack or _calls_lapack(traced.jaxpr)
+                    lowered = traced.lower()
+                else:  # a jax without jit(...).trace: read the lowered program's calls
+                    lowered = self.jitted.lower(*args, **kwargs)
+                    self.uses_lapack = self.uses_lapack or "lapack" in lowered.as_text()
+                compiled = self._compiled[key] = lowered.compile()
         return compiled(*args, **kwargs)
 
 
