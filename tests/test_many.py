@@ -148,7 +148,7 @@ def test_concurrent_chunks_give_the_same_answer_and_the_program_calls_no_lapack(
     pd.testing.assert_frame_equal(one.random, three.random)
     fit = cached_fit("fit", FORMULA, "jsp")
     shape = pls.from_design(fit.design, "auto")[1]
-    program = batched._batch_program(shape, 200, True, "cpu")
+    program = batched._batch_program(shape, batched.MAX_ITER, True, "cpu")
     assert program._compiled and not program.uses_lapack
     with pytest.raises(jm.ModelError, match="workers"):
         jm.fit_many(FORMULA, d, responses=names[:2], workers=0)

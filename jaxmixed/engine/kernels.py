@@ -146,7 +146,7 @@ def eigh_xla(a):
         nonzero = apq != 0
         tau = (aqq - app) / (2.0 * jnp.where(nonzero, apq, 1.0))
         t = jnp.where(tau >= 0, 1.0, -1.0) / (jnp.abs(tau) + jnp.sqrt(1.0 + tau * tau))
-        t = jnp.where(nonzero & jnp.isfinite(tau), t, jnp.where(nonzero, t, 0.0))
+        t = jnp.where(nonzero, t, 0.0)
         c = 1.0 / jnp.sqrt(1.0 + t * t)
         s = t * c
         J = eye + (c - 1.0) * (jnp.outer(ep, ep) + jnp.outer(eq, eq)) + s * (jnp.outer(ep, eq) - jnp.outer(eq, ep))

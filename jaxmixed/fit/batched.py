@@ -42,6 +42,7 @@ MAX_CHUNK = 4096
 CPU_CHUNK = 32
 MAX_WORKERS = 8  # chunks run at once on the CPU (one core each), at most
 READ_BLOCK = 1024  # responses read and reduced to their cross-products at once (a multiple of the chunk)
+MAX_ITER = 200  # optimiser iterations per lane (jm.fit's)
 # The kernel policy of the batched programs (jaxmixed.engine.kernels): single matrices of order
 # ≤ UNROLL_MAX as unrolled XLA operations, larger ones with LAPACK (safe from jaxlib 0.10's LAPACK
 # thread-pool deadlock with --xla_cpu_multi_thread_eigen=false, and far quicker to compile).
@@ -68,7 +69,7 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_exp
 
 
 def _fit_lanes(theta0, lower, base, z1y, z2y, xy, yy, reml, scale=None, *, shape,
-               max_iter: int = 200, hessian: bool = True):
+               max_iter: int = MAX_ITER, hessian: bool = True):
     """Fit a batch of responses (leading axis of theta0, z1y, z2y, xy, yy) in one program:
     jm.fit's optimiser (projected Newton, or projected BFGS where the shape asks for it), the
     solve at θ̂ and, with ``hessian``, the Hessian of the log likelihood in Stata's metric η.
@@ -170,7 +171,7 @@ def _batch_program(shape, max_iter: int, hessian: bool, platform: str | None) ->
 
 
 def fit_lanes(theta0, lower, base, z1y, z2y, xy, yy, shape, reml,
-              max_iter: int = 200, hessian: bool = True, platform: str | None = None, scale=None):
+              max_iter: int = MAX_ITER, hessian: bool = True, platform: str | None = None, scale=None):
     """``_fit_lanes`` compiled for ``platform`` (default: JAX's default backend), with the
     batched programs' kernel policy."""
     program = _batch_program(shape, max_iter, hessian, platform)
@@ -360,7 +361,7 @@ def fit_responses(design: Design, get_y: Callable[[int, int], np.ndarray], k: in
             first, scales = (theta0, START_SCALES[1:]) if warm_theta is None else (warm_theta, START_SCALES)
             settled = not (warm and warm_theta is None)  # no later chunk changes the warm start
             if (pool is None and i > 0 and settled and n_workers > 1
-                    and not _batch_program(shape, 200, hessian, platform).uses_lapack):
+                    and not _batch_program(shape, MAX_ITER, hessian, platform).uses_lapack):
                 pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="jaxmixed-many")
             if pool is None:
                 best = fit_chunk(i, j, parts, first, scales)
