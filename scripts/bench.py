@@ -496,8 +496,11 @@ def main():
     print(machine())
     import jax
 
-    print(f"jax {jax.__version__}, statsmodels {__import__('statsmodels').__version__}, "
-          f"lme4 {'yes' if opts.lme4 else 'not available'}")
+    try:
+        sm_version = __import__("statsmodels").__version__
+    except ImportError:
+        sm_version = "not installed"
+    print(f"jax {jax.__version__}, statsmodels {sm_version}, lme4 {'yes' if opts.lme4 else 'not available'}")
     results = {"machine": machine()}
     for case in opts.case or ["small", "scaling", "nested", "million", "insteval"]:
         if case == "small":
