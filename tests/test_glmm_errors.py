@@ -65,8 +65,12 @@ def test_bad_stata_options(d):
     with pytest.raises(jm.FormulaError, match="intmethod"):
         jm.melogit("y x || g:, intmethod(quadratic)", d)
     assert jm.melogit("y x || g: || h:, intpoints(3)", d).nagq == 3  # two nested levels: fine
-    with pytest.raises(jm.ModelError, match="at most two nested levels; this model has 3 grouping factors"):
-        jm.melogit("y x || g: || h: || n:", d)
+    # Stata's levels nest (k within h within g): three nested levels take mvaghermite's 7 points
+    d3 = d.assign(k=np.tile(["p", "q"], 30))
+    assert jm.melogit("y x || g: || h: || k:", d3).nagq == 7
+    # three factors that do not nest: asked-for points are refused, naming two that cross
+    with pytest.raises(jm.ModelError, match="needs one grouping factor or nested ones; g and h are crossed"):
+        jm.fit("y ~ x + (1|g) + (1|h) + (1|k)", d3, family="binomial", nagq=5)
     with pytest.raises(jm.ModelError, match="use jm.mixed"):
         jm.meglm("y x || g:, family(gaussian)", d)
 

@@ -284,3 +284,117 @@ def test_crossed_factors_take_laplace_by_stata_default_and_refuse_points():
         jm.melogit("melogit y x || _all: R.b || a:, intpoints(7)", d)
     with pytest.raises(jm.ModelError, match="are crossed"):
         jm.fit("y ~ x + (1 | a) + (1 | b)", d, family="binomial", nagq=7)
+
+
+# --- three nested levels -----------------------------------------------------------------------
+
+def _three_levels(seed=6, districts=4, schools=3, classes=3, per=6, slope=False):
+    rng = np.random.default_rng(seed)
+    n_s, n_c = districts * schools, districts * schools * classes
+    dist = np.repeat(np.arange(districts), schools * classes * per)
+    sch = np.repeat(np.arange(n_s), classes * per)
+    cls = np.repeat(np.arange(n_c), per)
+    x = rng.normal(size=dist.size)
+    eta = (-0.2 + 0.6 * x + rng.normal(scale=0.9, size=districts)[dist] + rng.normal(scale=0.7, size=n_s)[sch]
+           + rng.normal(scale=0.6, size=n_c)[cls])
+    if slope:
+        eta = eta + rng.normal(scale=0.5, size=n_s)[sch] * x
+    y = (rng.uniform(size=dist.size) < 1 / (1 + np.exp(-eta))).astype(float)
+    return pd.DataFrame({"y": y, "x": x, "district": [f"d{k}" for k in dist],
+                         "school": [f"s{k % schools}" for k in sch], "cls": [f"c{k % classes}" for k in cls]})
+
+
+@pytest.fixture(scope="module")
+def three_level_fit():
+    return jm.fit("y ~ x + (1 | district/school/cls)", _three_levels(), family="binomial")
+
+
+def _three_level_brute_force(x, r, half_width=7.0, m=71):
+    """Σ_d log ∫ φ(t) Π_{s∈d} ∫ φ(v) Π_{c∈s} ∫ φ(w) Π_{i∈c} p(y_i | t, v, w) dw dv dt for scalar
+    intercepts at three nested levels, each integral a trapezoid rule on m points (numpy)."""
+    des, shape = r.design, r.engine.shape
+    beta_t, theta, _ = laplace.split(np.asarray(x), shape)
+    lams = [float(np.asarray(v)[0, 0]) for v in laplace.pls.factor_lambdas(jnp.asarray(theta), shape.re)]
+    inner, middle, outer = des.factors  # engine order: most levels first
+    eta0 = np.asarray(r.data.X) @ np.asarray(beta_t)
+    y = np.asarray(r.data.y)
+    g = np.linspace(-half_width, half_width, m)
+    log_w = np.log(g[1] - g[0]) - 0.5 * np.log(2 * np.pi) - 0.5 * g**2  # log φ(g) dg
+    T, V, W = np.meshgrid(g, g, g, indexing="ij")
+    total = 0.0
+    for a in range(outer.n_levels):
+        acc_a = log_w.copy()  # (t,)
+        for s in np.unique(middle.codes[outer.codes == a]):
+            acc_s = np.broadcast_to(log_w, (m, m)).copy()  # (t, v)
+            for c in np.unique(inner.codes[middle.codes == s]):
+                ll = np.broadcast_to(log_w, (m, m, m)).copy()  # (t, v, w)
+                for i in np.flatnonzero(inner.codes == c):
+                    eta = eta0[i] + lams[2] * T + lams[1] * V + lams[0] * W
+                    ll += y[i] * eta - np.logaddexp(0.0, eta)
+                mx = ll.max(axis=2, keepdims=True)
+                acc_s += mx[..., 0] + np.log(np.sum(np.exp(ll - mx), axis=2))
+            mx = acc_s.max(axis=1, keepdims=True)
+            acc_a += mx[:, 0] + np.log(np.sum(np.exp(acc_s - mx), axis=1))
+        mx = acc_a.max()
+        total += mx + np.log(np.sum(np.exp(acc_a - mx)))
+    return total
+
+
+def test_three_levels_one_point_is_laplace_points_converge_and_equal_brute_force(three_level_fit):
+    """Three nested levels (district / school / class, scalar intercepts), which lme4 and
+    MixedModels.jl do not integrate beyond Laplace: nagq = 1 is the Laplace value, the value
+    converges as the points grow, and it equals brute-force integration on grids."""
+    r = three_level_fit
+    assert [len(f.group) for f in r.design.factors] == [3, 2, 1]  # class in school in district
+    assert not r.singular
+    for shift in (0.0, 0.1):
+        x = np.asarray(r.params) + shift
+        lap = float(jax.jit(laplace.laplace_deviance, static_argnames=("shape",))(jnp.asarray(x), r.data,
+                                                                                  r.engine.shape))
+        assert _nested_value(x, r, 1) == pytest.approx(lap, abs=1e-10)
+        ll = {k: -0.5 * _nested_value(x, r, k) for k in (3, 5, 9, 15)}
+        gaps = [abs(ll[k] - ll[15]) for k in (3, 5, 9)]
+        assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-6
+        bf = _three_level_brute_force(x, r)
+        assert ll[15] == pytest.approx(bf, abs=1e-7)
+        assert abs(bf + 0.5 * lap) > 1e-3  # the quadrature does move it
+        # plain Gauss-Hermite on the prior, with many points
+        assert -0.5 * _nested_value(x, r, 30, adaptive=False) == pytest.approx(bf, abs=2e-2)
+
+
+def test_three_levels_vector_effect_derivatives_against_finite_differences():
+    """A random slope at the middle level (q = 2 there), 3 points per dimension: the exact
+    gradient and Hessian of the quadrature objective against central differences."""
+    d = _three_levels(seed=8, districts=3, schools=3, classes=2, per=5, slope=True)
+    r = jm.fit("y ~ x + (1 | district) + (1 + x | district:school) + (1 | district:school:cls)", d,
+               family="binomial")
+    shape = replace(r.engine.shape, nagq=3)
+    assert shape.re.q == (1, 2, 1)
+    x = np.asarray(r.params) + 0.05 * np.cos(np.arange(r.params.size))
+    lap = float(jax.jit(laplace.laplace_deviance, static_argnames=("shape",))(jnp.asarray(x), r.data,
+                                                                              r.engine.shape))
+    assert _nested_value(x, r, 1) == pytest.approx(lap, abs=1e-10)
+    dev = jax.jit(laplace.deviance, static_argnames=("shape",))
+    grad = jax.jit(jax.grad(laplace.deviance), static_argnames=("shape",))
+    g = np.asarray(grad(jnp.asarray(x), r.data, shape))
+    np.testing.assert_allclose(g, _fd_gradient(lambda z: float(dev(jnp.asarray(z), r.data, shape)), x),
+                               rtol=1e-6, atol=1e-6)
+    H = np.asarray(jax.jit(jax.hessian(laplace.deviance), static_argnames=("shape",))(jnp.asarray(x), r.data, shape))
+    Hfd = np.stack([_fd_gradient(lambda z: float(np.asarray(grad(jnp.asarray(z), r.data, shape))[i]), x, 1e-5)
+                    for i in range(x.size)])
+    np.testing.assert_allclose(H, Hfd, rtol=1e-5, atol=1e-5)
+
+
+def test_three_levels_fit_and_stata_default():
+    """melogit with three nested levels integrates them by mvaghermite, 7 points, as Stata does
+    by default; jm.fit(nagq=7) gives the same fit, at the brute-force log likelihood."""
+    d = _three_levels()
+    r7 = jm.fit("y ~ x + (1 | district/school/cls)", d, family="binomial", nagq=7)
+    assert r7.converged and not r7.singular and r7.method == "agq" and r7.nagq == 7
+    assert r7.loglik == pytest.approx(_three_level_brute_force(r7.params, r7), abs=1e-4)
+    st = jm.melogit("melogit y x || district: || school: || cls:", d)
+    assert st.nagq == 7 and st.loglik == pytest.approx(r7.loglik, abs=1e-8)
+    np.testing.assert_allclose(st.fixed["coef"], r7.fixed["coef"], rtol=1e-6)
+    report = " ".join(str(st).split())
+    assert "Integration method: mvaghermite Integration pts. = 7" in report
+    assert "school | 12 18 18.0 18" in report and "cls | 36 6 6.0 6" in report

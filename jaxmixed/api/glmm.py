@@ -262,22 +262,22 @@ def _panel(design, fam, nagq: int) -> tuple:
 
 
 def _quadrature_levels(design, nagq: int, laplace_if_crossed: bool) -> int:
-    """The points for a model with several grouping factors: two nested ones are integrated level
-    by level (``laplace.nested_agq_deviance``); crossed factors are refused, or take the Laplace
+    """The points for a model with several grouping factors: nested ones (each factor, in the
+    engine's order of most levels first, inside the next) are integrated level by level
+    (``laplace.nested_agq_deviance``); crossed factors are refused, or take the Laplace
     approximation when that is the front end's default (Stata's for crossed models)."""
-    names = [":".join(f.group) for f in design.factors]
-    if len(design.factors) == 2:
-        if _nested_in(*design.factors):
-            return nagq
+    fs = design.factors
+    names = [":".join(f.group) for f in fs]
+    for k, (inner, outer) in enumerate(zip(fs, fs[1:])):
+        if _nested_in(inner, outer):
+            continue
         if laplace_if_crossed:
             return 1
-        raise ModelError(f"adaptive quadrature (nagq={nagq}) needs one grouping factor or two nested ones; "
-                         f"{names[0]} and {names[1]} are crossed (levels of {names[0]} occur in several levels of "
-                         f"{names[1]}), so the integral does not factor over groups: use nagq=1 (Laplace)")
-    if laplace_if_crossed and not _nested_chain(design):
-        return 1
-    raise ModelError(f"adaptive quadrature (nagq={nagq}) integrates at most two nested levels; this model has "
-                     f"{len(names)} grouping factors ({', '.join(names)}): use nagq=1 (Laplace)")
+        what = "two nested ones" if len(fs) == 2 else "nested ones"
+        raise ModelError(f"adaptive quadrature (nagq={nagq}) needs one grouping factor or {what}; "
+                         f"{names[k]} and {names[k + 1]} are crossed (levels of {names[k]} occur in several levels "
+                         f"of {names[k + 1]}), so the integral does not factor over groups: use nagq=1 (Laplace)")
+    return nagq
 
 
 def _nested_in(inner, outer) -> bool:
@@ -285,12 +285,6 @@ def _nested_in(inner, outer) -> bool:
     parent = np.zeros(inner.n_levels, dtype=np.int64)
     parent[inner.codes] = outer.codes
     return bool(np.array_equal(parent[inner.codes], outer.codes))
-
-
-def _nested_chain(design) -> bool:
-    """True when the grouping factors, fewest levels last, nest each in the next."""
-    fs = sorted(design.factors, key=lambda f: -f.n_levels)
-    return all(_nested_in(inner, outer) for inner, outer in zip(fs, fs[1:]))
 
 
 def _scale_rows(fam, variance: bool, stata: bool):

@@ -23,7 +23,7 @@ log scale s of families that have one.
 
       log L_g = −log|L_g| + log Σ_k w_k exp(h_g(u_k) + ½‖z_k‖²),
 
-  which is the Laplace value for k = 1. Two nested grouping factors: level by level on the joint
+  which is the Laplace value for k = 1. Nested grouping factors (any depth): level by level on the joint
   Laplace Gaussian (:func:`nested_agq_deviance`).
 """
 
@@ -413,77 +413,132 @@ def nested_agq_deviance(x, data: GLMMArrays, shape: GLMMShape, u0=None):
     return nested_agq_deviance_and_mode(x, data, shape, u0)[0]
 
 
+def _ancestors(codes, n_levels) -> list:
+    """anc[l][m] for m > l: the level-m group of each level-l group (engine order, innermost
+    first, each level nested in the next)."""
+    D = len(codes)
+    return [{m: jax.ops.segment_max(codes[m], codes[l], num_segments=n_levels[l]) for m in range(l + 1, D)}
+            for l in range(D)]
+
+
+def _conditional_precisions(x, u, data: GLMMArrays, shape: GLMMShape, lams, anc):
+    """(chols, gains) per level l, innermost first, from the joint Laplace precision H = −∇²h(û)
+    eliminated level by level from the innermost (block Gaussian elimination along the tree):
+    after the levels below l are gone, R_ll (L_l, q_l, q_l) is the precision of u_g given its
+    ancestors and R_lm (L_l, q_l, q_m) its coupling to the level-m ancestor; chols[l] is R_ll's
+    Cholesky factor, gains[l][m] = R_ll⁻¹R_lm."""
+    re = shape.re
+    D = len(re.L)
+    beta, _, _ = split(x, shape)
+    codes, Zs = data.codes, data.Z
+    A = [Z @ lam for Z, lam in zip(Zs, lams)]  # ZΛ per row and level
+    ub = _level_modes(u, re)
+    eta = data.X @ beta + data.offset + sum(jnp.sum(a * v[c], axis=1) for a, v, c in zip(A, ub, codes))
+    _, w = _curvature(eta, x, data, shape)
+    R = []
+    for l in range(D):
+        wA = w[:, None] * A[l]
+        R.append({m: jax.ops.segment_sum(wA[:, :, None] * A[m][:, None, :], codes[l], num_segments=re.L[l])
+                  for m in range(l, D)})
+        R[l][l] = R[l][l] + jnp.eye(re.q[l])
+    chols, gains = [], []
+    for l in range(D):  # eliminate level l into its ancestors' blocks
+        C = kernels.cholesky(R[l][l])
+        G = {m: kernels.solve_lower_t(C, kernels.solve_lower(C, R[l][m])) for m in range(l + 1, D)}  # R_ll⁻¹R_lm
+        for m in range(l + 1, D):
+            for m2 in range(m, D):
+                upd = jnp.einsum("gab,gac->gbc", R[l][m], G[m2])
+                R[m][m2] = R[m][m2] - jax.ops.segment_sum(upd, anc[l][m], num_segments=re.L[m])
+        chols.append(C)
+        gains.append(G)
+    return chols, gains
+
+
+def _level_modes(u, re) -> list:
+    """The spherical effects per level, (L_l, q_l), from the stacked vector."""
+    out, pos = [], 0
+    for L, q in zip(re.L, re.q):
+        out.append(u[pos:pos + L * q].reshape(L, q))
+        pos += L * q
+    return out
+
+
 def nested_agq_deviance_and_mode(x, data: GLMMArrays, shape: GLMMShape, u0=None):
     """(value, modes; ``u0`` where PIRLS starts): −2 × the adaptive Gauss-Hermite log
-    likelihood of two nested grouping factors (engine order: factor 0 the inner one, each of its
-    levels inside one level of factor 1), vector effects at either level, ``shape.nagq`` points
-    per dimension. Memory: n × k^(q_inner + q_outer) evaluations at once.
+    likelihood of D ≥ 2 nested grouping factors (engine order: factor 0 the innermost, each
+    level's groups inside one group of the next), vector effects at any level, ``shape.nagq``
+    points per dimension. Memory: n × k^(q_0 + … + q_{D−1}) evaluations at once.
 
-    The nodes follow the joint Laplace Gaussian N(û, H⁻¹) written level by level: the outer
-    effects u_o of group a on N(û_a, S_a⁻¹), S_a = H_aa − Σ_{j∈a} H_ajH_jj⁻¹H_ja (the Schur
-    complement, the marginal curvature of u_a), and, at each outer node t, the inner effects of
-    group j on N(û_j − H_jj⁻¹H_ja(t − û_a), H_jj⁻¹) (the conditional of the same Gaussian). Then
+    The nodes follow the joint Laplace Gaussian N(û, H⁻¹) written level by level from the top:
+    H's blocks follow the tree (a group couples to its ancestors and descendants only), so
+    eliminating the levels from the innermost up (:func:`_conditional_precisions`) gives, for
+    each group g of level l, the precision R_g of u_g given its ancestors and the couplings
+    R_gm; at each combination of ancestor nodes t_m the effects of g are placed on
+    N(û_g − R_g⁻¹ Σ_m R_gm(t_m − û_m), R_g⁻¹), the outermost on their marginal. Then, from the
+    innermost level up,
 
-        log L_a = −log|C_a| + log Σ_k w_k exp(½‖z_k‖² − ½‖t_k‖² + Σ_{j∈a} log I_j(t_k)),
-        log I_j(t) = −log|C_j| + log Σ_m w_m exp(½‖z_m‖² + h_j(v_m; t)),
+        log I_g(t) = −log|C_g| + log Σ_k w_k exp(½‖z_k‖² − ½‖v_k‖² + Σ_{children c of g} log I_c(t, v_k)),
 
-    C the Cholesky factors of S_a and H_jj. One point per dimension gives the Laplace value
-    (log|H| = Σ_j log|H_jj| + Σ_a log|S_a|); any Gaussian centring converges to the integral as
-    the points grow. With ``shape.adaptive`` False: nodes on the prior N(0, I) at both levels."""
+    with the rows' log densities summed into the innermost groups, C_g the Cholesky factor of
+    R_g. One point per dimension gives the Laplace value (log|H| = Σ_g log|R_g|); any Gaussian
+    centring converges to the integral as the points grow. With ``shape.adaptive`` False: nodes
+    on the prior N(0, I) at every level."""
     re = shape.re
-    (Li, Lo), (qi, qo) = re.L, re.q
+    D = len(re.L)
     beta, theta, s = split(x, shape)
-    lam_i, lam_o = pls.factor_lambdas(theta, re)
-    ci, co = data.codes
-    Zi, Zo = data.Z
-    parent = jax.ops.segment_max(co, ci, num_segments=Li)  # the outer level of each inner level
-    nodes_i, logw_i = gh_grid(shape.nagq, qi)
-    nodes_o, logw_o = gh_grid(shape.nagq, qo)
-    Ki, Ko = nodes_i.shape[0], nodes_o.shape[0]
-    eta0 = data.X @ beta + data.offset
+    lams = pls.factor_lambdas(theta, re)
+    codes, Zs = data.codes, data.Z
+    anc = _ancestors(codes, re.L)
+    grids = [gh_grid(shape.nagq, q) for q in re.q]
+    Ks = [nd.shape[0] for nd, _ in grids]
+    # node values per level, top-down: T[l] is (L_l, q_l, K_{D-1}, ..., K_l)
+    T = [None] * D
+    logdet = [None] * D
     if shape.adaptive:
         u = mode(x, data, shape, u0)
-        ui, uo = u[:Li * qi].reshape(Li, qi), u[Li * qi:].reshape(Lo, qo)
-        Ai, Ao = Zi @ lam_i, Zo @ lam_o  # ZΛ per row
-        _, w = _curvature(eta0 + jnp.sum(Ai * ui[ci], axis=1) + jnp.sum(Ao * uo[co], axis=1), x, data, shape)
-        wAi = w[:, None] * Ai
-        H_jj = jax.ops.segment_sum(wAi[:, :, None] * Ai[:, None, :], ci, num_segments=Li) + jnp.eye(qi)
-        H_ja = jax.ops.segment_sum(wAi[:, :, None] * Ao[:, None, :], ci, num_segments=Li)  # (Li, qi, qo)
-        H_aa = jax.ops.segment_sum((w[:, None] * Ao)[:, :, None] * Ao[:, None, :], co, num_segments=Lo)
-        C_j = jnp.linalg.cholesky(H_jj)
-        G = jnp.linalg.solve(H_jj, H_ja)  # H_jj⁻¹H_ja
-        S_a = H_aa + jnp.eye(qo) - jax.ops.segment_sum(jnp.einsum("jab,jac->jbc", H_ja, G), parent,
-                                                        num_segments=Lo)
-        C_a = jnp.linalg.cholesky(S_a)
-        T = uo[:, :, None] + kernels.solve_lower_t(C_a, jnp.broadcast_to(jnp.asarray(nodes_o.T), (Lo, qo, Ko)))
-        centre = ui[:, :, None] - jnp.einsum("jab,jbk->jak", G, T[parent] - uo[parent][:, :, None])  # (Li, qi, Ko)
-        spread = kernels.solve_lower_t(C_j, jnp.broadcast_to(jnp.asarray(nodes_i.T), (Li, qi, Ki)))
-        V = centre[:, :, :, None] + spread[:, :, None, :]  # (Li, qi, Ko, Ki)
-        logdet_j = jnp.sum(jnp.log(jnp.diagonal(C_j, axis1=1, axis2=2)), axis=1)
-        logdet_a = jnp.sum(jnp.log(jnp.diagonal(C_a, axis1=1, axis2=2)), axis=1)
+        ub = _level_modes(u, re)
+        chols, gains = _conditional_precisions(x, u, data, shape, lams, anc)
     else:
         u = u0
-        T = jnp.broadcast_to(jnp.asarray(nodes_o.T), (Lo, qo, Ko))
-        V = jnp.broadcast_to(jnp.asarray(nodes_i.T)[:, None, :], (Li, qi, Ko, Ki))
-        logdet_j, logdet_a = jnp.zeros((Li,), x.dtype), jnp.zeros((Lo,), x.dtype)
-    B_o = jnp.einsum("aqk,pq->akp", T, lam_o)  # b = Λu per node
-    B_i = jnp.einsum("jqkm,pq->jkmp", V, lam_i)
-    eta = (eta0[:, None, None] + jnp.einsum("iq,ikq->ik", Zo, B_o[co])[:, :, None]
-           + jnp.einsum("iq,ikmq->ikm", Zi, B_i[ci]))  # (n, Ko, Ki)
+    for l in reversed(range(D)):
+        nodes = jnp.asarray(grids[l][0].T)  # (q_l, K_l)
+        n_anc = D - 1 - l  # node axes of the ancestors, outermost first
+        if shape.adaptive:
+            C = chols[l]
+            spread = kernels.solve_lower_t(C, jnp.broadcast_to(nodes, (re.L[l], re.q[l], Ks[l])))  # (L, q, K_l)
+            centre = ub[l].reshape((re.L[l], re.q[l]) + (1,) * n_anc)
+            for m in range(l + 1, D):
+                dev_m = T[m][anc[l][m]] - ub[m][anc[l][m]].reshape((re.L[l], re.q[m]) + (1,) * (D - m))
+                dev_m = dev_m.reshape(dev_m.shape + (1,) * (m - l - 1))  # axes of levels m-1 .. l+1
+                centre = centre - jnp.einsum("gab,gb...->ga...", gains[l][m], dev_m)
+            centre = jnp.broadcast_to(centre, (re.L[l], re.q[l]) + tuple(Ks[D - 1:l:-1]))
+            T[l] = centre[..., None] + spread.reshape((re.L[l], re.q[l]) + (1,) * n_anc + (Ks[l],))
+            logdet[l] = jnp.sum(jnp.log(jnp.diagonal(C, axis1=1, axis2=2)), axis=1)
+        else:
+            T[l] = jnp.broadcast_to(nodes.reshape((1, re.q[l]) + (1,) * n_anc + (Ks[l],)),
+                                    (re.L[l], re.q[l]) + tuple(Ks[D - 1:l:-1]) + (Ks[l],))
+            logdet[l] = jnp.zeros((re.L[l],), x.dtype)
+    # each row's linear predictor at every node combination: (n, K_{D-1}, ..., K_0)
+    eta = (data.X @ beta + data.offset).reshape((-1,) + (1,) * D)
+    for l in range(D):
+        B = jnp.einsum("gq...,pq->gp...", T[l], lams[l])  # b = Λu per node
+        contrib = jnp.einsum("iq,iq...->i...", Zs[l], B[codes[l]])  # (n, K_{D-1}, ..., K_l)
+        eta = eta + contrib.reshape(contrib.shape + (1,) * l)
     fam = family_of(shape.family)
-    ll = fam.loglik(shape.link, data.y[:, None, None], data.m[:, None, None], data.pw[:, None, None], eta, s,
-                    constant=False)
-    inner = (jax.ops.segment_sum(ll, ci, num_segments=Li) - 0.5 * jnp.sum(V**2, axis=1)
-             + jnp.asarray(0.5 * np.sum(nodes_i**2, axis=1) + logw_i))  # (Li, Ko, Ki)
-    log_i = jax.scipy.special.logsumexp(inner, axis=2) - logdet_j[:, None]  # (Li, Ko)
-    outer = (jax.ops.segment_sum(log_i, parent, num_segments=Lo) - 0.5 * jnp.sum(T**2, axis=1)
-             + jnp.asarray(0.5 * np.sum(nodes_o**2, axis=1) + logw_o))  # (Lo, Ko)
-    return -2.0 * (jnp.sum(jax.scipy.special.logsumexp(outer, axis=1) - logdet_a) + data.const), u
+    ex = (slice(None),) + (None,) * D
+    ll = fam.loglik(shape.link, data.y[ex], data.m[ex], data.pw[ex], eta, s, constant=False)
+    acc = jax.ops.segment_sum(ll, codes[0], num_segments=re.L[0])  # (L_0, K_{D-1}, ..., K_0)
+    for l in range(D):
+        nodes, logw = grids[l]
+        acc = (acc - 0.5 * jnp.sum(T[l] ** 2, axis=1) + jnp.asarray(0.5 * np.sum(nodes**2, axis=1) + logw))
+        log_g = jax.scipy.special.logsumexp(acc, axis=-1) - logdet[l].reshape((-1,) + (1,) * (D - 1 - l))
+        acc = jax.ops.segment_sum(log_g, anc[l][l + 1], num_segments=re.L[l + 1]) if l + 1 < D else log_g
+    return -2.0 * (jnp.sum(acc) + data.const), u
 
 
 def deviance(x, data: GLMMArrays, shape: GLMMShape, u0=None):
     """The objective: Laplace for ``nagq`` 1, adaptive quadrature above (one grouping factor, or
-    two nested ones). ``u0``: where PIRLS starts (see :func:`mode`)."""
+    nested ones at any depth). ``u0``: where PIRLS starts (see :func:`mode`)."""
     return deviance_and_mode(x, u0, data, shape)[0]
 
 
@@ -493,7 +548,7 @@ def deviance_and_mode(x, u0, data: GLMMArrays, shape: GLMMShape):
     if u0 is None:
         u0 = jnp.zeros((shape.n_u,), data.y.dtype)
     if shape.nagq > 1 or not shape.adaptive:
-        if len(shape.re.L) == 2:
+        if len(shape.re.L) >= 2:
             return nested_agq_deviance_and_mode(x, data, shape, u0)
         return agq_deviance_and_mode(x, data, shape, u0)
     return laplace_deviance_and_mode(x, data, shape, u0)
