@@ -81,7 +81,8 @@ def _fit_lanes(theta0, lower, base, z1y, z2y, xy, yy, reml, scale=None, *, shape
     def one(th0, a, b, c, d):
         st = with_response(base, a, b, c, d)
         opt = minimize_scaled(lambda t, s_, r_: pls.deviance(t, s_, shape, r_), th0, lower, unit, (st, reml),
-                              quasi_newton=shape.quasi_newton, max_iter=max_iter, hessian="forward")
+                              quasi_newton=shape.quasi_newton, max_iter=max_iter, hessian="forward",
+                              final_step=True)
         theta = opt.x
         sol = pls.solve(theta, st, shape, reml)
         eta = pls.eta_of(theta, sol.sigma, shape)

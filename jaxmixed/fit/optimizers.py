@@ -33,7 +33,8 @@ class OptResult(NamedTuple):
 
 
 def minimize_bounded(fun, x0, lower, args=(), max_iter: int = 200, gtol: float = 1e-7,
-                     ftol: float = 1e-13, max_halvings: int = 50, hessian: str = "map") -> OptResult:
+                     ftol: float = 1e-13, max_halvings: int = 50, hessian: str = "map",
+                     final_step: bool = False) -> OptResult:
     """Minimise ``fun(x, *args)`` over x ≥ lower (see the module docstring).
 
     Each iteration first evaluates f, ∇f and ∇²f at the current point, tests convergence there,
@@ -61,6 +62,14 @@ def minimize_bounded(fun, x0, lower, args=(), max_iter: int = 200, gtol: float =
     predicted decrease can be below that noise while the gradient is still above ``gtol``; a
     strict decrease test would then reject the step that finishes, and the search would halve
     and creep (seen: 200 iterations, not converged, for one of 1,000 simulated JSP responses).
+
+    ``final_step``: stop after the Newton step taken where the first- and second-order
+    conditions already hold and the step predicts a decrease −½gᵀd ≤ ``ftol`` (1 + |f|): its full
+    step is accepted, the returned x and f are that step's (the gradient and the conditions are
+    those of the point it started from), and no Hessian is formed again only to see f no longer
+    change. For batched programs (``fit_many``, the bootstrap), where every lane waits for the
+    slowest and that confirming iteration is a fifth of a typical fit's work; ``jm.fit`` keeps the
+    confirmed stop.
     """
     if hessian == "map":
         def grad_aux(x):
@@ -141,6 +150,14 @@ def minimize_bounded(fun, x0, lower, args=(), max_iter: int = 200, gtol: float =
         # At the optimum the Newton step may not lower f by a representable amount: the line
         # search then fails although the first- and second-order conditions hold.
         converged = converged | (~improved & first_order & ~neg)
+        if final_step:
+            # the last Newton step: where the conditions hold at x and the step predicts a decrease
+            # below ftol, its full step is taken and the loop stops there, without evaluating the
+            # Hessian once more only to see f no longer change
+            final = move & (j == 0) & first_order & ~neg & (-0.5 * jnp.dot(gf, d) <= ftol * (1.0 + jnp.abs(f)))
+            converged = converged | final
+            f = jnp.where(final, f_new, f)
+            return k + 1, x_next, f, g, converged, ~move | final, history
         return k + 1, x_next, f, g, converged, ~move, history
 
     n = x0.shape[0]
@@ -288,7 +305,7 @@ def minimize_quasi_newton(fun, x0, lower, args=(), max_iter: int = 200, gtol: fl
 
 
 def minimize_scaled(fun, x0, lower, unit, args=(), *, quasi_newton: bool = False, max_iter: int = 200,
-                    hessian: str = "map", carry=None) -> OptResult:
+                    hessian: str = "map", carry=None, final_step: bool = False) -> OptResult:
     """Minimise ``fun(x, *args)`` over x ≥ lower working on x / ``unit`` (the optimiser's units,
     e.g. ``Design.theta_scale``: O(1) whatever the scale of the data, so that the tolerances
     mean the same everywhere). x₀, the bounds and the returned x and gradient are in x's own
@@ -307,5 +324,6 @@ def minimize_scaled(fun, x0, lower, unit, args=(), *, quasi_newton: bool = False
     else:
         if carry is not None:
             raise ValueError("carry= is for the quasi-Newton optimiser")
-        opt = minimize_bounded(scaled, x0 / unit, lower / unit, args, max_iter=max_iter, hessian=hessian)
+        opt = minimize_bounded(scaled, x0 / unit, lower / unit, args, max_iter=max_iter, hessian=hessian,
+                               final_step=final_step)
     return opt._replace(x=opt.x * unit, grad=opt.grad / unit)
