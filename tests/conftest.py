@@ -78,12 +78,16 @@ def traces():
 
 @pytest.fixture(autouse=True, scope="module")
 def _fresh_compiled_programs():
-    """Drop JAX's in-memory compiled programs after each test module: a whole run compiles some
-    hundreds of programs, and on a clean clone (empty compilation cache) XLA's CPU compiler
-    crashed late in the run (a segfault, then an abort, in backend_compile on the same AR(1) test,
-    which passes alone and in shorter runs). The persistent compilation cache still serves
-    programs compiled before."""
+    """Drop the compiled programs held in memory after each test module (jaxmixed's, with
+    ``runtime.programs.release``, and JAX's): a whole run compiles thousands, each XLA:CPU
+    executable holds memory maps, and a run that reached Linux's limit on them
+    (``vm.max_map_count``) crashed in XLA (segfaults late in the run, on the same AR(1) test;
+    the package itself now keeps at most ``programs.MAX_RESIDENT`` programs in memory). The
+    persistent compilation cache still serves programs compiled before."""
     yield
+    from jaxmixed.runtime import programs
+
+    programs.release()
     jax.clear_caches()
     import gc
 

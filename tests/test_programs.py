@@ -136,6 +136,76 @@ def test_cached_program_without_cache_or_jit_is_plain_jax():
             runtime.enable_compilation_cache(before)
 
 
+def _entries(program):
+    return {k: v for k, v in program._programs.items()}
+
+
+def test_programs_in_memory_are_bounded_and_reload_exactly(cache_dir, monkeypatch):
+    """At most MAX_RESIDENT compiled programs (of all Programs together) stay in memory: the
+    least recently used is dropped, and a later call with its shapes loads it again (from the
+    disk cache here) with the same values. A program not kept on disk gets a jax.jit of its
+    own, so that dropping the entry frees its executable."""
+    monkeypatch.setattr(programs, "MAX_RESIDENT", 2)
+    programs.release()
+    kept = programs.cached(_f, static_argnames=("n",))
+    memory_only = programs.cached(_f, static_argnames=("n",), keep=False)
+    y = jnp.ones((4, 2))
+    xs = [jnp.linspace(0.0, 1.0, 4 * m).reshape(m, 4) for m in (1, 2, 3)]
+    expected = [_jit(_f, x, y, 0.5) for x in xs]
+    for x, e in zip(xs, expected):
+        jax.tree_util.tree_map(_same, kept(x, y, 0.5), e)
+    assert len(kept._programs) == 2 and len(programs._resident) == 2
+    first_key = kept._split((xs[0], y, 0.5), {})[0]
+    assert first_key not in kept._programs  # the least recently used was dropped
+    before = dict(programs.STATS)
+    jax.tree_util.tree_map(_same, kept(xs[0], y, 0.5), expected[0])  # loaded again from disk
+    assert programs.STATS["loaded"] == before["loaded"] + 1 and first_key in kept._programs
+
+    jax.tree_util.tree_map(_same, memory_only(xs[1], y, 0.5), expected[1])
+    entry = memory_only._programs[memory_only._split((xs[1], y, 0.5), {})[0]]
+    assert entry._cache_size() == 1 and memory_only.jitted._cache_size() == 0  # its own jit
+    assert len(kept._programs) + len(memory_only._programs) == 2
+
+
+def test_release_drops_every_program_held_in_memory(monkeypatch):
+    """programs.release empties the Programs' entries, the tracked jax.jit functions (the
+    engines' module-level ones among them) and calls the hooks (fit_many's batch programs
+    register theirs)."""
+    from jaxmixed.engine import laplace, pls
+    from jaxmixed.fit import batched
+
+    assert pls.deviance in programs._tracked and laplace.hessian_report in programs._tracked
+    assert batched._program.cache_clear in programs._release_hooks
+    calls = []
+    monkeypatch.setattr(programs, "_release_hooks", [lambda: calls.append(1)])
+    f = programs.cached(_f, static_argnames=("n",), keep=False)
+    tracked = programs.tracked(jax.jit(lambda x: 2 * x))
+    x, y = jnp.ones((2, 3)), jnp.ones((3, 1))
+    f(x, y, 1.0)
+    tracked(x)
+    assert f._programs and tracked._cache_size() == 1
+    programs.release()
+    assert not f._programs and tracked._cache_size() == 0 and calls == [1]
+    jax.tree_util.tree_map(_same, f(x, y, 1.0), _jit(_f, x, y, 1.0))  # compiled again when called
+
+
+def test_map_pressure_releases_programs(monkeypatch):
+    """Compiling a program while the process holds more than half of the memory maps Linux
+    allows it (vm.max_map_count) first releases the programs held in memory."""
+    if programs.memory_maps() is None:
+        pytest.skip("no /proc/self/maps (not Linux): there is no map limit to watch")
+    f = programs.cached(_f, static_argnames=("n",), keep=False)
+    x, y = jnp.ones((2, 3)), jnp.ones((3, 1))
+    f(x, y, 1.0)
+    assert len(f._programs) == 1
+    monkeypatch.setattr(programs, "_MAP_LIMIT", 2 * programs.memory_maps() + 10**6)
+    f(jnp.ones((3, 3)), y, 1.0)  # far below half of the limit: nothing dropped
+    assert len(f._programs) == 2
+    monkeypatch.setattr(programs, "_MAP_LIMIT", 2)
+    jax.tree_util.tree_map(_same, f(jnp.ones((4, 3)), y, 1.0), _jit(_f, jnp.ones((4, 3)), y, 1.0))
+    assert len(f._programs) == 1  # the two earlier ones released before this compile
+
+
 FRESH = """
 import collections, json, sys
 import jax

@@ -200,6 +200,7 @@ def _gls_parts(x, buckets, ps: PanelStruct):
     return LA, logdet
 
 
+@programs.tracked
 @partial(jax.jit, static_argnames=("ps",))
 def deviance(x, buckets, n, ps: PanelStruct, reml):
     """-2 × (restricted) log likelihood with β profiled out (see the module docstring)."""
@@ -342,6 +343,7 @@ def data_deviance(x, data, ps: PanelStruct, reml):
     return deviance(x, data.buckets, data.n, ps, reml)
 
 
+@programs.tracked
 @partial(jax.jit, static_argnames=("ps",))
 def gls_solution(x, buckets, ps: PanelStruct):
     """β̂, Cov(β̂) = (XᵀV⁻¹X)⁻¹ and, per bucket, V⁻¹(y − Xβ̂) and V⁻¹."""
@@ -362,6 +364,7 @@ def gls_solution(x, buckets, ps: PanelStruct):
     return beta, cov_beta, ws, Vinvs
 
 
+@programs.tracked
 @partial(jax.jit, static_argnames=("ps",))
 def satterthwaite_parts(x, buckets, n, ps: PanelStruct, reml):
     """(Var(β̂), ∂Var(β̂)/∂x (p × p × k), ∇²_x −2ℓ) at x, the engine's unprofiled parameters."""
@@ -419,6 +422,7 @@ def x_to_gamma(x, ps: PanelStruct):
     return jnp.concatenate(parts)
 
 
+@programs.tracked
 @partial(jax.jit, static_argnames=("ps",))
 def kenward_roger_parts(x, buckets, ps: PanelStruct):
     """At γ̂ = γ(x) (:func:`x_to_gamma`): (M = XᵀV⁻¹X, ∂M/∂γ (p × p × k), ∂²M/∂γ∂γ (p × p × k × k),
@@ -680,10 +684,9 @@ class MarginalEngine:
     quasi_newton = False
     supports_batched = False
     # its programs are kept on disk (runtime.programs) like the PLS engine's, so that a fresh
-    # process with a warm cache neither traces nor compiles them. (A clean-clone test run once
-    # crashed XLA's CPU compiler on an AR(1) fit late in the suite, through jax.export and
-    # through plain jax.jit alike; the suite drops in-memory compiled programs after each
-    # module since, tests/conftest.py.)
+    # process with a warm cache neither traces nor compiles them. (Clean-clone test runs that
+    # crashed in XLA on an AR(1) fit late in the suite had reached Linux's limit on memory
+    # maps with compiled programs held in memory: runtime.programs, "Programs in memory".)
     keep_programs = True
 
     @property

@@ -840,7 +840,7 @@ class LaplaceEngine:
                            [t.theta for t in self.shape.re.terms], unit)
 
 
-_conditional = jax.jit(conditional, static_argnames=("shape",))
+_conditional = programs.tracked(jax.jit(conditional, static_argnames=("shape",)))
 
 
 @programs.cached(static_argnames=("shape",))
@@ -851,4 +851,4 @@ def after_fit(x, xi, data: GLMMArrays, shape: GLMMShape, B, fixed_mask):
     return hessian_of_report(xi, data, shape, B, fixed_mask), conditional(x, data, shape)
 
 
-hessian_report = jax.jit(hessian_of_report, static_argnames=("shape",))
+hessian_report = programs.tracked(jax.jit(hessian_of_report, static_argnames=("shape",)))

@@ -223,6 +223,7 @@ def deviance_parts(theta, data: PLSArrays, shape: ModelShape):
     return ld_L, ld_RX + data.ld_x, pwrss
 
 
+@programs.tracked
 @partial(jax.jit, static_argnames=("shape",))
 def deviance(theta, data: PLSArrays, shape: ModelShape, reml):
     """Profiled deviance: -2 × (restricted) log likelihood with β and σ² profiled out."""
@@ -251,6 +252,7 @@ class Solution(NamedTuple):
     b: tuple  # per factor (L_f, q_f): b = Λu, the BLUPs in the data's units
 
 
+@programs.tracked
 @partial(jax.jit, static_argnames=("shape",))
 def solve(theta, data: PLSArrays, shape: ModelShape, reml) -> Solution:
     """β̂, σ̂, Var(β̂) and the conditional modes b at θ (back-substitution through L)."""
@@ -277,6 +279,7 @@ def solve(theta, data: PLSArrays, shape: ModelShape, reml) -> Solution:
     return Solution(beta, sigma, cov_beta, tuple(b))
 
 
+@programs.tracked
 @partial(jax.jit, static_argnames=("shape",))
 def conditional_variances(theta, sigma, data: PLSArrays, shape: ModelShape):
     """Per factor, (L_f, q_f, q_f) blocks of Var(b | y) = σ² Λ (LLᵀ)⁻¹ Λᵀ (lme4's condVar,
@@ -324,6 +327,7 @@ def loglik_eta(eta, data: PLSArrays, shape: ModelShape, reml):
     return -0.5 * deviance_at_sigma(theta, log_sigma, data, shape, reml)
 
 
+@programs.tracked
 @partial(jax.jit, static_argnames=("shape",))
 def hessian_eta(eta, data: PLSArrays, shape: ModelShape, reml):
     """∇²_η of :func:`loglik_eta`, with k expensive columns for k θ entries, not k + 1.

@@ -33,6 +33,7 @@ from jaxmixed.errors import DataError, ModelError, integer_argument
 from jaxmixed.fit.optimizers import minimize_scaled
 from jaxmixed.fit.search import START_SCALES, restart_search
 from jaxmixed.model.covariance import is_singular
+from jaxmixed.runtime import programs
 from jaxmixed.runtime.devices import put, resolve_device
 
 __all__ = ["fit_responses", "fit_lanes"]
@@ -163,6 +164,9 @@ def _program(shape, max_iter: int, hessian: bool, platform: str) -> _BatchProgra
     only: the fast dispatch path)."""
     fn = partial(_fit_lanes, shape=shape, max_iter=max_iter, hessian=hessian)
     return _BatchProgram(fn, CPU_COMPILER_OPTIONS if platform == "cpu" else None)
+
+
+programs.on_release(_program.cache_clear)  # runtime.programs.release drops the batch programs too
 
 
 def _batch_program(shape, max_iter: int, hessian: bool, platform: str | None) -> _BatchProgram:

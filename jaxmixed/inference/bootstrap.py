@@ -30,6 +30,7 @@ from jaxmixed.errors import ModelError, integer_argument
 from jaxmixed.engine.pls import factor_lambdas
 from jaxmixed.fit.batched import fit_responses
 from jaxmixed.inference.tables import component_layout, component_values
+from jaxmixed.runtime import programs
 from jaxmixed.runtime.devices import put, resolve_device
 
 __all__ = ["BootstrapResult", "BootstrapLRTest", "bootstrap", "bootstrap_lrtest", "simulate"]
@@ -37,6 +38,7 @@ __all__ = ["BootstrapResult", "BootstrapLRTest", "bootstrap", "bootstrap_lrtest"
 SIM_BLOCK = 64  # draws are simulated in blocks of this many (one compiled shape)
 
 
+@programs.tracked
 @partial(jax.jit, static_argnames=("n_levels",))
 def _simulate_block(keys, xb, sigma, lams, codes, Zs, n_levels):
     """(nobs, len(keys)) responses, one column per key."""

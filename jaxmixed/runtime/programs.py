@@ -47,6 +47,18 @@ unchanged within the noise). The options depend only on the arguments' shapes, t
 of the persistent cache's key (JAX's), and other backends always get the defaults.
 ``JAXMIXED_FAST_COMPILE=0`` turns this off: every program with XLA's defaults
 (:mod:`jaxmixed.settings`).
+
+**Programs in memory.** Every XLA:CPU executable maps its code into the process (three memory
+maps per compiled kernel: a fit's programs took ≈ 600 maps on this project's machine), and
+Linux allows a process ``vm.max_map_count`` maps (65,530 by default): past it, XLA's next
+``mmap`` fails and the error it throws crashes the process (a segfault in the C++ unwinder),
+which a loop of fits on subsets of different sizes reached after about a hundred models. So at
+most :data:`MAX_RESIDENT` compiled programs of all :class:`Program` s together stay in memory,
+the least recently used beyond that being dropped (a later call with those shapes loads it
+again: the traced program from disk, the executable from JAX's persistent cache);
+:func:`tracked` jits and the hooks of :func:`on_release` are emptied, with every program, by
+:func:`release`, which also runs by itself when a program is compiled while the process holds
+more than half of its allowed maps.
 """
 
 from __future__ import annotations
@@ -61,6 +73,8 @@ import os
 import sys
 import tempfile
 import threading
+import weakref
+from collections import OrderedDict
 from concurrent.futures import Future
 
 import jax
@@ -91,6 +105,13 @@ FAST_OPTIONS = (("xla_backend_optimization_level", 0), ("xla_cpu_use_fusion_emit
 #: emitters, at the default optimisation level (compile 25–50 % faster and half the compiler's
 #: peak memory, run time unchanged: module docstring)
 LARGE_OPTIONS = (("xla_cpu_use_fusion_emitters", False),)
+#: compiled programs of all :class:`Program` s kept in memory; the least recently used beyond
+#: this are dropped (module docstring, "Programs in memory")
+MAX_RESIDENT = 32
+_resident: OrderedDict = OrderedDict()  # (id(program), key) -> program, least recently used first
+_resident_lock = threading.Lock()
+_tracked: weakref.WeakSet = weakref.WeakSet()  # plain jax.jit functions emptied by release()
+_release_hooks: list = []
 
 
 def compiler_options(leaves) -> tuple:
@@ -204,10 +225,14 @@ class Program:
         if isinstance(entry, Future):
             entry = entry.result()
         if entry is None:
+            _relieve_map_pressure()
             opts = compiler_options(jax.tree_util.tree_leaves(dyn))
-            entry = self._make(statics, dyn, key, opts) or self._by_position(statics, opts)
+            # a jax.jit of its own for a program not kept on disk, so that dropping the entry
+            # frees its executable
+            entry = self._make(statics, dyn, key, opts) or jit(self._by_position(statics), opts)
             with self._lock:
                 self._programs[key] = entry
+        _remember(self, key)
         return entry(*dyn)
 
     def prefetch(self, *args, trace: bool = False, **kwargs) -> None:
@@ -230,9 +255,11 @@ class Program:
                 return
             future = Future()
             self._programs[key] = future
+        _remember(self, key)
 
         def work():
             try:
+                _relieve_map_pressure()
                 opts = compiler_options(jax.tree_util.tree_leaves(dyn))
                 if in_memory:
                     future.set_result(jit(self._by_position(statics), opts).lower(*dyn).compile())
@@ -287,9 +314,11 @@ class Program:
                 self._jits[options] = jit(self.__wrapped__, options, static_argnames=self.static_argnames)
             return self._jits[options]
 
-    def _by_position(self, statics, options: tuple = ()):
+    def _by_position(self, statics):
+        """The function of the dynamic arguments alone, the statics bound, to be traced inside
+        an outer ``jax.jit`` that carries the compile options (a nested jit may not)."""
         statics_kw = dict(statics)
-        names, jitted = self._dynamic, self._jit(options)
+        names, jitted = self._dynamic, self.jitted
 
         def by_position(*a):  # the dynamic arguments in signature order, the statics bound
             return jitted(**dict(zip(names, a)), **statics_kw)
@@ -305,6 +334,95 @@ class Program:
         if prog is None:
             STATS["fallback"] += 1
         return prog
+
+
+def _remember(program: Program, key) -> None:
+    """Mark ``program``'s entry ``key`` most recently used; drop the least recently used
+    entries beyond :data:`MAX_RESIDENT` (a prefetch still under way is never dropped)."""
+    with _resident_lock:
+        _resident[(id(program), key)] = program
+        _resident.move_to_end((id(program), key))
+        for _ in range(len(_resident)):
+            if len(_resident) <= MAX_RESIDENT:
+                break
+            (_, old_key), old = _resident.popitem(last=False)
+            with old._lock:
+                entry = old._programs.get(old_key)
+                if isinstance(entry, Future) and not entry.done():
+                    keep = True
+                else:
+                    keep = False
+                    old._programs.pop(old_key, None)
+            if keep:
+                _resident[(id(old), old_key)] = old
+
+
+def tracked(fun):
+    """Register a ``jax.jit`` function of the package so that :func:`release` empties its
+    compiled programs (they are compiled again at the next call); returns it."""
+    _tracked.add(fun)
+    return fun
+
+
+def on_release(hook):
+    """Have :func:`release` call ``hook()`` (e.g. an ``lru_cache``'s ``cache_clear`` of
+    compiled programs); returns it."""
+    _release_hooks.append(hook)
+    return hook
+
+
+def release() -> None:
+    """Drop every compiled program jaxmixed holds in memory (the :class:`Program` s' entries,
+    :func:`tracked` jits, the :func:`on_release` hooks), freeing their executables and memory
+    maps; programs are loaded or compiled again when next called. JAX's own caches, and the
+    programs of other code, are left alone. Prefetches under way finish normally."""
+    with _resident_lock:
+        held = list(_resident.items())
+        _resident.clear()
+        for (_, key), program in held:
+            with program._lock:
+                entry = program._programs.get(key)
+                if isinstance(entry, Future) and not entry.done():
+                    _resident[(id(program), key)] = program
+                else:
+                    program._programs.pop(key, None)
+    for fun in list(_tracked):
+        try:
+            fun.clear_cache()
+        except Exception:  # noqa: BLE001 - a jax without clear_cache: nothing to free
+            pass
+    for hook in list(_release_hooks):
+        hook()
+
+
+def _map_limit() -> int | None:
+    try:
+        with open("/proc/sys/vm/max_map_count") as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return None  # not Linux: no such limit to watch
+
+
+_MAP_LIMIT = _map_limit()
+
+
+def memory_maps() -> int | None:
+    """The number of memory maps this process holds (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/maps", "rb") as fh:
+            return fh.read().count(b"\n")
+    except OSError:
+        return None
+
+
+def _relieve_map_pressure() -> None:
+    """Before a compile: :func:`release` when the process holds more than half of the memory
+    maps Linux allows it (module docstring, "Programs in memory")."""
+    if _MAP_LIMIT is None:
+        return
+    n = memory_maps()
+    if n is not None and n > _MAP_LIMIT // 2:
+        release()
 
 
 _pool = None
