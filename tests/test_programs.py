@@ -241,8 +241,8 @@ def cold(tmp_path_factory):
 def test_fresh_process_with_warm_cache_traces_nothing(cold):
     directory, cold = cold
     warm = _fresh(directory)
-    assert cold["traced"] == 3 and cold["stats"] == {"loaded": 0, "exported": 3, "fallback": 0}  # each once
-    assert warm["traced"] == 0 and warm["stats"] == {"loaded": 3, "exported": 0, "fallback": 0}
+    assert cold["traced"] == 3 and cold["stats"] == {"loaded": 0, "exported": 3, "fallback": 0, "dropped": 0}  # each once
+    assert warm["traced"] == 0 and warm["stats"] == {"loaded": 3, "exported": 0, "fallback": 0, "dropped": 0}
     for key in ("loglik", "fixed", "random", "se"):
         assert warm[key] == cold[key]
     assert warm["lazy"] == [], "a fit imported modules it does not need"
@@ -285,12 +285,12 @@ def test_damaged_cache_file_is_ignored(cold, tmp_path):
 
     run = _fresh(directory)
     assert run["loglik"] == cold["loglik"] and run["fixed"] == cold["fixed"] and run["se"] == cold["se"]
-    assert run["stats"] == {"loaded": 0, "exported": 3, "fallback": 0}
+    assert run["stats"] == {"loaded": 0, "exported": 3, "fallback": 0, "dropped": 0}
     assert not marker.exists(), "a cache file was unpickled"
     for f in files:  # each replaced by a valid file, which the next process loads
         assert f.read_bytes() != damaged[f] and f.read_bytes().startswith(programs.MAGIC)
     again = _fresh(directory)
-    assert again["stats"] == {"loaded": 3, "exported": 0, "fallback": 0} and again["loglik"] == cold["loglik"]
+    assert again["stats"] == {"loaded": 3, "exported": 0, "fallback": 0, "dropped": 0} and again["loglik"] == cold["loglik"]
     assert not marker.exists()
     old_file.unlink()
 

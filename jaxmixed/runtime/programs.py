@@ -92,8 +92,9 @@ MAGIC = b"JAXMIXED-PROGRAM\n"
 FORMAT = 1
 _HEADER = MAGIC + b"%d\n" % FORMAT
 _source_hash: str | None = None
-#: programs loaded from disk / traced and written in this process (tests and benchmarks read it)
-STATS = {"loaded": 0, "exported": 0, "fallback": 0}
+#: programs loaded from disk / traced and written / run by plain jax.jit / dropped from memory
+#: (beyond MAX_RESIDENT) in this process (tests and benchmarks read it)
+STATS = {"loaded": 0, "exported": 0, "fallback": 0, "dropped": 0}
 _pool_lock = threading.Lock()
 _types_lock = threading.Lock()
 _registered: set = set()  # NamedTuple types registered for jax.export's serialisation here
@@ -353,6 +354,7 @@ def _remember(program: Program, key) -> None:
                 else:
                     keep = False
                     old._programs.pop(old_key, None)
+                    STATS["dropped"] += 1
             if keep:
                 _resident[(id(old), old_key)] = old
 
