@@ -198,6 +198,7 @@ def test_map_pressure_releases_programs(monkeypatch):
     x, y = jnp.ones((2, 3)), jnp.ones((3, 1))
     f(x, y, 1.0)
     assert len(f._programs) == 1
+    monkeypatch.setattr(programs, "MAP_CHECK_EVERY", 1)
     monkeypatch.setattr(programs, "_MAP_LIMIT", 2 * programs.memory_maps() + 10**6)
     f(jnp.ones((3, 3)), y, 1.0)  # far below half of the limit: nothing dropped
     assert len(f._programs) == 2

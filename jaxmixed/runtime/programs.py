@@ -58,7 +58,7 @@ the least recently used beyond that being dropped (a later call with those shape
 again: the traced program from disk, the executable from JAX's persistent cache);
 :func:`tracked` jits and the hooks of :func:`on_release` are emptied, with every program, by
 :func:`release`, which also runs by itself when a program is compiled while the process holds
-more than half of its allowed maps.
+more than half of its allowed maps (counted every :data:`MAP_CHECK_EVERY` compiles).
 """
 
 from __future__ import annotations
@@ -417,10 +417,21 @@ def memory_maps() -> int | None:
         return None
 
 
+#: programs compiled (or loaded) between two counts of the process's memory maps (reading
+#: /proc/self/maps costs ≈ 1 ms per thousand maps; a program adds ≈ 200)
+MAP_CHECK_EVERY = 8
+_misses = 0
+
+
 def _relieve_map_pressure() -> None:
-    """Before a compile: :func:`release` when the process holds more than half of the memory
-    maps Linux allows it (module docstring, "Programs in memory")."""
+    """Before a compile, every :data:`MAP_CHECK_EVERY` th: :func:`release` when the process
+    holds more than half of the memory maps Linux allows it (module docstring, "Programs in
+    memory")."""
+    global _misses
     if _MAP_LIMIT is None:
+        return
+    _misses += 1
+    if _misses % MAP_CHECK_EVERY:
         return
     n = memory_maps()
     if n is not None and n > _MAP_LIMIT // 2:
