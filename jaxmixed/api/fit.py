@@ -16,7 +16,7 @@ from jaxmixed.data.design import Design, build_design, expand_factor_slopes
 from jaxmixed.data.pattern import build_pattern
 from jaxmixed.engine import pls
 from jaxmixed.errors import DataError, ModelError
-from jaxmixed.fit.estimate import best_fit, optimize
+from jaxmixed.fit.estimate import best_fit, optimize, prefetch_optimize
 from jaxmixed.fit.search import moment_start
 from jaxmixed.inference import distributions, tables
 from jaxmixed.api.options import check_level, fit_notes, method_is_reml, warn_notes  # noqa: F401 (public here too)
@@ -35,6 +35,10 @@ def _solution(theta, data, shape, reml):
 @programs.cached(static_argnames=("shape",))
 def _hessian_eta(eta, data, shape, reml):
     return pls.hessian_eta(eta, data, shape, reml)
+
+
+#: the per-panel engine's iteration limit (residual structures)
+PANEL_MAX_ITER = 300
 
 
 def _prefetch(design: Design, data, engine, reml: bool, hessian: bool, dfmethod=None) -> None:
@@ -189,6 +193,14 @@ def _fit_spec(spec: ModelSpec, data, method: str, *, variance: bool, level: floa
     # a residual structure's fit (the marginal engine) replaces this one's variance components
     independent = residuals is None or residuals.is_default
     _prefetch(design, arrays, eng, reml, hessian=independent, dfmethod=dfmethod)
+    if not independent:
+        # the per-panel engine's programs (its optimiser first) load or compile on the
+        # background thread while the independent-errors start below is fitted
+        from jaxmixed.engine.gls_panels import marginal_engine
+
+        fitted_engine, data_e = marginal_engine(design, data, residuals)
+        prefetch_optimize(fitted_engine.n_params, data_e, fitted_engine, reml, max_iter=PANEL_MAX_ITER)
+        fitted_engine.prefetch(data_e, reml)
     theta0 = design.theta0 if start is None else np.asarray(start, dtype=float)
     if start is None and shape.quasi_newton:  # large models: every evaluation counts
         theta0 = moment_start(design, cp)
@@ -199,8 +211,8 @@ def _fit_spec(spec: ModelSpec, data, method: str, *, variance: bool, level: floa
     theta = np.asarray(opt.x)
     sol, lams = _solution(_host(theta), arrays, shape, reml)  # uncommitted, as _prefetch's
     sigma = float(sol.sigma)
-    params, data_e, fitted_engine = theta, arrays, eng
     if independent:
+        params, data_e, fitted_engine = theta, arrays, eng
         vc = tables.variance_components(eng, arrays, design, theta, sigma, reml, variance, level,
                                         lams=[np.asarray(lam) for lam in lams],
                                         hessian_program=lambda e, d, r: _hessian_eta(e, d, shape, r))
@@ -209,13 +221,9 @@ def _fit_spec(spec: ModelSpec, data, method: str, *, variance: bool, level: floa
             "Hessian of the log likelihood is not negative definite"
         nonconv = f"convergence not achieved ({what}; starts tried: θ₀ × {', '.join(map(str, tried))})"
     else:
-        from jaxmixed.engine.gls_panels import marginal_engine
-
-        fitted_engine, data_e = marginal_engine(design, data, residuals)
-        fitted_engine.prefetch(data_e, reml)
         unit = fitted_engine.unit(design.theta_scale, sigma)
         opt = optimize(_host(fitted_engine.start(theta, sigma)), _host(fitted_engine.lower()), data_e,
-                       fitted_engine, reml, _host(unit), max_iter=300)
+                       fitted_engine, reml, _host(unit), max_iter=PANEL_MAX_ITER)
         params = np.asarray(opt.x)
         sol = fitted_engine.solve(params, data_e, reml)
         sigma = float(sol.sigma)

@@ -36,6 +36,19 @@ def optimize(x0, lower, data, engine, reml, unit, max_iter: int = 200) -> OptRes
     return program(x0, lower, data, engine, reml, unit, max_iter=max_iter)
 
 
+def prefetch_optimize(n_params: int, data, engine, reml, max_iter: int = 200) -> None:
+    """Have :func:`optimize`'s program for this engine and data loaded from disk, or traced and
+    compiled, on the background thread (``runtime.programs.Program.prefetch``), so that it is
+    ready, or under way, when :func:`optimize` is called with x0, lower and unit of
+    ``n_params`` entries (a residual-structure fit does this while its independent-errors
+    start is fitted)."""
+    import jax
+
+    vec = jax.ShapeDtypeStruct((int(n_params),), np.dtype("float64"))
+    program = _kept if getattr(engine, "keep_programs", True) else _jitted
+    program.prefetch(vec, vec, data, engine, reml, vec, max_iter=max_iter, trace=True)
+
+
 def best_fit(engine, data, reml: bool, start: np.ndarray, lower: np.ndarray, unit: np.ndarray, terms,
              singular_scale, max_iter: int = 200):
     """The optimum from ``start`` with the restart search (scaled starts, mirror images of a
