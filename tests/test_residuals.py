@@ -254,3 +254,36 @@ def test_profile_intervals_fixed_effects_are_exact_roots():
     for row in ("week", "_cons", "id: sd(week)"):
         np.testing.assert_allclose(ci.loc[row, ["lower", "upper"]].to_numpy(dtype=float),
                                    pls_ci.loc[row, ["lower", "upper"]].to_numpy(dtype=float), rtol=1e-6)
+
+
+def test_per_panel_programs_are_prefetched_before_the_start_fit(monkeypatch):
+    """A residual-structure fit asks for the per-panel engine's optimiser program (then its solve
+    and η-Hessian) on the background thread before it fits the independent-errors start, so
+    that loading or compiling them overlaps that fit; the fit is the same as without it."""
+    from jaxmixed.fit import estimate
+
+    events = []
+    prefetch, optimize = estimate._kept.prefetch, estimate.optimize
+
+    def watch_prefetch(*args, **kwargs):
+        events.append(("prefetch", type(args[3]).__name__))
+        return prefetch(*args, **kwargs)
+
+    def watch_optimize(*args, **kwargs):
+        events.append(("optimize", type(args[3]).__name__))
+        return optimize(*args, **kwargs)
+
+    best_fit = estimate.best_fit
+
+    def watch_best_fit(*args, **kwargs):
+        events.append(("start fit", type(args[0]).__name__))
+        return best_fit(*args, **kwargs)
+
+    monkeypatch.setattr(estimate._kept, "prefetch", watch_prefetch)
+    monkeypatch.setattr("jaxmixed.api.fit.optimize", watch_optimize)
+    monkeypatch.setattr("jaxmixed.api.fit.best_fit", watch_best_fit)
+    r = jm.fit("weight ~ week + (1 | id)", jm.datasets.load("pig"), "reml", residuals=jm.ar(1, time="week"))
+    assert events == [("prefetch", "MarginalEngine"), ("start fit", "PLSEngine"), ("optimize", "MarginalEngine")]
+    monkeypatch.setattr(estimate._kept, "prefetch", lambda *a, **k: None)  # the same fit, nothing prefetched
+    again = jm.fit("weight ~ week + (1 | id)", jm.datasets.load("pig"), "reml", residuals=jm.ar(1, time="week"))
+    assert again.loglik == r.loglik and np.array_equal(again.params, r.params)
