@@ -136,10 +136,6 @@ def test_cached_program_without_cache_or_jit_is_plain_jax():
             runtime.enable_compilation_cache(before)
 
 
-def _entries(program):
-    return {k: v for k, v in program._programs.items()}
-
-
 def test_programs_in_memory_are_bounded_and_reload_exactly(cache_dir, monkeypatch):
     """At most MAX_RESIDENT compiled programs (of all Programs together) stay in memory: the
     least recently used is dropped, and a later call with its shapes loads it again (from the

@@ -25,6 +25,11 @@ _kept = programs.cached(_optimize, static_argnames=("engine", "max_iter"))
 _jitted = programs.cached(_optimize, static_argnames=("engine", "max_iter"), keep=False)
 
 
+def _program_for(engine):
+    """The optimiser's program for this engine: kept on disk where the engine allows it."""
+    return _kept if getattr(engine, "keep_programs", True) else _jitted
+
+
 def optimize(x0, lower, data, engine, reml, unit, max_iter: int = 200) -> OptResult:
     """Minimise ``engine.deviance`` over x ≥ lower, in units ``unit`` (one compiled program per
     engine shape; ML and REML share it, ``reml`` being traced). Projected Newton with the exact
@@ -32,8 +37,7 @@ def optimize(x0, lower, data, engine, reml, unit, max_iter: int = 200) -> OptRes
     The program is kept on disk (``runtime.programs``) for engines that allow it
     (``engine.keep_programs``), else compiled in each process (both with the compile options
     of ``runtime.programs``)."""
-    program = _kept if getattr(engine, "keep_programs", True) else _jitted
-    return program(x0, lower, data, engine, reml, unit, max_iter=max_iter)
+    return _program_for(engine)(x0, lower, data, engine, reml, unit, max_iter=max_iter)
 
 
 def prefetch_optimize(n_params: int, data, engine, reml, max_iter: int = 200) -> None:
@@ -45,8 +49,7 @@ def prefetch_optimize(n_params: int, data, engine, reml, max_iter: int = 200) ->
     import jax
 
     vec = jax.ShapeDtypeStruct((int(n_params),), np.dtype("float64"))
-    program = _kept if getattr(engine, "keep_programs", True) else _jitted
-    program.prefetch(vec, vec, data, engine, reml, vec, max_iter=max_iter, trace=True)
+    _program_for(engine).prefetch(vec, vec, data, engine, reml, vec, max_iter=max_iter, trace=True)
 
 
 def best_fit(engine, data, reml: bool, start: np.ndarray, lower: np.ndarray, unit: np.ndarray, terms,

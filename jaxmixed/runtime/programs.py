@@ -326,6 +326,16 @@ class Program:
 
         return by_position
 
+    def _drop(self, key) -> bool:
+        """Forget the compiled program for ``key`` (its executable is freed with the last
+        reference); False, keeping it, while a prefetch of it is still under way."""
+        with self._lock:
+            entry = self._programs.get(key)
+            if isinstance(entry, Future) and not entry.done():
+                return False
+            self._programs.pop(key, None)
+            return True
+
     def _make(self, statics, dyn, key, options: tuple = ()):
         path = self._path(statics, key)
         if path is None:
@@ -347,15 +357,9 @@ def _remember(program: Program, key) -> None:
             if len(_resident) <= MAX_RESIDENT:
                 break
             (_, old_key), old = _resident.popitem(last=False)
-            with old._lock:
-                entry = old._programs.get(old_key)
-                if isinstance(entry, Future) and not entry.done():
-                    keep = True
-                else:
-                    keep = False
-                    old._programs.pop(old_key, None)
-                    STATS["dropped"] += 1
-            if keep:
+            if old._drop(old_key):
+                STATS["dropped"] += 1
+            else:
                 _resident[(id(old), old_key)] = old
 
 
@@ -382,12 +386,8 @@ def release() -> None:
         held = list(_resident.items())
         _resident.clear()
         for (_, key), program in held:
-            with program._lock:
-                entry = program._programs.get(key)
-                if isinstance(entry, Future) and not entry.done():
-                    _resident[(id(program), key)] = program
-                else:
-                    program._programs.pop(key, None)
+            if not program._drop(key):
+                _resident[(id(program), key)] = program
     for fun in list(_tracked):
         try:
             fun.clear_cache()
