@@ -312,3 +312,27 @@ def test_no_pickle_in_the_package():
         text = path.read_text(encoding="utf-8")
         for word in ("import pickle", "pickle.", "cloudpickle"):
             assert word not in text, f"{word!r} in {path}"
+
+
+def test_program_key_covers_the_whole_package(tmp_path):
+    """The programs' key hashes every source file of the package, not only runtime/'s: an edit
+    to the optimiser (jaxmixed/fit) must never load a program traced from the old code (a
+    copy of the package with one line added to fit/optimizers.py gets another hash)."""
+    import shutil
+
+    root = Path(programs.__file__).resolve().parents[1]
+    hashed_root, files = programs._package_files()
+    assert Path(hashed_root) == root
+    assert {str(p) for p in root.rglob("*.py")} == set(files)
+    hashes = []
+    for edit in (False, True):
+        copy = tmp_path / str(edit) / "jaxmixed"
+        shutil.copytree(root, copy, ignore=shutil.ignore_patterns("__pycache__"))
+        if edit:
+            with open(copy / "fit" / "optimizers.py", "a") as fh:
+                fh.write("\n# edited\n")
+        out = subprocess.run([sys.executable, "-c", "from jaxmixed.runtime import programs; "
+                              "print(programs._package_hash())"], cwd=copy.parent, capture_output=True,
+                             text=True, check=True, env={**os.environ, "PYTHONPATH": str(copy.parent)})
+        hashes.append(out.stdout.strip())
+    assert len(hashes[0]) == 64 and hashes[0] != hashes[1]

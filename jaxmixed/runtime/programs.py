@@ -147,12 +147,18 @@ def cache_dir() -> str | None:
     return os.path.join(base, SUBDIR) if base else None
 
 
+def _package_files() -> tuple[str, list[str]]:
+    """(the jaxmixed package's directory, every ``.py`` file under it, sorted)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # jaxmixed/, above runtime/
+    return root, sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True))
+
+
 def _package_hash() -> str:
     global _source_hash
     if _source_hash is None:
         h = hashlib.sha256()
-        root = os.path.dirname(os.path.abspath(__file__))
-        for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+        root, paths = _package_files()
+        for path in paths:
             h.update(os.path.relpath(path, root).encode())
             with open(path, "rb") as fh:
                 h.update(fh.read())
