@@ -121,6 +121,28 @@ def test_ar1_interior_model_matches_nlme(method):
     assert est.se.notna().all()
 
 
+@pytest.mark.parametrize("residuals, formula", [
+    (jm.ar(1, time="week"), "weight ~ week + (1 + week || id)"),
+    (jm.independent(by="week"), PIG_SLOPES)])
+def test_variance_component_ses_from_the_optimisers_hessian(residuals, formula):
+    """The per-panel fit takes Cov(η) from the optimiser's Hessian in x by the chain rule
+    (gls_panels.hessian_eta_from_x); it equals the η-Hessian differentiated through the panels
+    (gls_panels.hessian_eta) to rounding."""
+    from jaxmixed.inference import tables
+
+    r = fit("reml", residuals, formula)
+    assert r.converged and not r.singular
+    e = r.engine
+    eta = e.eta(r.params, r.sigma, r.design.theta_scale)
+    H_direct = np.asarray(e.hessian_eta(eta, r.data, True))
+    vc = tables.variance_components(e, r.data, r.design, r.params, r.sigma, True, False, 95)
+    np.testing.assert_allclose(vc.cov_eta, np.linalg.inv(-H_direct), rtol=1e-7, atol=0)
+    direct = vc.table.set_index("name").se
+    used = r.random.set_index("name").se
+    assert used.notna().all()
+    np.testing.assert_allclose(used.to_numpy(), direct.to_numpy(), rtol=1e-7)
+
+
 def test_blups_and_wcorrelation_with_ar1():
     r = fit("ml", jm.ar(1, time="week"), "weight ~ week + (1 + week || id)")
     est = r.random.set_index("name").estimate

@@ -227,7 +227,8 @@ def _fit_spec(spec: ModelSpec, data, method: str, *, variance: bool, level: floa
         params = np.asarray(opt.x)
         sol = fitted_engine.solve(params, data_e, reml)
         sigma = float(sol.sigma)
-        vc = tables.variance_components(fitted_engine, data_e, design, params, sigma, reml, variance, level)
+        vc = tables.variance_components(fitted_engine, data_e, design, params, sigma, reml, variance, level,
+                                        hessian_program=fitted_engine.hessian_eta_from(opt.grad, opt.hessian))
         converged = bool(opt.converged) and (vc.singular or vc.hessian_ok)
         nonconv = "convergence not achieved (per-panel engine)"
     singular = vc.singular

@@ -624,9 +624,26 @@ def _hessian_eta(eta, data, ps: PanelStruct, reml):
     return hessian(lambda e: -0.5 * data_deviance(eta_to_x(e, ps), data, ps, reml))(eta)
 
 
-# kept on disk by runtime.programs (with its compile options), and loaded or traced and compiled
-# in the background during the optimiser's run (MarginalEngine.prefetch)
+# kept on disk by runtime.programs (with its compile options); the profile intervals use it (a
+# fit takes its η-Hessian from the optimiser's, hessian_eta_from_x)
 hessian_eta = programs.cached(_hessian_eta, static_argnames=("ps",))
+
+
+def _hessian_eta_from_x(eta, grad_x, hess_x, ps: PanelStruct):
+    """∇²_η ℓ at η from the deviance's gradient and Hessian in x at x(η), by the chain rule
+    ∇²_η ℓ = −½ (Jᵀ ∇²_x D J + Σᵢ ∂D/∂xᵢ ∇²_η xᵢ), J = ∂x/∂η: the Hessian of −½ the deviance's
+    second-order expansion about x(η), composed with x(η). A program over η alone (a few
+    entries), so the fit needs no second program through the panels' factorisations."""
+    x_hat = jax.lax.stop_gradient(eta_to_x(eta, ps))
+
+    def model(e):
+        d = eta_to_x(e, ps) - x_hat
+        return -0.5 * (grad_x @ d + 0.5 * d @ hess_x @ d)
+
+    return hessian(model)(eta)
+
+
+hessian_eta_from_x = programs.cached(_hessian_eta_from_x, static_argnames=("ps",))
 
 
 def _term_covariances(x, ps: PanelStruct):
@@ -709,8 +726,8 @@ class MarginalEngine:
 
     def sigma(self, params) -> float:
         """The residual sd of the first variance group (the reference for θ)."""
-        _, logs, _ = split_params(jnp.asarray(params), self.ps)
-        return float(np.exp(np.asarray(logs)[0]))
+        _, logs, _ = split_params(np.asarray(params, dtype=float), self.ps)  # on the host: no JAX op
+        return float(np.exp(logs[0]))
 
     def theta(self, params, sigma) -> np.ndarray:
         """θ relative to ``sigma`` (lme4's parameterisation): the absolute factors / σ (each
@@ -735,7 +752,7 @@ class MarginalEngine:
         return np.concatenate([np.asarray(theta_scale) * sigma, np.ones(self.ps.n_params - self.ps.n_theta)])
 
     def _relative(self, params, theta_scale):
-        th, logs, cpar = (np.asarray(a) for a in split_params(jnp.asarray(params), self.ps))
+        th, logs, cpar = split_params(np.asarray(params, dtype=float), self.ps)
         scale = float(np.exp(np.mean(logs))) * np.asarray(theta_scale)  # θ relative to σ, optimiser's units
         return th, logs, cpar, th / scale
 
@@ -762,7 +779,7 @@ class MarginalEngine:
         parts, pos = [], 0
         for s in self.ps.structures:
             sl = slice(pos, pos + s.n_theta)
-            lam = np.asarray(s.lam(jnp.asarray(th[sl])))
+            lam = s.lam(th[sl], xp=np)
             parts.append(np.full(s.n_eta, -np.inf) if s.boundary(rel[sl], 1e-12) else s.eta_from_sigma(lam @ lam.T))
             pos += s.n_theta
         return np.concatenate(parts + [logs, cpar.ravel()])
@@ -770,14 +787,22 @@ class MarginalEngine:
     def hessian_eta(self, eta, data, reml):
         return hessian_eta(jnp.asarray(eta, dtype=float), data, self.ps, jnp.asarray(bool(reml)))
 
+    def hessian_eta_from(self, grad_x, hess_x):
+        """``hessian_eta`` at the optimiser's x̂ from its gradient and Hessian there
+        (:func:`hessian_eta_from_x`), for ``tables.variance_components``'s ``hessian_program``."""
+        g, H = np.asarray(grad_x, dtype=float), np.asarray(hess_x, dtype=float)
+        return lambda eta, data, reml: hessian_eta_from_x(jnp.asarray(eta, dtype=float), g, H, self.ps)
+
     def prefetch(self, data, reml) -> None:
         """Trace and compile, in the background, the programs that follow the optimiser (the
-        solve and the η-Hessian), so that they overlap its compile and run."""
+        solve and the η-Hessian from the optimiser's), so that they overlap its compile and run."""
         ps = self.ps
         f64 = np.dtype("float64")
         n_eta = sum(s.n_eta for s in ps.structures) + ps.n_params - ps.n_theta
-        solve.prefetch(jax.ShapeDtypeStruct((ps.n_params,), f64), data.buckets, ps, trace=True)
-        hessian_eta.prefetch(jax.ShapeDtypeStruct((n_eta,), f64), data, ps, jnp.asarray(bool(reml)), trace=True)
+        vec = jax.ShapeDtypeStruct((ps.n_params,), f64)
+        solve.prefetch(vec, data.buckets, ps, trace=True)
+        hessian_eta_from_x.prefetch(jax.ShapeDtypeStruct((n_eta,), f64), vec,
+                                    jax.ShapeDtypeStruct((ps.n_params, ps.n_params), f64), ps, trace=True)
 
     def kenward_roger_parts(self, params, sigma, data):
         """(Φ, P (k × p × p), ∂²(XᵀV⁻¹X) (k × k × p × p), IE2, R (k × k × p × p)) at the REML

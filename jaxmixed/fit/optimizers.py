@@ -30,6 +30,10 @@ class OptResult(NamedTuple):
     n_iter: jnp.ndarray
     converged: jnp.ndarray  # first- and second-order conditions met
     history: jnp.ndarray  # f at iterations 0..n_iter, NaN after
+    # ∇²f where ``grad`` was evaluated (the returned x unless ``final_step`` moved it): projected
+    # Newton's exact Hessian, so that a caller needing ∇²f at the optimum (standard errors by
+    # the chain rule) does not compile a second Hessian program; None from projected BFGS
+    hessian: jnp.ndarray | None = None
 
 
 def minimize_bounded(fun, x0, lower, args=(), max_iter: int = 200, gtol: float = 1e-7,
@@ -103,7 +107,7 @@ def minimize_bounded(fun, x0, lower, args=(), max_iter: int = 200, gtol: float =
         return jnp.where(jnp.isfinite(f), f, jnp.inf)
 
     def body(state):
-        k, x, f_prev, _, _, _, history = state
+        k, x, f_prev, _, _, _, history, _ = state
         H, (f, g) = evaluate(x)
         history = history.at[k].set(f)
         at_bound = bounded & (x <= lower + 1e-12)
@@ -157,14 +161,14 @@ def minimize_bounded(fun, x0, lower, args=(), max_iter: int = 200, gtol: float =
             final = move & (j == 0) & first_order & ~neg & (-0.5 * jnp.dot(gf, d) <= ftol * (1.0 + jnp.abs(f)))
             converged = converged | final
             f = jnp.where(final, f_new, f)
-            return k + 1, x_next, f, g, converged, ~move | final, history
-        return k + 1, x_next, f, g, converged, ~move, history
+            return k + 1, x_next, f, g, converged, ~move | final, history, H
+        return k + 1, x_next, f, g, converged, ~move, history, H
 
     n = x0.shape[0]
     history = jnp.full((max_iter,), jnp.nan)
-    init = (0, proj(x0), jnp.inf, jnp.zeros(n), False, False, history)
-    k, x, f, g, converged, _, history = jax.lax.while_loop(lambda s: ~s[5], body, init)
-    return OptResult(x, f, g, k - 1, converged & jnp.isfinite(f), history)
+    init = (0, proj(x0), jnp.inf, jnp.zeros(n), False, False, history, jnp.zeros((n, n), x0.dtype))
+    k, x, f, g, converged, _, history, H = jax.lax.while_loop(lambda s: ~s[5], body, init)
+    return OptResult(x, f, g, k - 1, converged & jnp.isfinite(f), history, H)
 
 
 BOUNDARY_SNAP = 1e-5  # a bounded coordinate closer than this to its bound may be put on it
@@ -308,7 +312,7 @@ def minimize_scaled(fun, x0, lower, unit, args=(), *, quasi_newton: bool = False
                     hessian: str = "map", carry=None, final_step: bool = False) -> OptResult:
     """Minimise ``fun(x, *args)`` over x ≥ lower working on x / ``unit`` (the optimiser's units,
     e.g. ``Design.theta_scale``: O(1) whatever the scale of the data, so that the tolerances
-    mean the same everywhere). x₀, the bounds and the returned x and gradient are in x's own
+    mean the same everywhere). x₀, the bounds and the returned x, gradient and Hessian are in x's own
     units. Projected Newton (:func:`minimize_bounded`, ``hessian`` as there), or projected BFGS
     on exact gradients (:func:`minimize_quasi_newton`) where Hessians are costly. The one
     implementation of optimising in scaled units (jm.fit, the per-panel engine, fit_many and
@@ -326,4 +330,5 @@ def minimize_scaled(fun, x0, lower, unit, args=(), *, quasi_newton: bool = False
             raise ValueError("carry= is for the quasi-Newton optimiser")
         opt = minimize_bounded(scaled, x0 / unit, lower / unit, args, max_iter=max_iter, hessian=hessian,
                                final_step=final_step)
-    return opt._replace(x=opt.x * unit, grad=opt.grad / unit)
+    hess = None if opt.hessian is None else opt.hessian / (unit[:, None] * unit[None, :])
+    return opt._replace(x=opt.x * unit, grad=opt.grad / unit, hessian=hess)
