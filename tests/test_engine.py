@@ -257,6 +257,53 @@ def test_eta_hessian_with_k_columns_equals_the_full_autodiff_hessian(text, reml)
         np.testing.assert_allclose(H, H0, rtol=1e-9, atol=1e-10 * float(jnp.max(jnp.abs(H0))))
 
 
+@pytest.mark.parametrize("text, data, reml", [("weight ~ week + (1 + week | id)", "pig", True),
+                                              ("weight ~ week + (1|id) + (1|week)", "pig", False),
+                                              ("weight ~ week + (1 + week || id)", "pig", False),
+                                              ("math5 ~ math3 + (1 | school) + (1 | school:class)", "jsp", True)])
+def test_eta_hessian_from_the_optimisers_hessian_equals_autodiff(text, data, reml):
+    """A Newton fit's η-Hessian comes from the optimiser's gradient and Hessian of the profiled
+    deviance (PLSEngine.hessian_eta_from: ∇r² by the envelope theorem, the chain rule to η);
+    it equals inference.hessian_eta (autodiff through the factorisation) to rounding, and the
+    fit's standard errors are the ones that Hessian gives."""
+    from jaxmixed.inference import tables
+
+    r = jm.fit(text, jm.datasets.load(data), method="reml" if reml else "ml")
+    assert r.converged and not r.singular
+    eng, theta = r.engine, jnp.asarray(r.params)
+    eta = eng.eta(r.params, r.sigma)
+    H0 = np.asarray(pls.hessian_eta(jnp.asarray(eta), r.data, eng.shape, reml))
+
+    def refuse(*a):
+        raise AssertionError("fell back to the η-Hessian program")
+
+    dev = jax.jit(lambda t: pls.deviance(t, r.data, eng.shape, reml))
+    g, H = np.asarray(jax.grad(dev)(theta)), np.asarray(jax.hessian(dev)(theta))
+    program = eng.hessian_eta_from(r.params, g, H, eng.solve(r.params, r.data, reml), fallback=refuse)
+    np.testing.assert_allclose(np.asarray(program(eta, r.data, reml)), H0, rtol=1e-7,
+                               atol=1e-9 * np.max(np.abs(H0)))
+    vc = tables.variance_components(eng, r.data, r.design, r.params, r.sigma, reml, False, 95)
+    np.testing.assert_allclose(r.random.se.to_numpy(), vc.table.se.to_numpy(), rtol=1e-7)
+
+
+def test_eta_hessian_from_the_optimiser_falls_back_where_it_does_not_apply():
+    """No Hessian from the optimiser (projected BFGS) or an ill-conditioned Λ: the η-Hessian
+    program differentiates the log likelihood itself."""
+    r = jm.fit("weight ~ week + (1 + week | id)", jm.datasets.load("pig"))
+    eng = r.engine
+    sol = eng.solve(r.params, r.data, True)
+    calls = []
+
+    def fallback(*a):
+        calls.append(a)
+        return "fallback"
+
+    assert eng.hessian_eta_from(r.params, np.zeros(3), None, sol, fallback=fallback) is fallback
+    tiny = np.asarray(r.params) * np.array([1.0, 1e-9, 1e-9])  # Λ with condition number ~1e9
+    program = eng.hessian_eta_from(tiny, np.zeros(3), np.eye(3), sol, fallback=fallback)
+    assert program(eng.eta(r.params, r.sigma), r.data, True) == "fallback" and len(calls) == 1
+
+
 def test_fit_runs_openblas_at_one_thread_and_restores_the_callers_setting():
     threadpoolctl = pytest.importorskip("threadpoolctl")
     paths = {i["filepath"] for i in runtime.blas_libraries()}

@@ -49,8 +49,13 @@ def _prefetch(design: Design, data, engine, reml: bool, hessian: bool, dfmethod=
     f64 = np.dtype("float64")
     _solution.prefetch(jax.ShapeDtypeStruct((design.n_theta,), f64), data, engine.shape, reml, trace=True)
     if hessian:
-        _hessian_eta.prefetch(jax.ShapeDtypeStruct((engine.shape.n_eta,), f64), data, engine.shape, reml,
-                              trace=True)
+        n_eta = engine.shape.n_eta
+        if engine.shape.quasi_newton:  # no Hessian from the optimiser: the η-Hessian's own program
+            _hessian_eta.prefetch(jax.ShapeDtypeStruct((n_eta,), f64), data, engine.shape, reml, trace=True)
+        else:  # from projected Newton's Hessian by the chain rule (PLSEngine.hessian_eta_from)
+            pls.eta_hessian_from_x.prefetch(jax.ShapeDtypeStruct((n_eta,), f64), jax.ShapeDtypeStruct((n_eta,), f64),
+                                            jax.ShapeDtypeStruct((n_eta, n_eta), f64),
+                                            tuple(t.structure for t in engine.shape.terms), trace=True)
         if dfmethod == "satterthwaite":
             pls.satterthwaite_parts.prefetch(jax.ShapeDtypeStruct((design.n_theta + 1,), f64), data, engine.shape,
                                              reml, trace=True)
@@ -213,9 +218,10 @@ def _fit_spec(spec: ModelSpec, data, method: str, *, variance: bool, level: floa
     sigma = float(sol.sigma)
     if independent:
         params, data_e, fitted_engine = theta, arrays, eng
+        hessian_program = eng.hessian_eta_from(theta, opt.grad, opt.hessian, sol,
+                                               fallback=lambda e, d, r: _hessian_eta(e, d, shape, r))
         vc = tables.variance_components(eng, arrays, design, theta, sigma, reml, variance, level,
-                                        lams=[np.asarray(lam) for lam in lams],
-                                        hessian_program=lambda e, d, r: _hessian_eta(e, d, shape, r))
+                                        lams=[np.asarray(lam) for lam in lams], hessian_program=hessian_program)
         converged = bool(opt.converged) and (vc.singular or vc.hessian_ok)
         what = "optimiser did not meet its tolerance" if not bool(opt.converged) else \
             "Hessian of the log likelihood is not negative definite"

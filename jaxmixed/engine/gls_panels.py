@@ -34,7 +34,7 @@ from jaxmixed.engine import kernels as xla
 from jaxmixed.data.design import Design, _numeric, outer_factor
 from jaxmixed.data.pattern import size_buckets
 from jaxmixed.errors import DataError, ModelError
-from jaxmixed.engine.numerics import LOG_2PI, hessian, jacobian, logdet_from_chol_diag, second_order
+from jaxmixed.engine.numerics import LOG_2PI, hessian, hessian_through, jacobian, logdet_from_chol_diag, second_order
 from jaxmixed.model.covariance import interior_covariance, theta_from_gamma
 from jaxmixed.model.residuals import ResidualStructure
 from jaxmixed.runtime import programs
@@ -630,17 +630,10 @@ hessian_eta = programs.cached(_hessian_eta, static_argnames=("ps",))
 
 
 def _hessian_eta_from_x(eta, grad_x, hess_x, ps: PanelStruct):
-    """∇²_η ℓ at η from the deviance's gradient and Hessian in x at x(η), by the chain rule
-    ∇²_η ℓ = −½ (Jᵀ ∇²_x D J + Σᵢ ∂D/∂xᵢ ∇²_η xᵢ), J = ∂x/∂η: the Hessian of −½ the deviance's
-    second-order expansion about x(η), composed with x(η). A program over η alone (a few
-    entries), so the fit needs no second program through the panels' factorisations."""
-    x_hat = jax.lax.stop_gradient(eta_to_x(eta, ps))
-
-    def model(e):
-        d = eta_to_x(e, ps) - x_hat
-        return -0.5 * (grad_x @ d + 0.5 * d @ hess_x @ d)
-
-    return hessian(model)(eta)
+    """∇²_η ℓ at η from the deviance's gradient and Hessian in x at x(η)
+    (:func:`jaxmixed.engine.numerics.hessian_through`): a program over η alone, so the fit
+    needs no second program through the panels' factorisations."""
+    return hessian_through(lambda e: eta_to_x(e, ps), eta, grad_x, hess_x)
 
 
 hessian_eta_from_x = programs.cached(_hessian_eta_from_x, static_argnames=("ps",))

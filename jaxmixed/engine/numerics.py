@@ -39,6 +39,21 @@ def hessian(f):
     return H
 
 
+def hessian_through(x_of, eta, grad_x, hess_x):
+    """∇²_η of −½ D(x(η)) at η from D's gradient and Hessian in x at x(η), by the chain rule
+    −½ (Jᵀ ∇²_x D J + Σᵢ ∂D/∂xᵢ ∇²_η xᵢ), J = ∂x/∂η: the Hessian of −½ D's second-order
+    expansion about x(η), composed with ``x_of``. A program over η alone (a few entries), for
+    standard errors in the report's metric from the Hessian an optimiser already formed in its
+    own parameters, without differentiating the objective twice again."""
+    x_hat = jax.lax.stop_gradient(x_of(eta))
+
+    def model(e):
+        d = x_of(e) - x_hat
+        return -0.5 * (grad_x @ d + 0.5 * d @ hess_x @ d)
+
+    return hessian(model)(eta)
+
+
 def jacobian(f):
     """Jacobian of ``f(x, *args)`` in x, one forward-mode column at a time (``lax.map``, for the
     reason :func:`hessian` gives): an array (k, *f's shape), the derivative along each x_k first."""

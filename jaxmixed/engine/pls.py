@@ -30,7 +30,7 @@ from jax.scipy.linalg import block_diag
 
 from jaxmixed.data.pattern import Layout, choose_engine, cross_pairs
 from jaxmixed.engine import kernels, pls_dense, pls_sparse
-from jaxmixed.engine.numerics import LOG_2PI, hessian, jacobian, safe_log, second_order
+from jaxmixed.engine.numerics import LOG_2PI, hessian, hessian_through, jacobian, safe_log, second_order
 from jaxmixed.model.covariance import SINGULAR_TOL, interior_covariance, is_singular, theta_from_gamma
 from jaxmixed.runtime import programs
 from jaxmixed.runtime.devices import host_array
@@ -311,14 +311,87 @@ def eta_of(theta, sigma, shape: ModelShape, lams=None, xp=jnp):
 
 def theta_from_eta(eta, shape: ModelShape):
     """θ and ln σ for a Stata-metric parameter vector η."""
+    return _theta_from_eta(eta, tuple(t.structure for t in shape.terms))
+
+
+def _theta_from_eta(eta, structures: tuple):
+    """θ and ln σ for η, given the terms' covariance structures (in term order)."""
     log_sigma = eta[-1]
     sigma = jnp.exp(log_sigma)
     pos, parts = 0, []
-    for t in shape.terms:
-        k = t.structure.n_eta
-        parts.append(t.structure.theta_from_eta(eta[pos:pos + k], sigma))
-        pos += k
+    for st in structures:
+        parts.append(st.theta_from_eta(eta[pos:pos + st.n_eta], sigma))
+        pos += st.n_eta
     return jnp.concatenate(parts), log_sigma
+
+
+def _eta_hessian_from_x(eta, grad_x, hess_x, structures: tuple):
+    """∇²_η of :func:`loglik_eta` from −2ℓ's gradient and Hessian in x = (θ, ln σ) at x(η)
+    (:func:`jaxmixed.engine.numerics.hessian_through`; :func:`optimum_derivatives_x` gives
+    them from the optimiser's). It depends on the covariance structures alone, not on the
+    data: one small program serves every model with the same terms."""
+    def x_of(e):
+        th, s_ = _theta_from_eta(e, structures)
+        return jnp.concatenate([th, s_[None]])
+
+    return hessian_through(x_of, eta, grad_x, hess_x)
+
+
+eta_hessian_from_x = programs.cached(_eta_hessian_from_x, static_argnames=("structures",))
+
+
+def _factor_lambda_np(theta, shape: ModelShape, f: int) -> np.ndarray:
+    """Λ_f on the host: block-diagonal over the terms of factor f."""
+    blocks = [t.structure.lam(np.asarray(theta[t.theta[0]:t.theta[1]], dtype=float), np) for t in shape.terms
+              if t.factor == f]
+    q = sum(b.shape[0] for b in blocks)
+    out, pos = np.zeros((q, q)), 0
+    for b in blocks:
+        out[pos:pos + b.shape[0], pos:pos + b.shape[0]] = b
+        pos += b.shape[0]
+    return out
+
+
+def optimum_derivatives_x(theta, grad, hess, b, sigma: float, nu: float, shape: ModelShape):
+    """(∇_x D, ∇²_x D) of D = −2ℓ(θ, ln σ) (:func:`deviance_at_sigma`) at the optimum (θ̂, σ̂),
+    from the profiled deviance's gradient and Hessian there (the optimiser's), on the host:
+
+        ∇²_θθ D = ∇²D_prof + ∇r² ∇r²ᵀ / (ν σ̂⁴),  ∂²D/∂θ∂s = −2 ∇r² / σ̂²,  ∂²D/∂s² = 4ν,
+        ∇_θ D = ∇D_prof,  ∂D/∂s = 0 (σ̂² = r²/ν),
+
+    since D_prof(θ) = D(θ, ŝ(θ)) with P₀ and r² as in :func:`deviance_at_sigma`. ∇r² by the
+    envelope theorem on r²(θ) = min_{β,u} ‖y − Xβ − ZΛ_θu‖² + ‖u‖² at the solution (whose
+    u-condition is ΛᵀZᵀr̂ = û): ∂r²/∂θ_k = −2 Σ_ℓ ûᵀ_ℓ Λ_f⁻¹ (∂Λ_f/∂θ_k) û_ℓ, with û_ℓ = Λ_f⁻¹ b̂_ℓ
+    from the BLUPs ``b`` (Solution.b), Λ_f linear in θ. None where that cannot be trusted: a Λ_f
+    that is not linear in θ or too ill-conditioned to invert (the caller then differentiates
+    the log likelihood itself)."""
+    theta = np.asarray(theta, dtype=float)
+    k = theta.shape[0]
+    d_r2 = np.zeros(k)
+    for f, bf in enumerate(b):
+        lam = _factor_lambda_np(theta, shape, f)
+        if not np.all(np.isfinite(lam)) or np.linalg.cond(lam) > 1e8:
+            return None
+        u = np.linalg.solve(lam, np.asarray(bf, dtype=float).T)  # (q, L_f): û_ℓ in the columns
+        U = u @ u.T
+        total = np.zeros_like(lam)
+        for j in (j for t in shape.terms if t.factor == f for j in range(*t.theta)):
+            e = np.zeros(k)
+            e[j] = 1.0
+            dlam = _factor_lambda_np(e, shape, f)
+            total += theta[j] * dlam
+            d_r2[j] = -2.0 * np.trace(np.linalg.solve(lam, dlam) @ U)
+        if not np.allclose(total, lam, rtol=1e-12, atol=1e-14 * np.max(np.abs(lam))):
+            return None  # Λ_f not linear in θ
+    s2 = sigma**2
+    H = np.zeros((k + 1, k + 1))
+    H[:k, :k] = np.asarray(hess, dtype=float) + np.outer(d_r2, d_r2) / (nu * s2**2)
+    H[:k, k] = H[k, :k] = -2.0 * d_r2 / s2
+    H[k, k] = 4.0 * nu
+    G = np.concatenate([np.asarray(grad, dtype=float), [0.0]])
+    if not (np.all(np.isfinite(H)) and np.all(np.isfinite(G))):
+        return None
+    return G, 0.5 * (H + H.T)
 
 
 def loglik_eta(eta, data: PLSArrays, shape: ModelShape, reml):
@@ -491,6 +564,28 @@ class PLSEngine:
 
     def hessian_eta(self, eta, data, reml):
         return hessian_eta(eta, data, self.shape, reml)
+
+    def hessian_eta_from(self, params, grad, hess, solution, fallback=None):
+        """A ``hessian_program`` for ``tables.variance_components`` (called as
+        ``program(eta, data, reml)``, only where the fit is not singular): ``hessian_eta`` at the
+        optimum from the optimiser's gradient and Hessian of the profiled deviance there
+        (:func:`optimum_derivatives_x`, then the small program :data:`eta_hessian_from_x`).
+        Where that does not apply (no Hessian from the optimiser, or see
+        :func:`optimum_derivatives_x`) it is ``fallback`` (default :meth:`hessian_eta`)."""
+        fallback = fallback or self.hessian_eta
+        if hess is None:
+            return fallback
+        structures = tuple(t.structure for t in self.shape.terms)
+
+        def program(eta, data, reml):
+            n = float(np.asarray(data.n))
+            nu = n - self.shape.p if reml else n
+            parts = optimum_derivatives_x(params, grad, hess, solution.b, float(solution.sigma), nu, self.shape)
+            if parts is None:
+                return fallback(eta, data, reml)
+            return eta_hessian_from_x(np.asarray(eta, dtype=float), parts[0], parts[1], structures)
+
+        return program
 
     def theta(self, params, sigma) -> np.ndarray:
         return np.asarray(params, dtype=float)
