@@ -628,7 +628,7 @@ class PLSEngine:
 
     def satterthwaite_parts(self, params, sigma, data, reml):
         """(Var(β̂), ∂Var(β̂)/∂x (k × p × p), ∇²_x −2ℓ (k × k)) in x = (θ, σ), numpy."""
-        x = jnp.concatenate([jnp.asarray(params, dtype=float), jnp.asarray([sigma], dtype=float)])
+        x = np.concatenate([np.asarray(params, dtype=float), [float(sigma)]])  # on the host: no JAX op
         V, J, H = satterthwaite_parts(x, data, self.shape, reml)
         return np.asarray(V), np.moveaxis(np.asarray(J), -1, 0), np.asarray(H)
 
