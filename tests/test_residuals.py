@@ -141,6 +141,7 @@ def test_variance_component_ses_from_the_optimisers_hessian(residuals, formula):
     used = r.random.set_index("name").se
     assert used.notna().all()
     np.testing.assert_allclose(used.to_numpy(), direct.to_numpy(), rtol=1e-7)
+    assert e.hessian_eta_from(np.zeros(len(r.params)), None) == e.hessian_eta  # no Hessian: differentiate itself
 
 
 def test_blups_and_wcorrelation_with_ar1():

@@ -782,7 +782,10 @@ class MarginalEngine:
 
     def hessian_eta_from(self, grad_x, hess_x):
         """``hessian_eta`` at the optimiser's x̂ from its gradient and Hessian there
-        (:func:`hessian_eta_from_x`), for ``tables.variance_components``'s ``hessian_program``."""
+        (:func:`hessian_eta_from_x`), for ``tables.variance_components``'s ``hessian_program``
+        (:meth:`hessian_eta` itself where the optimiser gave no Hessian)."""
+        if hess_x is None:
+            return self.hessian_eta
         g, H = np.asarray(grad_x, dtype=float), np.asarray(hess_x, dtype=float)
         return lambda eta, data, reml: hessian_eta_from_x(jnp.asarray(eta, dtype=float), g, H, self.ps)
 
