@@ -55,7 +55,7 @@ def _prefetch(design: Design, data, engine, reml: bool, hessian: bool, dfmethod=
         else:  # from projected Newton's Hessian by the chain rule (PLSEngine.hessian_eta_from)
             pls.eta_hessian_from_x.prefetch(jax.ShapeDtypeStruct((n_eta,), f64), jax.ShapeDtypeStruct((n_eta,), f64),
                                             jax.ShapeDtypeStruct((n_eta, n_eta), f64),
-                                            tuple(t.structure for t in engine.shape.terms), trace=True)
+                                            engine.shape.structures, trace=True)
         if dfmethod == "satterthwaite":
             pls.satterthwaite_parts.prefetch(jax.ShapeDtypeStruct((design.n_theta + 1,), f64), data, engine.shape,
                                              reml, trace=True)

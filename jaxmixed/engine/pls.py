@@ -106,6 +106,11 @@ class ModelShape:
         return "dense" if self.layout is None else "sparse"
 
     @property
+    def structures(self) -> tuple:
+        """Each term's covariance structure, in term order (all that the map η → θ needs)."""
+        return tuple(t.structure for t in self.terms)
+
+    @property
     def n_eta(self) -> int:
         """Parameters in the reporting metric: each term's, then ln σ."""
         return sum(t.structure.n_eta for t in self.terms) + 1
@@ -311,7 +316,7 @@ def eta_of(theta, sigma, shape: ModelShape, lams=None, xp=jnp):
 
 def theta_from_eta(eta, shape: ModelShape):
     """θ and ln σ for a Stata-metric parameter vector η."""
-    return _theta_from_eta(eta, tuple(t.structure for t in shape.terms))
+    return _theta_from_eta(eta, shape.structures)
 
 
 def _theta_from_eta(eta, structures: tuple):
@@ -341,8 +346,9 @@ eta_hessian_from_x = programs.cached(_eta_hessian_from_x, static_argnames=("stru
 
 
 def _factor_lambda_np(theta, shape: ModelShape, f: int) -> np.ndarray:
-    """Λ_f on the host: block-diagonal over the terms of factor f."""
-    blocks = [t.structure.lam(np.asarray(theta[t.theta[0]:t.theta[1]], dtype=float), np) for t in shape.terms
+    """Λ_f on the host (:func:`factor_lambdas` without a JAX operation): block-diagonal over the
+    terms of factor f."""
+    blocks = [lam for t, lam in zip(shape.terms, term_lambdas(np.asarray(theta, dtype=float), shape, np))
               if t.factor == f]
     q = sum(b.shape[0] for b in blocks)
     out, pos = np.zeros((q, q)), 0
@@ -409,8 +415,9 @@ def hessian_eta(eta, data: PLSArrays, shape: ModelShape, reml):
     (:func:`deviance_at_sigma`: P₀ = log|L|² (+ log|R_X|² for REML), P₁ = r²), so s enters only
     through scalars: one forward-over-reverse column per θ direction gives ∇²_θθ D, ∂²D/∂θ∂s
     (the s entry of that column) and ∇D; ∂²D/∂s² = 2(2ν − ∂D/∂s). The chain rule through the
-    cheap map η → x then gives the Hessian in η: Jᵀ(∇²_x D)J + Σᵢ ∂D/∂xᵢ ∇²xᵢ(η). Equal to
-    ``numerics.hessian(loglik_eta)`` to rounding (tests/test_engine.py)."""
+    cheap map η → x (:func:`_eta_hessian_from_x`) then gives the Hessian in η:
+    Jᵀ(∇²_x D)J + Σᵢ ∂D/∂xᵢ ∇²xᵢ(η). Equal to ``numerics.hessian(loglik_eta)`` to rounding
+    (tests/test_engine.py)."""
     theta, s = theta_from_eta(eta, shape)
     nu = dof(data, shape, reml)
 
@@ -428,14 +435,7 @@ def hessian_eta(eta, data: PLSArrays, shape: ModelShape, reml):
     H_ss = 2.0 * (2.0 * nu - g_s)
     H_x = jnp.block([[H_tt, H_ts[:, None]], [H_ts[None, :], H_ss[None, None]]])
     G = jnp.concatenate([g_th, g_s[None]])
-
-    def x_of(e):
-        th, s_ = theta_from_eta(e, shape)
-        return jnp.concatenate([th, s_[None]])
-
-    J = jax.jacfwd(x_of)(eta)
-    curvature = hessian(lambda e: G @ x_of(e))(eta)
-    return -0.5 * (J.T @ H_x @ J + curvature)
+    return _eta_hessian_from_x(eta, G, H_x, shape.structures)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,15 +575,13 @@ class PLSEngine:
         fallback = fallback or self.hessian_eta
         if hess is None:
             return fallback
-        structures = tuple(t.structure for t in self.shape.terms)
-
         def program(eta, data, reml):
             n = float(np.asarray(data.n))
             nu = n - self.shape.p if reml else n
             parts = optimum_derivatives_x(params, grad, hess, solution.b, float(solution.sigma), nu, self.shape)
             if parts is None:
                 return fallback(eta, data, reml)
-            return eta_hessian_from_x(np.asarray(eta, dtype=float), parts[0], parts[1], structures)
+            return eta_hessian_from_x(np.asarray(eta, dtype=float), parts[0], parts[1], self.shape.structures)
 
         return program
 
