@@ -9,6 +9,10 @@ Cases:
   verbagg   lme4::VerbAgg (7,584 rows): r2 ~ Anger + Gender + btype + situ + (1|id) + (1|item),
             Bernoulli logit, Laplace (crossed factors)
   sim200k   200,000 Bernoulli rows, 2,000 groups: y ~ x + (1 + x | g), Laplace (seed 11)
+  insteval  lme4::InstEval (73,421 ratings) with good = (rating ≥ 4): good ~ service + (1|s) + (1|d)
+            + (1|dept), Laplace; 2,972 students crossed with 1,128 lecturers in 14 departments.
+            jaxmixed's default (the blocked sparse layout); with --dense also engine="dense" (its
+            first fit, compiling, and a refit in that process; several minutes)
   scaling   one Laplace objective evaluation (and value+gradient) at n, 10n, 100n rows
             (20,000 to 2,000,000) on a fixed structure (500 groups, (1 + x | g)): flat apart
             from the O(n) reweighting pass
@@ -44,6 +48,7 @@ CASES = {
     "verbagg": dict(formula="r2 ~ Anger + Gender + btype + situ + (1|id) + (1|item)", factors=["id", "item"],
                     peer_refit=True),
     "sim200k": dict(formula="y ~ x + (1 + x|g)", factors=["g"]),
+    "insteval": dict(formula="good ~ service + (1|s) + (1|d) + (1|dept)", factors=["s", "d", "dept"]),
 }
 
 
@@ -53,6 +58,14 @@ def data_path(case: str) -> str:
 
         return os.path.join(os.path.dirname(jaxmixed.__file__), "data", "datasets", "verbagg.csv")
     os.makedirs(DATA, exist_ok=True)
+    if case == "insteval":
+        path = os.path.join(DATA, "glmm_insteval.csv")
+        if not os.path.exists(path):
+            if not shutil.which("Rscript"):
+                raise SystemExit("InstEval needs R with lme4 once, to export it")
+            subprocess.run(["Rscript", "-e", "d <- lme4::InstEval; d$good <- as.integer(as.integer(as.character(d$y)) "
+                            f'>= 4); write.csv(d, "{path}", row.names=FALSE)'], check=True)
+        return path
     path = os.path.join(DATA, "glmm_sim200k.csv")
     if not os.path.exists(path):
         simulate(200_000, 2_000, 11).to_csv(path, index=False)
@@ -74,12 +87,13 @@ WORKER_PY = r"""
 import json, sys, time
 import pandas as pd
 import jaxmixed as jm
-path, formula, factors, refit = sys.argv[1:5]
+path, formula, factors, refit, engine = sys.argv[1:6]
 d = pd.read_csv(path, dtype={c: str for c in filter(None, factors.split(","))})
-t = time.perf_counter(); r = jm.fit(formula, d, family="binomial"); wall = time.perf_counter() - t
-out = dict(wall=wall, loglik=r.loglik, converged=bool(r.converged))
+t = time.perf_counter(); r = jm.fit(formula, d, family="binomial", engine=engine); wall = time.perf_counter() - t
+out = dict(wall=wall, loglik=r.loglik, converged=bool(r.converged), layout=r.engine.shape.re.kind)
 if refit == "1":
-    t = time.perf_counter(); r = jm.fit(formula, d, family="binomial"); out["refit"] = time.perf_counter() - t
+    t = time.perf_counter(); r = jm.fit(formula, d, family="binomial", engine=engine)
+    out["refit"] = time.perf_counter() - t
 print(json.dumps(out))
 """
 
@@ -111,19 +125,22 @@ def have_r(pkg: str) -> bool:
         ["Rscript", "-e", f"suppressMessages(library({pkg}))"], capture_output=True).returncode == 0
 
 
-def jaxmixed_runs(case: str) -> dict:
+def jaxmixed_runs(case: str, dense: bool = False) -> dict:
     spec = CASES[case]
     args = [data_path(case), spec["formula"], ",".join(spec["factors"])]
     cache = tempfile.mkdtemp(prefix="jm_glmm_cache_")
     env = {**os.environ, "JAXMIXED_CACHE_DIR": cache}
     env.pop("JAXMIXED_NO_CACHE", None)
-    cold = _run([sys.executable, "-c", WORKER_PY, *args, "0"], env)
+    cold = _run([sys.executable, "-c", WORKER_PY, *args, "0", "auto"], env)
     # three fresh processes on the warm cache (the time varies by ±20 % here): the median
-    runs = [_run([sys.executable, "-c", WORKER_PY, *args, "1"], env) for _ in range(3)]
+    runs = [_run([sys.executable, "-c", WORKER_PY, *args, "1", "auto"], env) for _ in range(3)]
+    out = dict(cold=cold)
+    if dense:  # the dense layout: its first fit (compiling its programs) and a refit
+        out["dense"] = _run([sys.executable, "-c", WORKER_PY, *args, "1", "dense"], env)
     shutil.rmtree(cache, ignore_errors=True)
     ok = sorted((r for r in runs if r.get("status") == "ok"), key=lambda r: r["wall"])
-    warm = dict(ok[len(ok) // 2], runs=[r["wall"] for r in ok]) if ok else runs[0]
-    return dict(cold=cold, warm=warm)
+    out["warm"] = dict(ok[len(ok) // 2], runs=[r["wall"] for r in ok]) if ok else runs[0]
+    return out
 
 
 def r_run(case: str, tool: str) -> dict:
@@ -138,9 +155,10 @@ def fmt(x):
     return f"{x:8.3f} s" if isinstance(x, (int, float)) else str(x)
 
 
-def fit_case(case: str, results: dict) -> None:
+def fit_case(case: str, results: dict, dense: bool = False) -> None:
     print(f"\n== {case}: {CASES[case]['formula']} (Bernoulli logit, Laplace)")
-    jm_ = jaxmixed_runs(case)
+    jm_ = jaxmixed_runs(case, dense)
+    print(f"  jaxmixed's layout (engine='auto'): {jm_['warm'].get('layout')}")
     peers = {tool: (r_run(case, tool) if have_r(pkg) else dict(status=f"skipped (no {pkg})"))
              for tool, pkg in (("glmer", "lme4"), ("glmmTMB", "glmmTMB"))}
     results[case] = dict(jaxmixed=jm_, **peers)
@@ -148,6 +166,10 @@ def fit_case(case: str, results: dict) -> None:
     rows = [("jaxmixed cold (empty cache)", jm_["cold"].get("wall"), jm_["cold"].get("loglik")),
             ("jaxmixed warm cache (fresh, median of 3)", w.get("wall"), w.get("loglik")),
             ("jaxmixed refit (same process)", w.get("refit"), w.get("loglik"))]
+    if "dense" in jm_:
+        dn = jm_["dense"]
+        rows += [("jaxmixed engine='dense', first fit", dn.get("wall", dn["status"]), dn.get("loglik")),
+                 ("jaxmixed engine='dense', refit", dn.get("refit"), dn.get("loglik"))]
     for tool, p in peers.items():
         rows.append((tool, p.get("wall", p["status"]), p.get("loglik")))
         if p.get("refit") is not None:
@@ -212,8 +234,9 @@ def machine() -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", action="append", choices=["verbagg", "sim200k", "scaling"])
+    ap.add_argument("--case", action="append", choices=["verbagg", "sim200k", "insteval", "scaling"])
     ap.add_argument("--json")
+    ap.add_argument("--dense", action="store_true", help="also time engine='dense' (crossed cases)")
     opts = ap.parse_args()
     cases = opts.case or ["verbagg", "sim200k", "scaling"]
     print("machine:", machine())
@@ -222,7 +245,7 @@ def main():
         if case == "scaling":
             scaling_case(results)
         else:
-            fit_case(case, results)
+            fit_case(case, results, opts.dense and len(CASES[case]["factors"]) > 1)
     if opts.json:
         with open(opts.json, "w") as fh:
             json.dump(results, fh, indent=1)

@@ -313,7 +313,7 @@ def fit(formula: str, data, method: str | None = None, *, variance: bool = False
                 raise ModelError(f"a generalized linear mixed model is fitted by maximum likelihood (method='ml'), "
                                  f"not {method!r}: REML is defined for linear models only")
             return glmm.fit_formula(formula, data, fam, link, nagq=nagq, weights=weights, offset=offset,
-                                    variance=variance, level=level, start=start, device=device)
+                                    variance=variance, level=level, start=start, device=device, engine=engine)
     if nagq != 1:
         raise ModelError("nagq= is for generalized linear mixed models (give family=); a linear mixed model's "
                          "likelihood is exact")

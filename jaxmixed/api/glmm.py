@@ -21,7 +21,7 @@ from jaxmixed.api.options import check_level, fit_notes, warn_notes
 from jaxmixed.data.design import build_design, expand_factor_slopes
 from jaxmixed.data.design import evaluate_expression as _evaluate
 from jaxmixed.data.pattern import build_pattern
-from jaxmixed.engine import laplace, pls
+from jaxmixed.engine import laplace, pls, pls_sparse
 from jaxmixed.errors import DataError, FormulaError, ModelError
 from jaxmixed.fit import glmm as glmm_fit
 from jaxmixed.inference import distributions, tables
@@ -81,11 +81,13 @@ def fit_glmm_spec(spec: ModelSpec, data: pd.DataFrame, family, link=None, *, res
                   nagq: int = 1, weights=None, offset=None, trials=None, exposure=None, variance: bool = False,
                   level: float = 95.0, start=None, display: dict | None = None, device=None,
                   eform: bool = False, title: str | None = None, adaptive: bool = True,
-                  laplace_if_crossed: bool = False) -> FitResult:
+                  laplace_if_crossed: bool = False, engine: str = "auto") -> FitResult:
     """Fit a GLMM from a model description (the response ``spec.response`` unless ``response``:
     the response text or a (successes, failures) pair); see the module docstring.
     ``laplace_if_crossed``: crossed grouping factors take the Laplace approximation instead of
-    ``nagq`` points (Stata's default for crossed models) rather than a ModelError."""
+    ``nagq`` points (Stata's default for crossed models) rather than a ModelError. ``engine``:
+    the layout of ZᵀWZ's factorisation in each PIRLS step, as for linear models ("auto": the
+    blocked sparse one for large crossed or many-panel designs, :mod:`jaxmixed.engine.pls`)."""
     from jaxmixed import runtime
 
     fam = family_of(family)
@@ -101,7 +103,7 @@ def fit_glmm_spec(spec: ModelSpec, data: pd.DataFrame, family, link=None, *, res
     with runtime.fit_blas_threads():
         return _fit(spec, data, fam, link, response if response is not None else spec.response, offsets, nagq,
                     weights, offset, trials, exposure, variance, level, start, display, device, eform, title,
-                    adaptive, laplace_if_crossed)
+                    adaptive, laplace_if_crossed, engine)
 
 
 def _column_or_array(df, value, what):
@@ -116,7 +118,7 @@ def _column_or_array(df, value, what):
 
 
 def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials, exposure, variance, level,
-         start, display, device, eform, title, adaptive=True, laplace_if_crossed=False):
+         start, display, device, eform, title, adaptive=True, laplace_if_crossed=False, engine="auto"):
     from jaxmixed.runtime.devices import host_array, put, resolve_device
 
     dev = resolve_device(device)
@@ -166,7 +168,7 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
     if nagq > 1 and len(design.factors) > 1:
         nagq = _quadrature_levels(design, nagq, laplace_if_crossed)
     pattern = build_pattern(design)
-    re_shape = replace(pls.shape_of(design, pattern, "dense"), p=0, layout=None)
+    re_shape = replace(pls.shape_of(design, pattern, engine), p=0)
     shape = laplace.GLMMShape(re_shape, fam.name, link, design.p, nagq, bool(adaptive))
     n = design.nobs
     Xt, R0_inv = design.fixed_basis[0], design.fixed_basis[1]
@@ -175,7 +177,8 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
     arrays = put(laplace.GLMMArrays(host_array(y), host_array(m), host_array(pw), host_array(off), host_array(Xs),
                                     tuple(host_array(f.codes, np.int32) for f in design.factors),
                                     tuple(host_array(f.Z) for f in design.factors),
-                                    host_array(float(fam.constant(y, m, pw))), _panel(design, fam, nagq)), dev)
+                                    host_array(float(fam.constant(y, m, pw))), _panel(design, fam, nagq),
+                                    _sparse_rows(design, pattern, re_shape)), dev)
     # load the optimiser's and the post-fit programs from disk in the background (when kept
     # there) while the GLM start runs: their executables' loading then overlaps with work
     f64 = np.dtype("float64")
@@ -259,6 +262,13 @@ def _panel(design, fam, nagq: int) -> tuple:
     f = design.factors[0]
     index = laplace.panel_index(f.codes, f.n_levels)
     return () if not index else (host_array(index[0], np.int32), host_array(index[1], bool))
+
+
+def _sparse_rows(design, pattern, re_shape) -> tuple:
+    """(:class:`~jaxmixed.engine.pls_sparse.WeightedRows`,) for the blocked sparse layout, else ()."""
+    if re_shape.layout is None:
+        return ()
+    return (pls_sparse.weighted_rows(re_shape, pattern, [f.codes for f in design.factors], design.nobs),)
 
 
 def _quadrature_levels(design, nagq: int, laplace_if_crossed: bool) -> int:
@@ -399,11 +409,11 @@ def _formula_spec(formula: str):
 
 
 def fit_formula(formula: str, data, family, link=None, *, nagq=1, weights=None, offset=None, variance=False,
-                level=95.0, start=None, device=None) -> FitResult:
+                level=95.0, start=None, device=None, engine: str = "auto") -> FitResult:
     """``jm.fit(..., family=...)``: an lme4 ``glmer``-style formula."""
     spec, response, offsets = _formula_spec(formula)
     return fit_glmm_spec(spec, data, family, link, response=response, offsets=offsets, nagq=nagq, weights=weights,
-                         offset=offset, variance=variance, level=level, start=start, device=device)
+                         offset=offset, variance=variance, level=level, start=start, device=device, engine=engine)
 
 
 def fit_stata(command: str, data, default_family=None, default_link=None, **overrides) -> FitResult:

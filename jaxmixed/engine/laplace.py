@@ -39,7 +39,7 @@ import numpy as np
 
 from jaxmixed.data.crossprod import CrossProducts, accumulate
 from jaxmixed.data.pattern import dense_block_index
-from jaxmixed.engine import kernels, pls, pls_dense
+from jaxmixed.engine import kernels, pls, pls_dense, pls_sparse
 from jaxmixed.model.family import family_of
 from jaxmixed.runtime import programs
 from jaxmixed.runtime.devices import host_array
@@ -76,6 +76,9 @@ class GLMMArrays(NamedTuple):
     # otherwise.
     # :func:`panel_view` turns the rows into that layout (see there).
     panel: tuple = ()
+    # the blocked sparse layout (``shape.re.layout`` set: large crossed or many-panel designs):
+    # where the rows' weighted products land (:class:`jaxmixed.engine.pls_sparse.WeightedRows`)
+    sparse: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -215,10 +218,13 @@ def _curvature(eta, x, data, shape):
 
 
 def weighted_arrays(data: GLMMArrays, shape: GLMMShape, weights):
-    """The linear engine's dense-layout arrays of ZᵀWZ (W = diag(weights)), from the blocks of Z
-    alone (:func:`jaxmixed.data.crossprod.accumulate` without fixed-effects or response
-    columns, over the full pattern's blocks)."""
+    """The linear engine's arrays of ZᵀWZ (W = diag(weights)), from the blocks of Z alone: in
+    the blocked sparse layout when the shape has one (:func:`pls_sparse.weighted_system`), else
+    the dense layout (:func:`jaxmixed.data.crossprod.accumulate` without fixed-effects or
+    response columns, over the full pattern's blocks)."""
     re = shape.re
+    if re.layout is not None:
+        return pls_sparse.weighted_system(data.sparse[0], data.codes, data.Z, weights, re)
     if _is_panel(data):
         Zs = data.Z[0]
         q, G = Zs.shape[0], Zs.shape[2]
@@ -238,13 +244,26 @@ def factor_at(u, x, data: GLMMArrays, shape: GLMMShape, weights=None):
     lams = pls.factor_lambdas(theta, shape.re)
     if weights is None:
         _, weights = _curvature(linear_predictor(u, x, data, shape, lams), x, data, shape)
-    return pls_dense.factorize_random(weighted_arrays(data, shape, weights), shape.re, lams)
+    return _factorize(weighted_arrays(data, shape, weights), shape, lams)
+
+
+def _factorize(arrays, shape: GLMMShape, lams):
+    """The blocked Cholesky factor of ΛᵀZᵀWZΛ + I from :func:`weighted_arrays`' arrays, by the
+    shape's layout (the factor's ``logdet`` is log|ΛᵀZᵀWZΛ + I|)."""
+    return _layout(shape).factorize_random(arrays, shape.re, lams)
+
+
+def _layout(shape: GLMMShape):
+    """The linear engine module of the shape's layout (dense, or blocked sparse)."""
+    return pls_dense if shape.re.layout is None else pls_sparse
 
 
 def _solve(f, r, shape: GLMMShape):
+    """(ΛᵀZᵀWZΛ + I)⁻¹ r through the factor ``f`` of :func:`_factorize`."""
     re = shape.re
     n1 = re.L[0] * re.q[0]
-    x1, x2 = pls_dense.solve_random(f, r[:n1].reshape(re.L[0], re.q[0]), r[n1:], re)
+    r1 = r[:n1].reshape(re.L[0], re.q[0])
+    x1, x2 = _layout(shape).solve_random(f, r1, r[n1:], re)
     return jnp.concatenate([x1.reshape(-1), x2])
 
 
@@ -271,8 +290,7 @@ def pirls(x, data: GLMMArrays, shape: GLMMShape, u0=None):
 
     def direction(u, eta):
         l1, w = _curvature(eta, x, data, shape)
-        f = pls_dense.factorize_random(weighted_arrays(data, shape, jnp.maximum(w, MIN_WEIGHT * data.pw)),
-                                       shape.re, lams)
+        f = _factorize(weighted_arrays(data, shape, jnp.maximum(w, MIN_WEIGHT * data.pw)), shape, lams)
         g = _z_lambda_t(l1, lams, data, shape) - u
         d = _solve(f, g, shape)
         return d, jnp.dot(g, d), _z_lambda(d, lams, data, shape)
@@ -565,7 +583,7 @@ def _joint_system(u, eta, x, data: GLMMArrays, shape: GLMMShape, lams, floor: bo
     l1, w = _curvature(eta, x, data, shape)
     if floor:
         w = jnp.maximum(w, MIN_WEIGHT * data.pw)
-    f = pls_dense.factorize_random(weighted_arrays(data, shape, w), shape.re, lams)
+    f = _factorize(weighted_arrays(data, shape, w), shape, lams)
     g_u = _z_lambda_t(l1, lams, data, shape) - u
     g_b = data.X.T @ l1
     WX = w[:, None] * data.X
@@ -655,7 +673,7 @@ def conditional(x, data: GLMMArrays, shape: GLMMShape):
     u, conv, _ = pirls(x, data, shape)
     _, w = _curvature(linear_predictor(u, x, data, shape, lams), x, data, shape)
     arrays = weighted_arrays(data, shape, w)
-    blocks = pls_dense.conditional_blocks(theta, arrays, shape.re, lams)
+    blocks = _layout(shape).conditional_blocks(theta, arrays, shape.re, lams)
     V = [jnp.einsum("ij,ljk,hk->lih", lam, Vb, lam) for lam, Vb in zip(lams, blocks)]
     return u, _effects(u, lams, shape), V, conv
 

@@ -66,8 +66,9 @@ class Sparse21(NamedTuple):
 # building the arrays (numpy)
 
 
-def sparse_arrays(shape, pat, blockvals: list, xvals: dict, diagvals: list):
-    """Sparse21 and the flat lower-triangular panel storage of A₂₂ from accumulated block values.
+def sparse_arrays(shape, pat, blockvals: list, xvals: dict, diagvals: list, pairs: bool = False):
+    """Sparse21 and the flat lower-triangular panel storage of A₂₂ from accumulated block values
+    (and, with ``pairs``, the two entries (e, e') of each pair, numpy, in Sparse21's pair order).
 
     blockvals[k]: (n_blocks_k, q₁, q_k) values of the A₂₁ blocks of rest factor k;
     xvals[(a, b)]: (n_cross, q_a, q_b) blocks of Z_aᵀZ_b; diagvals[k]: (L_k, q_k, q_k)."""
@@ -163,6 +164,8 @@ def sparse_arrays(shape, pat, blockvals: list, xvals: dict, diagvals: list):
                   slot_nat=i32(slot_nat), nat_slot=i32(slot_of_nat), slot_base=i32(slot_base),
                   slot_local=i32(slot_local), slot_P=i32(slot_P), lam_idx=i32(lam_idx),
                   lam_idx_t=i32(lam_idx_t), sib=i32(sib))
+    if pairs:
+        return sx, f64(A22), ea, eb
     return sx, f64(A22)
 
 
@@ -469,3 +472,150 @@ def conditional_blocks(theta, data, shape, lams):
         out.append(Si_flat[idx])
         off += L * q
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# weighted systems: ΛᵀZᵀWZΛ + I with weights that change every step (a GLMM's PIRLS)
+
+
+class WeightedRows(NamedTuple):
+    """Where each row's weighted products land in the blocked layout, fixed by the design
+    (device arrays; built once by :func:`weighted_rows`). A row's *rest components* are its
+    rest factors' Z values side by side, (Σ_k q_k) of them."""
+
+    entry: jnp.ndarray  # (n, Σq_k) int32: the A₂₁ entry (level of factor 1, rest column) of each
+    a22: jnp.ndarray  # (n, n_cpairs) int32: flat panel position of each pair of rest components
+    pair_a: jnp.ndarray  # (npairs,) int32: first entry of each pair (pair_coef = V[a] V[b]ᵀ)
+    pair_b: jnp.ndarray  # (npairs,) int32
+    base: Sparse21  # the pattern; its V and pair_coef come from the weights each step
+
+
+class WeightedSystem(NamedTuple):
+    """The arrays :func:`prepare` and :func:`conditional_blocks` read, for ΛᵀZᵀWZΛ + I alone
+    (no fixed effects or response: Z1W, Z2W and WW are zero with one column)."""
+
+    D11: jnp.ndarray
+    A21: Sparse21
+    A22: jnp.ndarray
+    Z1W: jnp.ndarray
+    Z2W: jnp.ndarray
+    WW: jnp.ndarray
+
+
+def component_pairs(shape) -> tuple:
+    """(a, b) index pairs into a row's rest components whose product enters A₂₂ once each: the
+    lower triangle (diagonal included) of each rest factor's own q × q block, and every pair
+    of components of two different rest factors (static: from the shape)."""
+    offs = np.cumsum([0] + list(shape.q[1:]))
+    out = []
+    for k, q in enumerate(shape.q[1:]):
+        out += [(offs[k] + a, offs[k] + b) for a in range(q) for b in range(a + 1)]
+        for k2 in range(k + 1, len(shape.q) - 1):
+            out += [(offs[k2] + b, offs[k] + a) for a in range(q) for b in range(shape.q[k2 + 1])]
+    return tuple((int(a), int(b)) for a, b in out)
+
+
+def weighted_rows(shape, pat, codes, n_rows: int) -> WeightedRows:
+    """:class:`WeightedRows` of a design (numpy, once): ``codes`` per factor (n,), engine order."""
+    from jaxmixed.runtime.devices import host_array
+
+    rest = list(zip(shape.L[1:], shape.q[1:]))
+    lay = shape.layout
+    zeros = [np.zeros((len(lev), shape.q[0], q)) for lev, (_, q) in zip(pat.blk_lev, rest)]
+    xz = {k: np.zeros((len(ja), shape.q[a + 1], shape.q[b + 1])) for k, (ja, _) in pat.x_j.items() for a, b in [k]}
+    dz = [np.zeros((L, q, q)) for L, q in rest]
+    sx, _, ea, eb = sparse_arrays(shape, pat, zeros, xz, dz, pairs=True)
+    slot_of_nat = pat.slot_of_nat
+    offs = np.cumsum([0] + [L * q for L, q in rest])
+    c0 = np.asarray(codes[0], dtype=np.int64)
+    nat = np.concatenate([offs[k] + np.asarray(codes[k + 1], dtype=np.int64)[:, None] * q + np.arange(q)[None, :]
+                          for k, (_, q) in enumerate(rest)], axis=1)  # (n, Σq_k)
+    slots = slot_of_nat[nat]
+    keys = np.asarray(sx.lev).astype(np.int64) * lay.n_slots + np.asarray(sx.slot)
+    entry = np.searchsorted(keys, c0[:, None] * lay.n_slots + slots)
+    base_, local, P = (np.asarray(a, dtype=np.int64) for a in (sx.slot_base, sx.slot_local, sx.slot_P))
+    row_start = base_ + local * P
+    cp = np.array(component_pairs(shape), dtype=np.int64).reshape(-1, 2)
+    sa, sb = slots[:, cp[:, 0]], slots[:, cp[:, 1]]
+    a22 = row_start[np.maximum(sa, sb)] + local[np.minimum(sa, sb)]
+    i32 = partial(host_array, dtype=np.int32)
+    small = sx._replace(V=host_array(np.zeros((0, shape.q[0]))),
+                        pair_coef=host_array(np.zeros((0, shape.q[0], shape.q[0]))))
+    assert entry.shape[0] == n_rows
+    return WeightedRows(entry=i32(entry), a22=i32(a22), pair_a=i32(ea), pair_b=i32(eb), base=small)
+
+
+def weighted_system(rows: WeightedRows, codes, Z, weights, shape) -> WeightedSystem:
+    """ZᵀWZ in the blocked layout for row weights W (traced: one pass over the rows, scatter-
+    adds into the level blocks, the A₂₁ entries and the panels; then the pairs' products)."""
+    lay = shape.layout
+    L1, q1 = shape.L[0], shape.q[0]
+    Z1 = Z[0]
+    wz1 = weights[:, None] * Z1
+    D11 = jax.ops.segment_sum(wz1[:, :, None] * Z1[:, None, :], codes[0], num_segments=L1)
+    R = jnp.concatenate(list(Z[1:]), axis=1)  # (n, Σq_k) rest components
+    n_entries = rows.base.lev.shape[0]
+    V = jax.ops.segment_sum((R[:, :, None] * wz1[:, None, :]).reshape(-1, q1), rows.entry.reshape(-1),
+                            num_segments=n_entries)
+    cp = np.array(component_pairs(shape)).reshape(-1, 2)
+    A22 = jax.ops.segment_sum((weights[:, None] * R[:, cp[:, 0]] * R[:, cp[:, 1]]).reshape(-1),
+                              rows.a22.reshape(-1), num_segments=lay.n_flat)
+    coef = V[rows.pair_a][:, :, None] * V[rows.pair_b][:, None, :]
+    sx = rows.base._replace(V=V, pair_coef=coef)
+    dt = Z1.dtype
+    return WeightedSystem(D11=D11, A21=sx, A22=A22, Z1W=jnp.zeros((L1, q1, 1), dt),
+                          Z2W=jnp.zeros((shape.m2, 1), dt), WW=jnp.zeros((1, 1), dt))
+
+
+class RandomFactor(NamedTuple):
+    """The blocked factor of ΛᵀZᵀWZΛ + I: the first factor's level blocks and the panels' Cholesky
+    factors of the Schur complement S (module docstring), with what a solve needs."""
+
+    L1: jnp.ndarray  # (L₁, q₁, q₁)
+    Ls: tuple  # per bucket (n, P, P)
+    logdet: jnp.ndarray  # log|ΛᵀZᵀWZΛ + I|
+    A21: Sparse21  # the weighted entries
+    coef: jnp.ndarray  # (n_slots, qmax): Λ₂ᵀ's coefficients per slot
+    lams: tuple  # Λ_f per factor
+
+
+def factorize_random(data: WeightedSystem, shape, lams) -> RandomFactor:
+    """The blocked Cholesky factor of ΛᵀZᵀWZΛ + I (``data`` from :func:`weighted_system`). The
+    log-determinant's derivative is tr(S⁻¹ dS) per panel (:func:`logdet_spd`)."""
+    pr = prepare(None, data, shape, lams)
+    Ls = tuple(_chol(S, shape.kernels) for S in pr.S)
+    logdet = pr.ld1
+    for S, L in zip(pr.S, Ls):
+        logdet = logdet + logdet_spd(S, L, shape.kernels)
+    coef = _lam_table(lams)[data.A21.lam_idx]
+    return RandomFactor(pr.L1, Ls, logdet, data.A21, coef, tuple(lams))
+
+
+def solve_random(f: RandomFactor, r1, r2, shape):
+    """(x₁, x₂) with (ΛᵀZᵀWZΛ + I)[x₁; x₂] = [r₁; r₂], r₁ (L₁, q₁), r₂ (m₂,) natural order: the
+    first factor's blocks eliminated, the panels solved, then back-substitution."""
+    lay = shape.layout
+    sx = f.A21
+    L1 = shape.L[0]
+    y1 = xla.solve_lower_t(f.L1, xla.solve_lower(f.L1, r1[..., None]))[..., 0]  # C₁⁻¹ r₁
+    lams = f.lams
+    t = y1 @ lams[0].T  # Λ₁ C₁⁻¹ r₁ per level
+    a = jax.ops.segment_sum(jnp.sum(sx.V * t[sx.lev], axis=1), sx.slot, lay.n_slots)
+    g = jnp.concatenate([r2, jnp.zeros((1,), r2.dtype)])[sx.slot_nat]
+    x_slots = []
+    for L, b in zip(f.Ls, lay.buckets):
+        sl = slice(b.slot0, b.slot0 + b.n * b.P)
+        cf = f.coef[sl].reshape(b.n, b.P, -1)
+        sb = sx.sib[sl].reshape(b.n, b.P, -1)
+        rhs = g[sl].reshape(b.n, b.P, 1) - _scale_rows(a[sl].reshape(b.n, b.P, 1), cf, sb, lay.scalar_rest)
+        z = _solve(L, rhs, policy=shape.kernels)
+        x_slots.append(_solve(L, z, transpose=True, policy=shape.kernels)[..., 0].reshape(-1))
+    x2 = jnp.concatenate(x_slots)[sx.nat_slot]
+    parts, off = [], 0
+    for lam, L, q in zip(lams[1:], shape.L[1:], shape.q[1:]):
+        parts.append((x2[off:off + L * q].reshape(L, q) @ lam.T).reshape(-1))
+        off += L * q
+    b2 = jnp.concatenate(parts)  # Λ₂ x₂
+    Bu = jax.ops.segment_sum(sx.V * b2[sx.nat][:, None], sx.lev, L1, indices_are_sorted=True)
+    x1 = xla.solve_lower_t(f.L1, xla.solve_lower(f.L1, (r1 - Bu @ lams[0])[..., None]))[..., 0]
+    return x1, x2
