@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", True)
@@ -31,6 +32,11 @@ def jsp():
 
 
 _CACHE = {}
+
+
+def fd_gradient(f, x, h=1e-5):
+    """Central differences of the scalar function f at x (numpy), for derivative tests."""
+    return np.array([(f(x + h * e) - f(x - h * e)) / (2 * h) for e in np.eye(x.size)])
 
 
 def cached_fit(kind, text, data_name, **kw):

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 import jaxmixed as jm
+from conftest import fd_gradient
 from jaxmixed.engine import laplace
 
 
@@ -99,15 +100,6 @@ def test_vector_effect_quadrature_fit(tiny_fit):
     assert list(r7.random.name) == ["sd(x)", "sd(_cons)", "corr(x,_cons)"]
 
 
-def _fd_gradient(f, x, h=1e-5):
-    g = np.zeros_like(x)
-    for i in range(x.size):
-        e = np.zeros_like(x)
-        e[i] = h
-        g[i] = (f(x + e) - f(x - e)) / (2 * h)
-    return g
-
-
 @pytest.mark.parametrize("nagq", [1, 5])
 def test_gradient_and_hessian_against_finite_differences(tiny_fit, nagq):
     r = tiny_fit
@@ -117,13 +109,13 @@ def test_gradient_and_hessian_against_finite_differences(tiny_fit, nagq):
     x = np.asarray(r.params) + np.array([0.05, -0.1, 0.1, 0.05, -0.05])
     f = lambda z: float(dev(jnp.asarray(z), r.data, shape))  # noqa: E731
     g = np.asarray(grad(jnp.asarray(x), r.data, shape))
-    np.testing.assert_allclose(g, _fd_gradient(f, x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(g, fd_gradient(f, x), rtol=1e-6, atol=1e-6)
     # the Hessian in the reporting metric, against differences of the exact gradient
     B = jnp.asarray(r.engine.B)
     xi = laplace.report_of_params(x, shape, r.engine.B)
     H = np.asarray(laplace.hessian_report(jnp.asarray(xi), r.data, shape, B, jnp.ones(xi.size)))
     gll = jax.jit(jax.grad(lambda z, d: -0.5 * laplace.deviance(laplace.params_of_report(z, shape, B), d, shape)))
-    Hfd = np.stack([_fd_gradient(lambda z: float(np.asarray(gll(jnp.asarray(z), r.data))[i]), xi, 1e-5)
+    Hfd = np.stack([fd_gradient(lambda z: float(np.asarray(gll(jnp.asarray(z), r.data))[i]), xi, 1e-5)
                     for i in range(xi.size)])
     np.testing.assert_allclose(H, Hfd, rtol=1e-5, atol=1e-5)
 
@@ -148,7 +140,7 @@ def test_crossed_gradient_against_finite_differences():
     dev = jax.jit(laplace.deviance, static_argnames=("shape",))
     z0 = np.asarray(r.params) + 0.05
     g = np.asarray(jax.jit(jax.grad(laplace.deviance), static_argnames=("shape",))(jnp.asarray(z0), r.data, shape))
-    np.testing.assert_allclose(g, _fd_gradient(lambda z: float(dev(jnp.asarray(z), r.data, shape)), z0),
+    np.testing.assert_allclose(g, fd_gradient(lambda z: float(dev(jnp.asarray(z), r.data, shape)), z0),
                                rtol=1e-6, atol=1e-6)
     with pytest.raises(jm.ModelError, match="are crossed"):
         jm.fit("y ~ x + (1 | a) + (1 | b)", d, family="poisson", nagq=5)
@@ -247,12 +239,12 @@ def test_nested_gradient_and_hessian_against_finite_differences(nested_fit):
     dev = jax.jit(laplace.deviance, static_argnames=("shape",))
     x = np.asarray(r.params) + 0.05 * np.cos(np.arange(r.params.size))
     g = np.asarray(jax.jit(jax.grad(laplace.deviance), static_argnames=("shape",))(jnp.asarray(x), r.data, shape))
-    np.testing.assert_allclose(g, _fd_gradient(lambda z: float(dev(jnp.asarray(z), r.data, shape)), x),
+    np.testing.assert_allclose(g, fd_gradient(lambda z: float(dev(jnp.asarray(z), r.data, shape)), x),
                                rtol=1e-6, atol=1e-6)
     hess = jax.jit(jax.hessian(laplace.deviance), static_argnames=("shape",))
     grad = jax.jit(jax.grad(laplace.deviance), static_argnames=("shape",))
     H = np.asarray(hess(jnp.asarray(x), r.data, shape))
-    Hfd = np.stack([_fd_gradient(lambda z: float(np.asarray(grad(jnp.asarray(z), r.data, shape))[i]), x, 1e-5)
+    Hfd = np.stack([fd_gradient(lambda z: float(np.asarray(grad(jnp.asarray(z), r.data, shape))[i]), x, 1e-5)
                     for i in range(x.size)])
     np.testing.assert_allclose(H, Hfd, rtol=1e-5, atol=1e-5)
 
@@ -377,10 +369,10 @@ def test_three_levels_vector_effect_derivatives_against_finite_differences():
     dev = jax.jit(laplace.deviance, static_argnames=("shape",))
     grad = jax.jit(jax.grad(laplace.deviance), static_argnames=("shape",))
     g = np.asarray(grad(jnp.asarray(x), r.data, shape))
-    np.testing.assert_allclose(g, _fd_gradient(lambda z: float(dev(jnp.asarray(z), r.data, shape)), x),
+    np.testing.assert_allclose(g, fd_gradient(lambda z: float(dev(jnp.asarray(z), r.data, shape)), x),
                                rtol=1e-6, atol=1e-6)
     H = np.asarray(jax.jit(jax.hessian(laplace.deviance), static_argnames=("shape",))(jnp.asarray(x), r.data, shape))
-    Hfd = np.stack([_fd_gradient(lambda z: float(np.asarray(grad(jnp.asarray(z), r.data, shape))[i]), x, 1e-5)
+    Hfd = np.stack([fd_gradient(lambda z: float(np.asarray(grad(jnp.asarray(z), r.data, shape))[i]), x, 1e-5)
                     for i in range(x.size)])
     np.testing.assert_allclose(H, Hfd, rtol=1e-5, atol=1e-5)
 

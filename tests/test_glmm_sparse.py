@@ -18,20 +18,12 @@ import pandas as pd
 import pytest
 
 import jaxmixed as jm
+from conftest import fd_gradient
 from jaxmixed.engine import laplace
 
 REF = json.loads((Path(__file__).parent / "reference" / "glmm_public.json").read_text())["cases"]
 
 _value_and_grad = jax.jit(jax.value_and_grad(laplace.deviance), static_argnames=("shape",))
-
-
-def _fd_gradient(f, x, h=1e-5):
-    g = np.zeros_like(x)
-    for i in range(x.size):
-        e = np.zeros_like(x)
-        e[i] = h
-        g[i] = (f(x + e) - f(x - e)) / (2 * h)
-    return g
 
 
 def test_verbagg_on_the_sparse_layout_matches_the_exact_laplace_optimum():
@@ -95,7 +87,7 @@ def test_sparse_gradient_against_finite_differences(three_way):
     shape = sp.engine.shape
     z0 = np.asarray(sp.params) + 0.05
     g = np.asarray(_value_and_grad(jnp.asarray(z0), sp.data, shape)[1])
-    fd = _fd_gradient(lambda z: float(_value_and_grad(jnp.asarray(z), sp.data, shape)[0]), z0)
+    fd = fd_gradient(lambda z: float(_value_and_grad(jnp.asarray(z), sp.data, shape)[0]), z0)
     np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-6)
 
 

@@ -268,7 +268,7 @@ def _sparse_rows(design, pattern, re_shape) -> tuple:
     """(:class:`~jaxmixed.engine.pls_sparse.WeightedRows`,) for the blocked sparse layout, else ()."""
     if re_shape.layout is None:
         return ()
-    return (pls_sparse.weighted_rows(re_shape, pattern, [f.codes for f in design.factors], design.nobs),)
+    return (pls_sparse.weighted_rows(re_shape, pattern, [f.codes for f in design.factors]),)
 
 
 def _quadrature_levels(design, nagq: int, laplace_if_crossed: bool) -> int:

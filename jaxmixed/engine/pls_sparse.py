@@ -422,12 +422,7 @@ def solve_parts(theta, data, shape, lams, beta_of):
         u = _solve(L, rhs[..., None], transpose=True, policy=shape.kernels)
         u_slots.append(u[..., 0].reshape(-1))
     u2 = jnp.concatenate(u_slots)[sx.nat_slot]
-    # b₂ = Λ₂u₂ (natural order), then Wᵀu₂ per first-factor level
-    parts, off = [], 0
-    for lam, L, q in zip(lams[1:], shape.L[1:], shape.q[1:]):
-        parts.append((u2[off:off + L * q].reshape(L, q) @ lam.T).reshape(-1))
-        off += L * q
-    b2 = jnp.concatenate(parts)
+    b2 = _lambda_rest(u2, lams, shape)  # then Wᵀu₂ per first-factor level
     Bu = jax.ops.segment_sum(sx.V * b2[sx.nat][:, None], sx.lev, shape.L[0], indices_are_sorted=True)
     lam1 = lams[0]
     c1 = jnp.einsum("ji,ljr->lir", lam1, data.Z1W)
@@ -436,6 +431,15 @@ def solve_parts(theta, data, shape, lams, beta_of):
     Wu = xla.solve_lower(pr.L1, (Bu @ lam1)[..., None])[..., 0]
     u1 = xla.solve_lower_t(pr.L1, (rhs1 - Wu)[..., None])[..., 0]
     return LM, beta, u1, u2
+
+
+def _lambda_rest(u2, lams, shape):
+    """b₂ = Λ₂u₂ for the rest columns in natural order (per rest factor, level by level)."""
+    parts, off = [], 0
+    for lam, L, q in zip(lams[1:], shape.L[1:], shape.q[1:]):
+        parts.append((u2[off:off + L * q].reshape(L, q) @ lam.T).reshape(-1))
+        off += L * q
+    return jnp.concatenate(parts)
 
 
 def conditional_blocks(theta, data, shape, lams):
@@ -515,14 +519,14 @@ def component_pairs(shape) -> tuple:
     return tuple((int(a), int(b)) for a, b in out)
 
 
-def weighted_rows(shape, pat, codes, n_rows: int) -> WeightedRows:
+def weighted_rows(shape, pat, codes) -> WeightedRows:
     """:class:`WeightedRows` of a design (numpy, once): ``codes`` per factor (n,), engine order."""
     from jaxmixed.runtime.devices import host_array
 
     rest = list(zip(shape.L[1:], shape.q[1:]))
     lay = shape.layout
     zeros = [np.zeros((len(lev), shape.q[0], q)) for lev, (_, q) in zip(pat.blk_lev, rest)]
-    xz = {k: np.zeros((len(ja), shape.q[a + 1], shape.q[b + 1])) for k, (ja, _) in pat.x_j.items() for a, b in [k]}
+    xz = {(a, b): np.zeros((len(ja), shape.q[a + 1], shape.q[b + 1])) for (a, b), (ja, _) in pat.x_j.items()}
     dz = [np.zeros((L, q, q)) for L, q in rest]
     sx, _, ea, eb = sparse_arrays(shape, pat, zeros, xz, dz, pairs=True)
     slot_of_nat = pat.slot_of_nat
@@ -541,7 +545,6 @@ def weighted_rows(shape, pat, codes, n_rows: int) -> WeightedRows:
     i32 = partial(host_array, dtype=np.int32)
     small = sx._replace(V=host_array(np.zeros((0, shape.q[0]))),
                         pair_coef=host_array(np.zeros((0, shape.q[0], shape.q[0]))))
-    assert entry.shape[0] == n_rows
     return WeightedRows(entry=i32(entry), a22=i32(a22), pair_a=i32(ea), pair_b=i32(eb), base=small)
 
 
@@ -611,11 +614,7 @@ def solve_random(f: RandomFactor, r1, r2, shape):
         z = _solve(L, rhs, policy=shape.kernels)
         x_slots.append(_solve(L, z, transpose=True, policy=shape.kernels)[..., 0].reshape(-1))
     x2 = jnp.concatenate(x_slots)[sx.nat_slot]
-    parts, off = [], 0
-    for lam, L, q in zip(lams[1:], shape.L[1:], shape.q[1:]):
-        parts.append((x2[off:off + L * q].reshape(L, q) @ lam.T).reshape(-1))
-        off += L * q
-    b2 = jnp.concatenate(parts)  # Λ₂ x₂
+    b2 = _lambda_rest(x2, lams, shape)
     Bu = jax.ops.segment_sum(sx.V * b2[sx.nat][:, None], sx.lev, L1, indices_are_sorted=True)
     x1 = xla.solve_lower_t(f.L1, xla.solve_lower(f.L1, (r1 - Bu @ lams[0])[..., None]))[..., 0]
     return x1, x2
