@@ -35,7 +35,7 @@ from jaxmixed.data.design import Design, _numeric, outer_factor
 from jaxmixed.data.pattern import size_buckets
 from jaxmixed.errors import DataError, ModelError
 from jaxmixed.engine.numerics import LOG_2PI, hessian, hessian_through, jacobian, logdet_from_chol_diag, second_order
-from jaxmixed.model.covariance import interior_covariance, theta_from_gamma
+from jaxmixed.model.covariance import interior_covariance, theta_from_gamma, thetas_from_eta
 from jaxmixed.model.residuals import ResidualStructure
 from jaxmixed.runtime import programs
 
@@ -612,12 +612,8 @@ def _fmt(v):
 
 def eta_to_x(eta, ps: PanelStruct):
     """Stata-metric η (term parameters, then the residual parameters as they are) → x."""
-    pos, parts = 0, []
-    for s in ps.structures:
-        parts.append(s.theta_from_eta(eta[pos:pos + s.n_eta], 1.0))
-        pos += s.n_eta
-    parts.append(eta[pos:])
-    return jnp.concatenate(parts)
+    theta, pos = thetas_from_eta(eta, ps.structures, 1.0)
+    return jnp.concatenate([theta, eta[pos:]])
 
 
 def _hessian_eta(eta, data, ps: PanelStruct, reml):

@@ -31,7 +31,8 @@ from jax.scipy.linalg import block_diag
 from jaxmixed.data.pattern import Layout, choose_engine, cross_pairs
 from jaxmixed.engine import kernels, pls_dense, pls_sparse
 from jaxmixed.engine.numerics import LOG_2PI, hessian, hessian_through, jacobian, safe_log, second_order
-from jaxmixed.model.covariance import SINGULAR_TOL, interior_covariance, is_singular, theta_from_gamma
+from jaxmixed.model.covariance import SINGULAR_TOL, interior_covariance, is_singular, theta_from_gamma, \
+    thetas_from_eta
 from jaxmixed.runtime import programs
 from jaxmixed.runtime.devices import host_array
 
@@ -322,12 +323,7 @@ def theta_from_eta(eta, shape: ModelShape):
 def _theta_from_eta(eta, structures: tuple):
     """θ and ln σ for η, given the terms' covariance structures (in term order)."""
     log_sigma = eta[-1]
-    sigma = jnp.exp(log_sigma)
-    pos, parts = 0, []
-    for st in structures:
-        parts.append(st.theta_from_eta(eta[pos:pos + st.n_eta], sigma))
-        pos += st.n_eta
-    return jnp.concatenate(parts), log_sigma
+    return thetas_from_eta(eta, structures, jnp.exp(log_sigma))[0], log_sigma
 
 
 def _eta_hessian_from_x(eta, grad_x, hess_x, structures: tuple):

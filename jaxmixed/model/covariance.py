@@ -341,6 +341,16 @@ def eta_to_report(kind: str, value: float, variance: bool):
     return float(np.tanh(value))
 
 
+def thetas_from_eta(eta, structures, sigma):
+    """θ of every term (concatenated, relative to ``sigma``) from the leading entries of a
+    Stata-metric η that holds the terms' parameters in order, and how many entries they took."""
+    pos, parts = 0, [jnp.zeros((0,), eta.dtype)]
+    for st in structures:
+        parts.append(st.theta_from_eta(eta[pos:pos + st.n_eta], sigma))
+        pos += st.n_eta
+    return jnp.concatenate(parts), pos
+
+
 def theta_from_gamma(structure, g, sigma):
     """θ (relative to ``sigma``) of the covariance whose linear parameters are ``g``
     (``sigma_from_gamma``), through the structure's own metric; traceable."""
