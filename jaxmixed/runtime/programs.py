@@ -54,7 +54,8 @@ loaded (its executable deserialised and linked by XLA, which releases the GIL) o
 once; one that must be traced and compiled goes to a single compile thread (two XLA compiles at
 once on a 2-core machine measured slower for an empty-cache fit). Measured on this project's
 2-core machine, warm caches, five fresh processes each (medians): VerbAgg's GLMM 1.37 → 1.27 s,
-the nested 20,000-row Satterthwaite fit 1.04 → 0.98 s.
+the nested 20,000-row Satterthwaite fit 1.04 → 0.98 s (``scripts/bench_df.py``'s median of three
+gave 1.21 s before and 1.23 s after: within that machine's run-to-run noise).
 
 **Programs in memory.** Every XLA:CPU executable maps its code into the process (three memory
 maps per compiled kernel: a fit's programs took ≈ 600 maps on this project's machine), and
@@ -484,7 +485,8 @@ def _loader():
 
 
 def in_background(fn, *args) -> Future:
-    """Run ``fn(*args)`` on the thread that does the prefetches, after those queued before it."""
+    """Run ``fn(*args)`` on the compile thread, after the traces and compiles queued before it
+    (loads of programs kept on disk run on their own threads and may finish later)."""
     return _executor().submit(fn, *args)
 
 
