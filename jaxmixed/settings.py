@@ -26,6 +26,9 @@ variable                       field               meaning (default)
                                                    optimisation level 0, the others with its classic
                                                    loop emitters, see
                                                    :mod:`jaxmixed.runtime.programs`)
+``JAXMIXED_KEEP_EXECUTABLES``  ``keep_executables`` ``0``: keep only traced programs on disk, not XLA's
+                                                   CPU executables of them (on: see
+                                                   :mod:`jaxmixed.runtime.programs`, "Executables")
 =============================  ==================  =====================================================
 
 Switches read ``1``/``true``/``yes``/``on`` as on and ``0``/``false``/``no``/``off`` or empty as
@@ -76,6 +79,8 @@ class Settings:
     exit_gc: bool = False
     #: ``JAXMIXED_FAST_COMPILE``: programs compiled with XLA's quicker options
     fast_compile: bool = True
+    #: ``JAXMIXED_KEEP_EXECUTABLES``: CPU executables of the kept programs kept on disk too
+    keep_executables: bool = True
 
 
 #: field of :class:`Settings` -> the environment variable it is read from
@@ -86,6 +91,7 @@ ENVIRONMENT_VARIABLES = {
     "blas_threads": "JAXMIXED_BLAS_THREADS",
     "exit_gc": "JAXMIXED_EXIT_GC",
     "fast_compile": "JAXMIXED_FAST_COMPILE",
+    "keep_executables": "JAXMIXED_KEEP_EXECUTABLES",
 }
 
 _ON = frozenset({"1", "true", "yes", "on"})
@@ -125,6 +131,7 @@ def from_environment(environ: Mapping[str, str] = os.environ) -> Settings:
         blas_threads=_threads(environ),
         exit_gc=_switch(environ, "exit_gc"),
         fast_compile=_switch(environ, "fast_compile"),
+        keep_executables=_switch(environ, "keep_executables"),
     )
 
 

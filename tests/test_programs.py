@@ -97,7 +97,7 @@ def test_cached_program_is_kept_loaded_and_exact(cache_dir):
     before = dict(programs.STATS)
     got = first(x, y, 0.5, n=3)
     assert programs.STATS["exported"] == before["exported"] + 1
-    (path,) = (cache_dir / programs.SUBDIR).iterdir()
+    (path,) = [f for f in (cache_dir / programs.SUBDIR).iterdir() if f.suffix != programs.EXEC_SUFFIX]
     assert path.suffix == programs.SUFFIX and path.read_bytes().startswith(programs.MAGIC)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     jax.tree_util.tree_map(_same, got, expected)
@@ -119,7 +119,7 @@ def test_cached_program_is_kept_loaded_and_exact(cache_dir):
 
     other = first(x, y, 0.5, n=1)  # another static value: another program
     jax.tree_util.tree_map(_same, other, _jit(_f, x, y, 0.5, n=1))
-    assert len(os.listdir(cache_dir / programs.SUBDIR)) == 2
+    assert len([f for f in os.listdir(cache_dir / programs.SUBDIR) if f.endswith(programs.SUFFIX)]) == 2
 
 
 def test_cached_program_without_cache_or_jit_is_plain_jax():
@@ -238,8 +238,10 @@ def cold(tmp_path_factory):
 def test_fresh_process_with_warm_cache_traces_nothing(cold):
     directory, cold = cold
     warm = _fresh(directory)
-    assert cold["traced"] == 3 and cold["stats"] == {"loaded": 0, "exported": 3, "fallback": 0, "dropped": 0}  # each once
-    assert warm["traced"] == 0 and warm["stats"] == {"loaded": 3, "exported": 0, "fallback": 0, "dropped": 0}
+    assert cold["traced"] == 3 and cold["stats"] == {"loaded": 0, "exported": 3, "fallback": 0, "dropped": 0,
+                                                     "executables_loaded": 0, "executables_written": 3}  # each once
+    assert warm["traced"] == 0 and warm["stats"] == {"loaded": 3, "exported": 0, "fallback": 0, "dropped": 0,
+                                                     "executables_loaded": 3, "executables_written": 0}
     for key in ("loglik", "fixed", "random", "se"):
         assert warm[key] == cold[key]
     assert warm["lazy"] == [], "a fit imported modules it does not need"
@@ -270,7 +272,7 @@ def test_damaged_cache_file_is_ignored(cold, tmp_path):
     # copy would compile again, seconds); the test leaves it as it found it, every file valid
     directory, cold = cold
     sub = directory / programs.SUBDIR
-    files = sorted(sub.iterdir())
+    files = sorted(f for f in sub.iterdir() if f.suffix == programs.SUFFIX)
     marker = tmp_path / "unpickled"
     payload = pickle.dumps(_Marker(marker))
     files[0].write_bytes(payload)  # foreign: no header (a pickle, as earlier versions wrote)
@@ -282,14 +284,56 @@ def test_damaged_cache_file_is_ignored(cold, tmp_path):
 
     run = _fresh(directory)
     assert run["loglik"] == cold["loglik"] and run["fixed"] == cold["fixed"] and run["se"] == cold["se"]
-    assert run["stats"] == {"loaded": 0, "exported": 3, "fallback": 0, "dropped": 0}
+    # traced again; compiled by JAX's cache (its executables are not serialised again)
+    assert run["stats"] == {"loaded": 0, "exported": 3, "fallback": 0, "dropped": 0, "executables_loaded": 0,
+                            "executables_written": 0}
     assert not marker.exists(), "a cache file was unpickled"
     for f in files:  # each replaced by a valid file, which the next process loads
         assert f.read_bytes() != damaged[f] and f.read_bytes().startswith(programs.MAGIC)
     again = _fresh(directory)
-    assert again["stats"] == {"loaded": 3, "exported": 0, "fallback": 0, "dropped": 0} and again["loglik"] == cold["loglik"]
+    assert again["stats"] == {"loaded": 3, "exported": 0, "fallback": 0, "dropped": 0, "executables_loaded": 3,
+                              "executables_written": 0} and again["loglik"] == cold["loglik"]
     assert not marker.exists()
     old_file.unlink()
+
+
+def test_executable_is_kept_loaded_and_exact(cache_dir, tmp_path):
+    """A program XLA compiled here has its executable kept beside it; a new Program (as a new
+    process) loads it, without lowering, and gives exactly plain jit's values. A damaged file
+    (checksum) or one whose description names anything but JAX's, jaxlib's and NumPy's classes
+    is a miss, never run."""
+    if not programs._executables_on():
+        pytest.skip("executables are kept on the CPU backend only")
+    x, y = jnp.linspace(0.0, 2.0, 15).reshape(5, 3), jnp.ones((3, 2))
+    expected = _jit(_f, x, y, 0.5, n=2)
+    before = dict(programs.STATS)
+    jax.tree_util.tree_map(_same, programs.cached(_f, static_argnames=("n",))(x, y, 0.5, n=2), expected)
+    assert programs.STATS["executables_written"] == before["executables_written"] + 1
+    (exe,) = [f for f in (cache_dir / programs.SUBDIR).iterdir() if f.suffix == programs.EXEC_SUFFIX]
+    assert exe.read_bytes().startswith(programs.EXEC_MAGIC) and stat.S_IMODE(exe.stat().st_mode) == 0o600
+    again = programs.cached(_f, static_argnames=("n",))
+    jax.tree_util.tree_map(_same, again(x, y, 0.5, n=2), expected)
+    assert programs.STATS["executables_loaded"] == before["executables_loaded"] + 1
+    prefetched = programs.cached(_f, static_argnames=("n",))
+    prefetched.prefetch(jax.ShapeDtypeStruct(x.shape, x.dtype), y, 0.5, n=2)
+    jax.tree_util.tree_map(_same, prefetched(x, y, 0.5, n=2), expected)
+    assert programs.STATS["executables_loaded"] == before["executables_loaded"] + 2
+
+    good = exe.read_bytes()
+    marker = tmp_path / "unpickled"
+    planted = pickle.dumps(_Marker(marker))
+    import hashlib
+
+    damaged = good[:-10] + bytes(b ^ 0xFF for b in good[-10:])
+    planted_file = programs.EXEC_MAGIC + hashlib.sha256(planted).hexdigest().encode() + b"\n" + planted
+    for blob in (damaged, planted_file, b"", programs.EXEC_MAGIC):
+        exe.write_bytes(blob)
+        n = programs.STATS["executables_loaded"]
+        jax.tree_util.tree_map(_same, programs.cached(_f, static_argnames=("n",))(x, y, 0.5, n=2), expected)
+        assert programs.STATS["executables_loaded"] == n, blob[:40]
+        assert not marker.exists(), "an executable file made the reader run a function"
+    assert programs._allowed("builtins", "eval") is None and programs._allowed("os", "system") is None
+    assert programs._allowed("jax._src.core", "ShapedArray") is not None
 
 
 def test_unreadable_or_foreign_bytes_are_a_miss():
