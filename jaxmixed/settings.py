@@ -5,31 +5,31 @@ them into a frozen :class:`Settings` (pure: it only reads the mapping it is give
 cannot read falls back to the default), and :func:`current` returns the settings of this
 process, read once when jaxmixed is imported. Set the variables before ``import jaxmixed``.
 
-=============================  ==================  =====================================================
-variable                       field               meaning (default)
-=============================  ==================  =====================================================
-``JAXMIXED_KEEP_XLA_FLAGS``    ``keep_xla_flags``  ``1``: never touch ``XLA_FLAGS`` (off: on a jaxlib
-                                                   known to hang, see :data:`HANGING_JAXLIB`, jaxmixed
-                                                   adds ``--xla_cpu_multi_thread_eigen=false`` unless
-                                                   you set that flag yourself)
-``JAXMIXED_CACHE_DIR``         ``cache_dir``       folder of JAX's persistent compilation cache (unset:
-                                                   ``$XDG_CACHE_HOME/jaxmixed/jax``, that is
-                                                   ``~/.cache/jaxmixed/jax``)
-``JAXMIXED_NO_CACHE``          ``no_cache``        ``1``: leave the compilation cache off (off)
-``JAXMIXED_BLAS_THREADS``      ``blas_threads``    threads of SciPy's OpenBLAS *inside a fit*; ``0``
-                                                   leaves OpenBLAS alone (1)
-``JAXMIXED_EXIT_GC``           ``exit_gc``         ``1``: the ``jaxmixed`` command leaves interpreter
-                                                   shutdown alone instead of ``gc.freeze()`` at exit
-                                                   (off)
-``JAXMIXED_FAST_COMPILE``      ``fast_compile``    ``0``: compile every program with XLA's default
-                                                   options (on: small programs are compiled at XLA's
-                                                   optimisation level 0, the others with its classic
-                                                   loop emitters, see
-                                                   :mod:`jaxmixed.runtime.programs`)
-``JAXMIXED_KEEP_EXECUTABLES``  ``keep_executables`` ``0``: keep only traced programs on disk, not XLA's
-                                                   CPU executables of them (on: see
-                                                   :mod:`jaxmixed.runtime.programs`, "Executables")
-=============================  ==================  =====================================================
+=============================  ====================  =====================================================
+variable                       field                 meaning (default)
+=============================  ====================  =====================================================
+``JAXMIXED_KEEP_XLA_FLAGS``    ``keep_xla_flags``    ``1``: never touch ``XLA_FLAGS`` (off: on a jaxlib
+                                                     known to hang, see :data:`HANGING_JAXLIB`, jaxmixed
+                                                     adds ``--xla_cpu_multi_thread_eigen=false`` unless
+                                                     you set that flag yourself)
+``JAXMIXED_CACHE_DIR``         ``cache_dir``         folder of JAX's persistent compilation cache (unset:
+                                                     ``$XDG_CACHE_HOME/jaxmixed/jax``, that is
+                                                     ``~/.cache/jaxmixed/jax``)
+``JAXMIXED_NO_CACHE``          ``no_cache``          ``1``: leave the compilation cache off (off)
+``JAXMIXED_BLAS_THREADS``      ``blas_threads``      threads of SciPy's OpenBLAS *inside a fit*; ``0``
+                                                     leaves OpenBLAS alone (1)
+``JAXMIXED_EXIT_GC``           ``exit_gc``           ``1``: the ``jaxmixed`` command leaves interpreter
+                                                     shutdown alone instead of ``gc.freeze()`` at exit
+                                                     (off)
+``JAXMIXED_FAST_COMPILE``      ``fast_compile``      ``0``: compile every program with XLA's default
+                                                     options (on: small programs are compiled at XLA's
+                                                     optimisation level 0, the others with its classic
+                                                     loop emitters, see
+                                                     :mod:`jaxmixed.runtime.programs`)
+``JAXMIXED_KEEP_EXECUTABLES``  ``keep_executables``  ``0``: keep only traced programs on disk, not XLA's
+                                                     CPU executables of them (on: see
+                                                     :mod:`jaxmixed.runtime.programs`, "Executables")
+=============================  ====================  =====================================================
 
 Switches read ``1``/``true``/``yes``/``on`` as on and ``0``/``false``/``no``/``off`` or empty as
 off (any case); anything else is the default. ``JAXMIXED_BLAS_THREADS`` takes an integer ≥ 0;
