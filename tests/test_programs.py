@@ -336,6 +336,15 @@ def test_executable_is_kept_loaded_and_exact(cache_dir, tmp_path):
     assert programs._allowed("jax._src.core", "ShapedArray") is not None
 
 
+def test_no_executables_in_a_multi_process_run(monkeypatch):
+    """In a jax.distributed run (more than one process) no executable is kept or loaded: one
+    loaded from disk is not bound to the run's collectives and left the other process waiting
+    at jax.distributed's shutdown barrier (tests/test_streaming.py's two-process fit hung)."""
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert not programs._executables_on()
+    assert programs._executable_path("/tmp/some-program", ()) is None
+
+
 def test_unreadable_or_foreign_bytes_are_a_miss():
     header = programs.MAGIC + b"%d\n" % programs.FORMAT
     for blob in [b"", b"\x00" * 64, programs.MAGIC, programs.MAGIC + b"999\n{}\n", header,
