@@ -284,9 +284,9 @@ def test_damaged_cache_file_is_ignored(cold, tmp_path):
 
     run = _fresh(directory)
     assert run["loglik"] == cold["loglik"] and run["fixed"] == cold["fixed"] and run["se"] == cold["se"]
-    # traced again; compiled by JAX's cache (its executables are not serialised again)
+    # traced again, and compiled again past JAX's cache, their executables kept afresh
     assert run["stats"] == {"loaded": 0, "exported": 3, "fallback": 0, "dropped": 0, "executables_loaded": 0,
-                            "executables_written": 0}
+                            "executables_written": 3}
     assert not marker.exists(), "a cache file was unpickled"
     for f in files:  # each replaced by a valid file, which the next process loads
         assert f.read_bytes() != damaged[f] and f.read_bytes().startswith(programs.MAGIC)
@@ -334,6 +334,53 @@ def test_executable_is_kept_loaded_and_exact(cache_dir, tmp_path):
         assert not marker.exists(), "an executable file made the reader run a function"
     assert programs._allowed("builtins", "eval") is None and programs._allowed("os", "system") is None
     assert programs._allowed("jax._src.core", "ShapedArray") is not None
+
+
+def test_executable_kept_though_jax_cache_holds_the_program(cache_dir, monkeypatch):
+    """A program JAX's persistent cache already holds (compiled with executables off, or on
+    another host sharing the folder) still gets its executable: XLA compiles it once past JAX's
+    cache, and a later Program loads it; the values are plain jit's throughout."""
+    import dataclasses
+
+    from jaxmixed import settings
+
+    if not programs._executables_on():
+        pytest.skip("executables are kept on the CPU backend only")
+    x, y = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), jnp.full((3, 2), 0.5)
+    expected = _jit(_f, x, y, 0.25, n=3)
+    on = settings.current()
+    monkeypatch.setattr(settings, "_CURRENT", dataclasses.replace(on, keep_executables=False))
+    jax.tree_util.tree_map(_same, programs.cached(_f, static_argnames=("n",))(x, y, 0.25, n=3), expected)
+    assert [f for f in cache_dir.iterdir() if f.name.endswith("-cache")], "JAX's cache holds nothing"
+    assert not list((cache_dir / programs.SUBDIR).glob("*" + programs.EXEC_SUFFIX))
+    monkeypatch.setattr(settings, "_CURRENT", on)
+    before = dict(programs.STATS)
+    jax.tree_util.tree_map(_same, programs.cached(_f, static_argnames=("n",))(x, y, 0.25, n=3), expected)
+    assert programs.STATS["executables_written"] == before["executables_written"] + 1
+    jax.tree_util.tree_map(_same, programs.cached(_f, static_argnames=("n",))(x, y, 0.25, n=3), expected)
+    assert programs.STATS["executables_loaded"] == before["executables_loaded"] + 1
+
+
+def test_unserialisable_executable_leaves_a_marker(cache_dir, monkeypatch):
+    """Where XLA cannot serialise a program's executable, a marker beside it makes later
+    Programs compile it as usual (JAX's cache serving them), not past JAX's cache every time."""
+    from jax.experimental import serialize_executable
+
+    if not programs._executables_on():
+        pytest.skip("executables are kept on the CPU backend only")
+
+    def refuse(_):
+        raise ValueError("not serialisable")
+
+    monkeypatch.setattr(serialize_executable, "serialize", refuse)
+    x, y = jnp.linspace(0.0, 1.0, 6).reshape(2, 3), jnp.ones((3, 2))
+    expected = _jit(_f, x, y, 2.0, n=1)
+    jax.tree_util.tree_map(_same, programs.cached(_f, static_argnames=("n",))(x, y, 2.0, n=1), expected)
+    (marker,) = (cache_dir / programs.SUBDIR).glob("*" + programs.NO_EXEC_SUFFIX)
+    calls = []
+    monkeypatch.setattr(programs, "_without_jax_cache", lambda: calls.append(1))
+    jax.tree_util.tree_map(_same, programs.cached(_f, static_argnames=("n",))(x, y, 2.0, n=1), expected)
+    assert calls == [] and marker.exists()
 
 
 def test_no_executables_in_a_multi_process_run(monkeypatch):

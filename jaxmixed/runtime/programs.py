@@ -65,8 +65,12 @@ compiled here also has its executable kept (``<hash>.xlaexec`` beside the progra
 by that file, the compile options and the host's CPU model and feature flags), and a later
 process loads it with ``jax.experimental.serialize_executable`` without lowering, the LAPACK
 set-up running meanwhile on a thread of its own (the executable waits for it before its first
-run: its LAPACK calls need it). An executable that JAX's persistent cache supplied is not kept
-(XLA:CPU executables serialised again after such a load miss functions when run). The file is a
+run: its LAPACK calls need it). Such a program is compiled past JAX's persistent cache (once
+per host): an executable that cache supplies cannot be kept (XLA:CPU executables serialised
+again after such a load miss functions when run), and without the bypass a program that cache
+already holds (compiled on another host sharing the folder, or with executables off) would
+never get one; where XLA cannot serialise an executable, a ``.noexec`` marker beside the
+program says so and later processes compile it as usual. The file is a
 header, the payload's SHA-256 and JAX's description of the executable; a file that fails the
 checksum is a miss, and the description is read by a restricted reader that resolves only
 classes of JAX, jaxlib and NumPy (and JAX's ``_unpickle…`` reconstructors) of modules already
@@ -801,30 +805,56 @@ def _on_event(event: str, **_) -> None:
         _compiles.hit = True
 
 
+#: beside a program whose executable XLA could not serialise here: compiled as usual after that
+NO_EXEC_SUFFIX = ".noexec"
+
+
+def _without_jax_cache():
+    """A context (this thread only) in which JAX's persistent cache is neither read nor written,
+    or None where this JAX has no such switch."""
+    try:
+        from jax._src import config as jax_config
+
+        return jax_config.enable_compilation_cache(False)
+    except Exception:  # noqa: BLE001 - another JAX layout
+        return None
+
+
 def _compile_keeping(prog, dyn, epath: str | None):
-    """``prog`` compiled for arguments like ``dyn``; its executable kept in ``epath`` when XLA
-    compiled it here (one that JAX's persistent cache supplied is not serialised again: XLA:CPU
-    executables serialised after such a load miss functions when run)."""
-    if epath is None:
+    """``prog`` compiled for arguments like ``dyn``, its executable kept in ``epath``. XLA
+    compiles it here, past JAX's persistent cache: an executable that cache supplies cannot be
+    serialised again (XLA:CPU executables serialised after such a load miss functions when
+    run), and without the bypass a program JAX's cache holds (filled on another host sharing
+    the folder, or with executables off) would never get one. Only once per host: later
+    processes load the kept executable. Where XLA cannot serialise it, a marker says so and
+    later processes compile as usual (JAX's cache serving them)."""
+    if epath is None or os.path.exists(epath + NO_EXEC_SUFFIX):
         return prog.lower(*dyn).compile()
     with _lapack_lock:
         if not _listening:
             jax.monitoring.register_event_listener(_on_event)
             _listening.append(True)
+    lowered = prog.lower(*dyn)
+    bypass = _without_jax_cache()
     _compiles.hit = False
-    compiled = prog.lower(*dyn).compile()
+    if bypass is None:
+        compiled = lowered.compile()
+    else:
+        with bypass:
+            compiled = lowered.compile()
     if not _compiles.hit:
         _save_executable(epath, compiled)
     return compiled
 
 
 def _save_executable(epath: str, compiled) -> None:
-    """Keep ``compiled``'s executable in ``epath`` (nothing where XLA cannot serialise it)."""
+    """Keep ``compiled``'s executable in ``epath`` (a marker where XLA cannot serialise it)."""
     from jax.experimental import serialize_executable
 
     try:
         payload = serialize_executable.serialize(compiled)[0]
-    except Exception:  # noqa: BLE001 - not serialisable: compiled again in each process
+    except Exception:  # noqa: BLE001 - not serialisable: compiled in each process, JAX's cache serving
+        _write_private(epath + NO_EXEC_SUFFIX, b"")
         return
     _write_private(epath, EXEC_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
     STATS["executables_written"] += 1
