@@ -332,6 +332,8 @@ def test_executable_is_kept_loaded_and_exact(cache_dir, tmp_path):
         jax.tree_util.tree_map(_same, programs.cached(_f, static_argnames=("n",))(x, y, 0.5, n=2), expected)
         assert programs.STATS["executables_loaded"] == n, blob[:40]
         assert not marker.exists(), "an executable file made the reader run a function"
+    # the refused file left a marker: that program is compiled as usual from now on
+    assert exe.with_name(exe.name + programs.NO_EXEC_SUFFIX).exists()
     assert programs._allowed("builtins", "eval") is None and programs._allowed("os", "system") is None
     assert programs._allowed("jax._src.core", "ShapedArray") is not None
 

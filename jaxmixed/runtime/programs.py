@@ -69,8 +69,8 @@ run: its LAPACK calls need it). Such a program is compiled past JAX's persistent
 per host): an executable that cache supplies cannot be kept (XLA:CPU executables serialised
 again after such a load miss functions when run), and without the bypass a program that cache
 already holds (compiled on another host sharing the folder, or with executables off) would
-never get one; where XLA cannot serialise an executable, a ``.noexec`` marker beside the
-program says so and later processes compile it as usual. The file is a
+never get one; where XLA cannot serialise an executable, or refuses a kept one (or the reader
+does), a ``.noexec`` marker beside it says so and later processes compile that program as usual. The file is a
 header, the payload's SHA-256 and JAX's description of the executable; a file that fails the
 checksum is a miss, and the description is read by a restricted reader that resolves only
 classes of JAX, jaxlib and NumPy (and JAX's ``_unpickle…`` reconstructors) of modules already
@@ -864,7 +864,7 @@ def _load_executable(epath: str | None, exported, key):
     """The executable kept in ``epath`` for the program ``exported`` called like ``key``, ready
     to run (:class:`_Ready`), or None when there is none or it is damaged (checksum) or XLA
     refuses it."""
-    if epath is None or exported is None:
+    if epath is None or exported is None or os.path.exists(epath + NO_EXEC_SUFFIX):
         return None
     try:
         with open(epath, "rb") as fh:
@@ -882,6 +882,8 @@ def _load_executable(epath: str | None, exported, key):
         in_tree = jax.tree_util.treedef_tuple((key[1], jax.tree_util.tree_structure({})))
         compiled = _deserialize(payload, in_tree, exported.out_tree)
     except Exception:  # noqa: BLE001 - refused (a name outside the allowed ones) or XLA refused it
+        # not again past JAX's cache for every process: compiled as usual from now on
+        _write_private(epath + NO_EXEC_SUFFIX, b"")
         return None
     STATS["executables_loaded"] += 1
     return _Ready(compiled, ready)
