@@ -394,6 +394,41 @@ def test_no_executables_in_a_multi_process_run(monkeypatch):
     assert programs._executable_path("/tmp/some-program", ()) is None
 
 
+_SEVERAL_DEVICES = """
+import json, sys
+import jax, jax.numpy as jnp
+from jaxmixed.runtime import programs
+assert len(jax.devices()) == 4, jax.devices()
+
+def f(x, y):
+    return jnp.linalg.solve(x @ x.T + jnp.eye(3), y).sum(), jnp.tanh(x)
+
+x, y = jnp.linspace(0.0, 1.0, 9).reshape(3, 3), jnp.arange(3.0)
+a, b = programs.cached(f)(x, y)
+print(json.dumps(dict(a=float(a), b=b.tolist(), stats=programs.STATS)))
+"""
+
+
+def test_executable_loaded_in_a_process_with_several_devices(tmp_path):
+    """With several local devices (here 4 virtual CPU devices) a kept executable is loaded for
+    the default device alone, as it was compiled: loaded for all four it expected four shards of
+    each argument (tests/test_streaming.py's eight-device fit failed in every process after the
+    first)."""
+    if not programs._executables_on():
+        pytest.skip("executables are kept on the CPU backend only")
+    env = dict(os.environ, JAXMIXED_CACHE_DIR=str(tmp_path),
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", _SEVERAL_DEVICES], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["stats"]["executables_written"] == 1 and second["stats"]["executables_loaded"] == 1
+    assert second["a"] == first["a"] and second["b"] == first["b"]
+
+
 def test_unreadable_or_foreign_bytes_are_a_miss():
     header = programs.MAGIC + b"%d\n" % programs.FORMAT
     for blob in [b"", b"\x00" * 64, programs.MAGIC, programs.MAGIC + b"999\n{}\n", header,

@@ -925,7 +925,11 @@ def _deserialize(payload, in_tree, out_tree):
                 raise ValueError(f"an executable file names {module}.{name}: not read")
             return obj
 
-    backend = jax.devices()[0].client
-    unloaded, args_info_flat, no_kwargs = Reader(io.BytesIO(payload), backend).load()
+    # the executables kept are those of programs whose arguments all sit on the default device
+    # (Program._split): loaded for that device alone, not for every device of the process
+    # (with several devices, e.g. --xla_force_host_platform_device_count, it would then expect
+    # one shard of each argument per device)
+    device = jax.devices()[0]
+    unloaded, args_info_flat, no_kwargs = Reader(io.BytesIO(payload), device.client, [device]).load()
     args_info = in_tree.unflatten(args_info_flat)
     return jax.stages.Compiled(unloaded.load(), [], args_info, out_tree, no_kwargs=no_kwargs)
