@@ -405,6 +405,14 @@ def f(x, y):
 
 x, y = jnp.linspace(0.0, 1.0, 9).reshape(3, 3), jnp.arange(3.0)
 a, b = programs.cached(f)(x, y)
+g = programs.cached(f)
+g(x, y)
+with jax.default_device(jax.devices()[2]):  # not the device the executables are kept for
+    p = programs.cached(f)
+    p.prefetch(x, y)  # compiled on a background thread, for device 2 too
+    for h in (programs.cached(f), g, p):
+        a2, b2 = h(x, y)
+        assert a2.devices() == {jax.devices()[2]} and float(a2) == float(a), (a2.devices(), a2, a)
 print(json.dumps(dict(a=float(a), b=b.tolist(), stats=programs.STATS)))
 """
 
@@ -413,7 +421,8 @@ def test_executable_loaded_in_a_process_with_several_devices(tmp_path):
     """With several local devices (here 4 virtual CPU devices) a kept executable is loaded for
     the default device alone, as it was compiled: loaded for all four it expected four shards of
     each argument (tests/test_streaming.py's eight-device fit failed in every process after the
-    first)."""
+    first). Under ``jax.default_device(another)`` the program runs there (no executable
+    then)."""
     if not programs._executables_on():
         pytest.skip("executables are kept on the CPU backend only")
     env = dict(os.environ, JAXMIXED_CACHE_DIR=str(tmp_path),
@@ -425,7 +434,8 @@ def test_executable_loaded_in_a_process_with_several_devices(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     first, second = runs
-    assert first["stats"]["executables_written"] == 1 and second["stats"]["executables_loaded"] == 1
+    # the first process writes one executable (and loads it for g); the second loads it twice
+    assert first["stats"]["executables_written"] == 1 and second["stats"]["executables_loaded"] == 2
     assert second["a"] == first["a"] and second["b"] == first["b"]
 
 

@@ -100,6 +100,7 @@ more than half of its allowed maps (counted every :data:`MAP_CHECK_EVERY` compil
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -303,6 +304,15 @@ class Program:
         _remember(self, key)
 
         def work():
+            where = key[3]  # the caller's default device: this thread compiles for it too
+            try:
+                with contextlib.nullcontext() if where is None else jax.default_device(where):
+                    run()
+            except BaseException:  # noqa: BLE001 - the call then loads or traces it itself
+                if not future.done():
+                    future.set_result(None)
+
+        def run():
             try:
                 _relieve_map_pressure()
                 opts = compiler_options(jax.tree_util.tree_leaves(dyn))
@@ -349,7 +359,9 @@ class Program:
         leaves, treedef = jax.tree_util.tree_flatten(dyn)
         if not _on_default_device(leaves):
             return None
-        return (statics, treedef, tuple(_aval(x) for x in leaves)), statics, dyn
+        # the default device (jax.default_device) is part of the in-memory key, as for jax.jit
+        where = jax.config.jax_default_device
+        return (statics, treedef, tuple(_aval(x) for x in leaves), where), statics, dyn
 
     def _path(self, statics, key) -> str | None:
         directory = cache_dir() if self.keep else None
@@ -756,10 +768,23 @@ def _executables_on() -> bool:
 def _executable_path(path: str | None, options: tuple) -> str | None:
     """Where the executable of the program kept in ``path``, compiled with ``options`` on this
     host, is kept; None when executables are not kept."""
-    if path is None or not _executables_on():
+    if path is None or not _executables_on() or not _default_is_first():
         return None
     text = repr((os.path.basename(path), tuple(options), _host()))
     return os.path.join(os.path.dirname(path), hashlib.sha256(text.encode()).hexdigest() + EXEC_SUFFIX)
+
+
+def _default_is_first() -> bool:
+    """Whether programs run on ``jax.devices()[0]``, the device a kept executable is compiled
+    and loaded for: not under ``jax.default_device(another)`` (``jax_default_device``)."""
+    chosen = jax.config.jax_default_device
+    if chosen is None:
+        return True
+    try:
+        first = jax.devices(chosen)[0] if isinstance(chosen, str) else chosen
+    except Exception:  # noqa: BLE001 - an unknown platform name: let jax.jit report it
+        return False
+    return first == jax.devices()[0]
 
 
 def _start_lapack() -> Future:
