@@ -307,30 +307,24 @@ class Program:
             where = key[3]  # the caller's default device: this thread compiles for it too
             try:
                 with contextlib.nullcontext() if where is None else jax.default_device(where):
-                    run()
+                    _relieve_map_pressure()
+                    opts = compiler_options(jax.tree_util.tree_leaves(dyn))
+                    if in_memory:
+                        future.set_result(jit(self._by_position(statics), opts).lower(*dyn).compile())
+                        return
+                    exported = _exported(path, key) if os.path.exists(path) else None
+                    epath = _executable_path(path, opts)
+                    ready = _load_executable(epath, exported, key) if exported is not None else None
+                    if ready is not None:
+                        future.set_result(ready)
+                        return
+                    prog = jit(exported.call, opts) if exported is not None else None
+                    if prog is None and trace:
+                        prog = _export(self._by_position(statics), dyn, path, opts)
+                    future.set_result(None if prog is None else _compile_keeping(prog, dyn, epath))
             except BaseException:  # noqa: BLE001 - the call then loads or traces it itself
                 if not future.done():
                     future.set_result(None)
-
-        def run():
-            try:
-                _relieve_map_pressure()
-                opts = compiler_options(jax.tree_util.tree_leaves(dyn))
-                if in_memory:
-                    future.set_result(jit(self._by_position(statics), opts).lower(*dyn).compile())
-                    return
-                exported = _exported(path, key) if os.path.exists(path) else None
-                epath = _executable_path(path, opts)
-                ready = _load_executable(epath, exported, key) if exported is not None else None
-                if ready is not None:
-                    future.set_result(ready)
-                    return
-                prog = jit(exported.call, opts) if exported is not None else None
-                if prog is None and trace:
-                    prog = _export(self._by_position(statics), dyn, path, opts)
-                future.set_result(None if prog is None else _compile_keeping(prog, dyn, epath))
-            except BaseException:  # noqa: BLE001 - the call then loads or traces it itself
-                future.set_result(None)
 
         # a program on disk is only loaded (XLA deserialises its executable, releasing the GIL):
         # two such loads at once; traces and compiles one at a time on the compile thread
