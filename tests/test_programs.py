@@ -122,6 +122,32 @@ def test_cached_program_is_kept_loaded_and_exact(cache_dir):
     assert len([f for f in os.listdir(cache_dir / programs.SUBDIR) if f.endswith(programs.SUFFIX)]) == 2
 
 
+def test_prefetch_here_compiles_on_the_calling_thread(cache_dir, monkeypatch):
+    """``prefetch(..., trace=True, here=True)`` traces, keeps and compiles the program on the
+    calling thread before it returns (no background work), and the call then neither traces
+    nor compiles it again; nothing when the program is ready already."""
+    import threading
+
+    x, y = jnp.linspace(0.0, 1.0, 12).reshape(3, 4), jnp.ones((4, 2))
+    expected = _jit(_f, x, y, 0.5, n=3)
+    threads = []
+    real = programs._compile_keeping
+
+    def spy(prog, dyn, epath):
+        threads.append(threading.current_thread())
+        return real(prog, dyn, epath)
+
+    monkeypatch.setattr(programs, "_compile_keeping", spy)
+    p = programs.cached(_f, static_argnames=("n",))
+    before = dict(programs.STATS)
+    p.prefetch(jax.ShapeDtypeStruct(x.shape, x.dtype), y, 0.5, n=3, trace=True, here=True)
+    assert threads == [threading.current_thread()]  # done here, before prefetch returned
+    assert programs.STATS["exported"] == before["exported"] + 1
+    jax.tree_util.tree_map(_same, p(x, y, 0.5, n=3), expected)
+    p.prefetch(x, y, 0.5, n=3, trace=True, here=True)  # ready: nothing more
+    assert programs.STATS["exported"] == before["exported"] + 1 and len(threads) == 1
+
+
 def test_cached_program_without_cache_or_jit_is_plain_jax():
     before = runtime.compilation_cache_dir()
     runtime.disable_compilation_cache()

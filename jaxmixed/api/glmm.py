@@ -183,11 +183,14 @@ def _fit(spec, data, fam, link, response, offsets, nagq, weights, offset, trials
     # there) while the GLM start runs: their executables' loading then overlaps with work
     f64 = np.dtype("float64")
     vec = jax.ShapeDtypeStruct((shape.n_params,), f64)
-    glmm_fit.optimize.prefetch(vec, vec, vec, arrays, shape)
+    # (not kept yet: the optimiser's program traced and compiled there, the post-fit program
+    # here after the GLM start, the two XLA compiles running at once on two cores)
+    glmm_fit.optimize.prefetch(vec, vec, vec, arrays, shape, trace=True)
     laplace_shape = replace(shape, nagq=1) if nagq == 0 else shape  # (nAGQ = 0: its standard errors)
-    laplace.after_fit.prefetch(vec, vec, arrays, laplace_shape, jax.ShapeDtypeStruct((design.p, design.p), f64),
-                               vec)
+    after_args = (vec, vec, arrays, laplace_shape, jax.ShapeDtypeStruct((design.p, design.p), f64), vec)
+    laplace.after_fit.prefetch(*after_args)
     beta0, s0, ll_glm, glm_ok = laplace.glm_fit(Xs, y, m, pw, off, fam.name, link)
+    laplace.after_fit.prefetch(*after_args, trace=True, here=True)
     distributions.preload()  # what the tables need, while the optimiser's program is loaded
     if start is None:
         x0 = np.concatenate([beta0, design.theta0, [s0] if shape.n_scale else []])

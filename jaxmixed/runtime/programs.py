@@ -281,13 +281,16 @@ class Program:
         _remember(self, key)
         return entry(*dyn)
 
-    def prefetch(self, *args, trace: bool = False, **kwargs) -> None:
+    def prefetch(self, *args, trace: bool = False, here: bool = False, **kwargs) -> None:
         """Start loading and compiling, in the background, the program kept on disk for
         arguments like these; nothing when there is none (it is traced at the call instead),
         unless ``trace``: then a program not on disk yet is traced, kept and compiled in the
         background too (XLA's compile releases the GIL, so on a machine with two cores it
         overlaps the caller's own tracing and compiling). A program made with ``keep=False``
-        is traced and compiled in the background with ``trace`` and kept in memory only."""
+        is traced and compiled in the background with ``trace`` and kept in memory only.
+        ``here``: the same work on the calling thread, returning once the program is ready
+        (nothing when it is ready or under way already): a program the caller needs only
+        after another one, which compiles meanwhile on the background thread."""
         split = self._split(args, kwargs)
         if split is None:
             return
@@ -326,6 +329,9 @@ class Program:
                 if not future.done():
                     future.set_result(None)
 
+        if here:
+            work()
+            return
         # a program on disk is only loaded (XLA deserialises its executable, releasing the GIL):
         # two such loads at once; traces and compiles one at a time on the compile thread
         (_loader() if not in_memory and os.path.exists(path) else _executor()).submit(work)
