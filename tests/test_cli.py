@@ -112,6 +112,42 @@ def test_python_m_help():
     assert "fit" in p.stdout and "tour" in p.stdout
 
 
+def test_tour_runs_its_fits_in_chains_and_raises_where_a_fit_is_needed(monkeypatch):
+    """The tour starts its fits two chains at a time; a chain's fits run in order, a failed fit
+    raises where its result is taken (the chain's later fits with it), other chains go on."""
+    tour = pytest.importorskip("jaxmixed.app.tour")
+    from concurrent.futures import ThreadPoolExecutor
+
+    order = []
+
+    def step(name, fail=False):
+        def thunk():
+            order.append(name)
+            if fail:
+                raise jm.ModelError(f"{name} failed")
+            return name.upper()
+        return name, thunk
+
+    monkeypatch.setattr(tour, "_chains", lambda data: [[step("a"), step("b", fail=True), step("c")],
+                                                       [step("d"), step("e")]])
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        fits, tasks = tour._start({}, pool)
+        assert fits["a"].result() == "A" and fits["d"].result() == "D" and fits["e"].result() == "E"
+        for name in ("b", "c"):
+            with pytest.raises(jm.ModelError, match="b failed"):
+                fits[name].result()
+    assert order.index("a") < order.index("b") and "c" not in order and order.index("d") < order.index("e")
+    assert all(t.done() for t in tasks)
+
+
+def test_tour_chains_name_every_fit_once():
+    tour = pytest.importorskip("jaxmixed.app.tour")
+    names = [name for chain in tour._chains({k: None for k in ("jsp", "productivity", "pig", "cbpp",
+                                                                 "sleepstudy", "orthodont_unbal")})
+             for name, _ in chain]
+    assert len(names) == len(set(names)) == 17
+
+
 def test_tour_prints_no_python_warning_lines(tmp_path, capsys, monkeypatch):
     """A fit of the tour that warns (a boundary fit) shows its note under its table, and the
     command prints no Python warning line ("file:line: JaxmixedWarning: ...")."""

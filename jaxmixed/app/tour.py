@@ -8,6 +8,7 @@ for the first ten schools, the lrtest comparisons and the group summaries, write
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,29 +37,110 @@ def _cmd(text: str) -> list[str]:
     return [f". {text}", ""]
 
 
+#: the tour's fits, in chains: each chain's fits run one after the other (a later one reuses the
+#: programs of the first), the chains two at a time (``_start``)
+_PIG = ("xtmixed weight week || _all: R.id || _all: R.week", "xtmixed weight week || _all: R.id || week:, nolog",
+        "xtmixed weight week || _all: R.week || id:, nolog")
+_PROD = ("xtmixed gsp private emp hwy water other unemp || region: || state:, nolog",
+         "xtmixed gsp private emp hwy water other unemp || region: hwy unemp || state:, nolog nogroup nofetable",
+         "xtmixed gsp private emp hwy water other unemp || region: hwy unemp, cov(identity) || region: "
+         "|| state:, nolog nogroup nofetable")
+_CBPP_LAPLACE = "meglm incidence i.period || herd:, family(binomial size) link(logit) intmethod(laplace) nolog"
+_CBPP_AGQ = "meglm incidence i.period || herd:, family(binomial size) link(logit) intpoints(25) or nolog"
+_CBPP_FORMULA = "cbind(incidence, size - incidence) ~ period + (1|herd)"
+_SLEEP_KR = "mixed Reaction Days || Subject: Days, reml cov(unstructured) dfmethod(kroger) nolog"
+_ORTHO = "distance ~ age*Sex + (1|Subject)"
+_PIG_FORMULA = "weight ~ week + (1|id) + (1|week)"
+
+
+def _chains(data: dict) -> list[list[tuple[str, object]]]:
+    jsp, prod, pig, cbpp = data["jsp"], data["productivity"], data["pig"], data["cbpp"]
+    return [
+        [("ri", lambda: xtmixed("xtmixed math5 math3c || school:", jsp)),
+         ("ri_ml", lambda: xtmixed("math5 math3c || school:, mle", jsp))],
+        [("slope", lambda: xtmixed("xtmixed math5 math3c || school: math3c", jsp)),
+         ("slope_ml", lambda: xtmixed("math5 math3c || school: math3c, mle", jsp))],
+        [("us", lambda: xtmixed("xtmixed math5 math3c || school: math3c, cov(unstructured) variance mle", jsp))],
+        *[[(cmd, lambda cmd=cmd: xtmixed(cmd, prod))] for cmd in _PROD],
+        [(_PIG[0], lambda: xtmixed(_PIG[0], pig)), (_PIG[1], lambda: xtmixed(_PIG[1], pig)),
+         (_PIG_FORMULA, lambda: fit(_PIG_FORMULA, pig))],
+        [(_PIG[2], lambda: xtmixed(_PIG[2], pig))],
+        [(_CBPP_LAPLACE, lambda: meglm(_CBPP_LAPLACE, cbpp)),
+         (_CBPP_FORMULA, lambda: fit(_CBPP_FORMULA, cbpp, family="binomial"))],
+        [(_CBPP_AGQ, lambda: meglm(_CBPP_AGQ, cbpp))],
+        [(_SLEEP_KR, lambda: mixed(_SLEEP_KR, data["sleepstudy"]))],
+        [(_ORTHO, lambda: fit(_ORTHO, data["orthodont_unbal"], dfmethod="satterthwaite"))],
+    ]
+
+
+def _start(data: dict, pool) -> tuple[dict, list]:
+    """Every fit of the tour started on ``pool``: (name -> Future of its result, the pool's
+    tasks). A model's first
+    fit spends most of its time tracing and compiling its programs, and XLA's compiles (which
+    release the GIL) of two models at once take little longer than one on two cores; the
+    numbers are those of one fit at a time (the same programs)."""
+    from concurrent.futures import Future
+
+    futures: dict = {}
+
+    def run_chain(chain):
+        for name, thunk in chain:
+            try:
+                futures[name].set_result(thunk())
+            except BaseException as e:  # noqa: BLE001 - raised where the tour needs this fit
+                futures[name].set_exception(e)
+                for later, _ in chain[chain.index((name, thunk)) + 1:]:
+                    futures[later].set_exception(e)
+                return
+
+    chains = _chains(data)
+    for chain in chains:
+        for name, _ in chain:
+            futures[name] = Future()
+    return futures, [pool.submit(run_chain, chain) for chain in chains]
+
+
 def run(out_dir: str | Path = "jaxmixed_tour") -> str:
     """Run the tour; write plots under ``out_dir``; return the full text."""
-    from jaxmixed.results import plots
-
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     out: list[str] = ["jaxmixed tour: the xtmixed talk, model by model, on the shipped data."]
+    data = {name: datasets.load(name) for name in
+            ("jsp", "productivity", "pig", "cbpp", "sleepstudy", "orthodont_unbal")}
+    jsp = data["jsp"]
+    jsp["math3c"] = jsp.math3 - jsp.math3.mean()
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="jaxmixed-tour") as pool:
+        fits, tasks = _start(data, pool)
+        try:
+            out += _report(fits, data, out_dir)
+        finally:
+            for task in tasks:  # after an error above, the chains not started yet are dropped
+                task.cancel()
+    out += _section("Done")
+    out += [f"Tour finished in {time.perf_counter() - t0:.1f} s; plots in {out_dir}/."]
+    return "\n".join(out)
+
+
+def _report(fits: dict, data: dict, out_dir: Path) -> list[str]:
+    """The tour's text, section by section, each fit's result taken from ``fits`` in turn."""
+    from jaxmixed.results import plots
+
+    out: list[str] = []
+    jsp = data["jsp"]
 
     # ---- One-level models ------------------------------------------------------------------
-    jsp = datasets.load("jsp")
-    jsp["math3c"] = jsp.math3 - jsp.math3.mean()
     out += _section("ONE-LEVEL MODELS: Junior School Project (math5 on math3, pupils in schools)")
     out += JSP_NOTE.splitlines() + [""]
     cmd = "xtmixed math5 math3c || school:"
     out += _cmd(cmd)
-    ri = xtmixed(cmd, jsp)
+    ri = fits["ri"].result()
     out += [str(ri)]
 
     out += _section("Adding a random slope")
     cmd = "xtmixed math5 math3c || school: math3c"
     out += _cmd(cmd)
-    slope = xtmixed(cmd, jsp)
+    slope = fits["slope"].result()
     out += [str(slope), ""]
     out += _cmd("lrtest (random intercept, REML) (random slope, REML)  -- same fixed effects")
     lr = lrtest(ri, slope)
@@ -82,11 +164,10 @@ def run(out_dir: str | Path = "jaxmixed_tour") -> str:
     out += _section("Covariance structures: unstructured, variances, ML")
     cmd = "xtmixed math5 math3c || school: math3c, cov(unstructured) variance mle"
     out += _cmd(cmd)
-    us = xtmixed(cmd, jsp)
+    us = fits["us"].result()
     out += [str(us), ""]
     out += _section("ML or REML? lrtest on ML fits")
-    ri_ml = xtmixed("math5 math3c || school:, mle", jsp)
-    slope_ml = xtmixed("math5 math3c || school: math3c, mle", jsp)
+    ri_ml, slope_ml = fits["ri_ml"].result(), fits["slope_ml"].result()
     for small, big, name in ((ri_ml, slope_ml, "random intercept vs independent slope"),
                              (slope_ml, us, "independent slope vs unstructured")):
         t = lrtest(small, big)
@@ -97,63 +178,51 @@ def run(out_dir: str | Path = "jaxmixed_tour") -> str:
     out += ["", "estat icc (random intercept, REML):", ri.icc().to_string()]
 
     # ---- Two-level models -------------------------------------------------------------------
-    prod = datasets.load("productivity")
     out += _section("TWO-LEVEL MODELS: productivity, states nested in regions")
-    for cmd in ("xtmixed gsp private emp hwy water other unemp || region: || state:, nolog",
-                "xtmixed gsp private emp hwy water other unemp || region: hwy unemp || state:, nolog nogroup nofetable",
-                "xtmixed gsp private emp hwy water other unemp || region: hwy unemp, cov(identity) || region: "
-                "|| state:, nolog nogroup nofetable"):
+    for cmd in _PROD:
         out += _cmd(cmd)
-        out += [str(xtmixed(cmd, prod)), ""]
+        out += [str(fits[cmd].result()), ""]
 
     # ---- Crossed effects --------------------------------------------------------------------
-    pig = datasets.load("pig")
     out += _section("FACTOR NOTATION: crossed effects, pigs weighed in nine weeks")
-    for cmd in ("xtmixed weight week || _all: R.id || _all: R.week",
-                "xtmixed weight week || _all: R.id || week:, nolog",
-                "xtmixed weight week || _all: R.week || id:, nolog"):
+    for cmd in _PIG:
         out += _cmd(cmd)
-        out += [str(xtmixed(cmd, pig)), ""]
-    formula = "weight ~ week + (1|id) + (1|week)"
-    r = fit(formula, pig)
+        out += [str(fits[cmd].result()), ""]
+    formula = _PIG_FORMULA
+    r = fits[formula].result()
     out += [f"The same model in lme4 syntax, jm.fit({formula!r}):",
             f"  log restricted-likelihood = {r.loglik:.4f}, sd(id) = {r.random.estimate.iloc[0]:.6g}, "
             f"sd(week) = {r.random.estimate.iloc[1]:.6g}, sd(Residual) = {r.random.estimate.iloc[2]:.6g}"]
     # ---- The talk's future, made real: GLMMs -------------------------------------------------
-    cbpp = datasets.load("cbpp")
     out += _section("A GLIMPSE AT THE FUTURE, NOW: family() and link() (cbpp, cases out of herd size)")
-    cmd = "meglm incidence i.period || herd:, family(binomial size) link(logit) intmethod(laplace) nolog"
+    cmd = _CBPP_LAPLACE
     out += _cmd(cmd)
-    lap = meglm(cmd, cbpp)
+    lap = fits[cmd].result()
     out += [str(lap), ""]
-    cmd = "meglm incidence i.period || herd:, family(binomial size) link(logit) intpoints(25) or nolog"
+    cmd = _CBPP_AGQ
     out += _cmd(cmd)
-    agq = meglm(cmd, cbpp)
+    agq = fits[cmd].result()
     out += [str(agq), ""]
-    formula = "cbind(incidence, size - incidence) ~ period + (1|herd)"
-    r = fit(formula, cbpp, family="binomial")
+    formula = _CBPP_FORMULA
+    r = fits[formula].result()
     out += [f"The Laplace fit in lme4 syntax, jm.fit({formula!r}, family='binomial'):",
             f"  log likelihood = {r.loglik:.4f} (lme4's glmer stops at -92.0266; the exact optimum, glmmTMB's, "
             "is -92.0263), sd(herd) = " + f"{r.random.estimate.iloc[0]:.6g}",
             f"  estat icc (latent logistic scale): {lap.icc().iloc[0, 0]:.4f}"]
     # ---- The talk's other future item: small-sample degrees of freedom ----------------------
-    sleep = datasets.load("sleepstudy")
     out += _section("A GLIMPSE AT THE FUTURE, NOW: degrees of freedom (sleepstudy, 18 subjects)")
-    cmd = "mixed Reaction Days || Subject: Days, reml cov(unstructured) dfmethod(kroger) nolog"
+    cmd = _SLEEP_KR
     out += _cmd(cmd)
-    kr = mixed(cmd, sleep)
+    kr = fits[cmd].result()
     out += [str(kr), ""]
     ft = kr.test("Days")
     out += [". test Days", "", " ( 1)  Days = 0", "",
             f"       F({ft.df1}, {ft.df2:.2f}) = {ft.stat:8.2f}", f"            Prob > F = {ft.p:10.4f}", ""]
-    ortho = datasets.load("orthodont_unbal")
-    formula = "distance ~ age*Sex + (1|Subject)"
-    r = fit(formula, ortho, dfmethod="satterthwaite")
+    formula = _ORTHO
+    r = fits[formula].result()
     out += [f"lmerTest's type III table in lme4 syntax, jm.fit({formula!r}, dfmethod='satterthwaite').anova(3):",
             r.anova(3).to_string(float_format=lambda v: f"{v:.6g}"), ""]
-    out += _section("Done")
-    out += [f"Tour finished in {time.perf_counter() - t0:.1f} s; plots in {out_dir}/."]
-    return "\n".join(out)
+    return out
 
 
 def _path(p) -> str:
