@@ -120,19 +120,18 @@ def test_tour_runs_its_fits_in_chains_and_raises_where_a_fit_is_needed(monkeypat
 
     order = []
 
-    def step(name, fail=False):
-        def thunk():
-            order.append(name)
-            if fail:
-                raise jm.ModelError(f"{name} failed")
-            return name.upper()
-        return name, thunk
+    def fake_fit(cmd, data, fail=False):
+        order.append(cmd)
+        if fail:
+            raise jm.ModelError(f"{cmd} failed")
+        return cmd.upper() + data
 
-    monkeypatch.setattr(tour, "_chains", lambda data: [[step("a"), step("b", fail=True), step("c")],
-                                                       [step("d"), step("e")]])
+    monkeypatch.setattr(tour, "_chains", lambda: [
+        [(fake_fit, "a", "x", {}), (fake_fit, "b", "x", {"fail": True}), (fake_fit, "c", "x", {})],
+        [(fake_fit, "d", "y", {}), (fake_fit, "e", "y", {})]])
     with ThreadPoolExecutor(max_workers=2) as pool:
-        fits, tasks = tour._start({}, pool)
-        assert fits["a"].result() == "A" and fits["d"].result() == "D" and fits["e"].result() == "E"
+        fits, tasks = tour._start({"x": "1", "y": "2"}, pool)
+        assert fits["a"].result() == "A1" and fits["d"].result() == "D2" and fits["e"].result() == "E2"
         for name in ("b", "c"):
             with pytest.raises(jm.ModelError, match="b failed"):
                 fits[name].result()
@@ -142,9 +141,7 @@ def test_tour_runs_its_fits_in_chains_and_raises_where_a_fit_is_needed(monkeypat
 
 def test_tour_chains_name_every_fit_once():
     tour = pytest.importorskip("jaxmixed.app.tour")
-    names = [name for chain in tour._chains({k: None for k in ("jsp", "productivity", "pig", "cbpp",
-                                                                 "sleepstudy", "orthodont_unbal")})
-             for name, _ in chain]
+    names = [cmd for chain in tour._chains() for _, cmd, _, _ in chain]
     assert len(names) == len(set(names)) == 17
 
 

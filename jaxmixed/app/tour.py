@@ -37,66 +37,62 @@ def _cmd(text: str) -> list[str]:
     return [f". {text}", ""]
 
 
-#: the tour's fits, in chains: each chain's fits run one after the other (a later one reuses the
-#: programs of the first), the chains two at a time (``_start``)
-_PIG = ("xtmixed weight week || _all: R.id || _all: R.week", "xtmixed weight week || _all: R.id || week:, nolog",
-        "xtmixed weight week || _all: R.week || id:, nolog")
+_JSP_RI = "xtmixed math5 math3c || school:"
+_JSP_SLOPE = "xtmixed math5 math3c || school: math3c"
+_JSP_US = "xtmixed math5 math3c || school: math3c, cov(unstructured) variance mle"
+_JSP_RI_ML = "math5 math3c || school:, mle"
+_JSP_SLOPE_ML = "math5 math3c || school: math3c, mle"
 _PROD = ("xtmixed gsp private emp hwy water other unemp || region: || state:, nolog",
          "xtmixed gsp private emp hwy water other unemp || region: hwy unemp || state:, nolog nogroup nofetable",
          "xtmixed gsp private emp hwy water other unemp || region: hwy unemp, cov(identity) || region: "
          "|| state:, nolog nogroup nofetable")
+_PIG = ("xtmixed weight week || _all: R.id || _all: R.week", "xtmixed weight week || _all: R.id || week:, nolog",
+        "xtmixed weight week || _all: R.week || id:, nolog")
+_PIG_FORMULA = "weight ~ week + (1|id) + (1|week)"
 _CBPP_LAPLACE = "meglm incidence i.period || herd:, family(binomial size) link(logit) intmethod(laplace) nolog"
 _CBPP_AGQ = "meglm incidence i.period || herd:, family(binomial size) link(logit) intpoints(25) or nolog"
 _CBPP_FORMULA = "cbind(incidence, size - incidence) ~ period + (1|herd)"
 _SLEEP_KR = "mixed Reaction Days || Subject: Days, reml cov(unstructured) dfmethod(kroger) nolog"
 _ORTHO = "distance ~ age*Sex + (1|Subject)"
-_PIG_FORMULA = "weight ~ week + (1|id) + (1|week)"
 
 
-def _chains(data: dict) -> list[list[tuple[str, object]]]:
-    jsp, prod, pig, cbpp = data["jsp"], data["productivity"], data["pig"], data["cbpp"]
+def _chains() -> list[list[tuple]]:
+    """The tour's fits as (function, command or formula, data set, keyword arguments), in
+    chains: a chain's fits run one after the other (a later one reuses the programs of the
+    first), the chains two at a time (:func:`_start`). A fit's command names its result."""
     return [
-        [("ri", lambda: xtmixed("xtmixed math5 math3c || school:", jsp)),
-         ("ri_ml", lambda: xtmixed("math5 math3c || school:, mle", jsp))],
-        [("slope", lambda: xtmixed("xtmixed math5 math3c || school: math3c", jsp)),
-         ("slope_ml", lambda: xtmixed("math5 math3c || school: math3c, mle", jsp))],
-        [("us", lambda: xtmixed("xtmixed math5 math3c || school: math3c, cov(unstructured) variance mle", jsp))],
-        *[[(cmd, lambda cmd=cmd: xtmixed(cmd, prod))] for cmd in _PROD],
-        [(_PIG[0], lambda: xtmixed(_PIG[0], pig)), (_PIG[1], lambda: xtmixed(_PIG[1], pig)),
-         (_PIG_FORMULA, lambda: fit(_PIG_FORMULA, pig))],
-        [(_PIG[2], lambda: xtmixed(_PIG[2], pig))],
-        [(_CBPP_LAPLACE, lambda: meglm(_CBPP_LAPLACE, cbpp)),
-         (_CBPP_FORMULA, lambda: fit(_CBPP_FORMULA, cbpp, family="binomial"))],
-        [(_CBPP_AGQ, lambda: meglm(_CBPP_AGQ, cbpp))],
-        [(_SLEEP_KR, lambda: mixed(_SLEEP_KR, data["sleepstudy"]))],
-        [(_ORTHO, lambda: fit(_ORTHO, data["orthodont_unbal"], dfmethod="satterthwaite"))],
+        [(xtmixed, _JSP_RI, "jsp", {}), (xtmixed, _JSP_RI_ML, "jsp", {})],
+        [(xtmixed, _JSP_SLOPE, "jsp", {}), (xtmixed, _JSP_SLOPE_ML, "jsp", {})],
+        [(xtmixed, _JSP_US, "jsp", {})],
+        *[[(xtmixed, cmd, "productivity", {})] for cmd in _PROD],
+        [(xtmixed, _PIG[0], "pig", {}), (xtmixed, _PIG[1], "pig", {}), (fit, _PIG_FORMULA, "pig", {})],
+        [(xtmixed, _PIG[2], "pig", {})],
+        [(meglm, _CBPP_LAPLACE, "cbpp", {}), (fit, _CBPP_FORMULA, "cbpp", {"family": "binomial"})],
+        [(meglm, _CBPP_AGQ, "cbpp", {})],
+        [(mixed, _SLEEP_KR, "sleepstudy", {})],
+        [(fit, _ORTHO, "orthodont_unbal", {"dfmethod": "satterthwaite"})],
     ]
 
 
 def _start(data: dict, pool) -> tuple[dict, list]:
-    """Every fit of the tour started on ``pool``: (name -> Future of its result, the pool's
-    tasks). A model's first
-    fit spends most of its time tracing and compiling its programs, and XLA's compiles (which
-    release the GIL) of two models at once take little longer than one on two cores; the
-    numbers are those of one fit at a time (the same programs)."""
+    """Every fit of the tour started on ``pool``: (command -> Future of its result, the pool's
+    tasks). A model's first fit spends most of its time tracing and compiling its programs,
+    and XLA's compiles (which release the GIL) of two models at once take little longer than
+    one on two cores; the numbers are those of one fit at a time (the same programs)."""
     from concurrent.futures import Future
 
-    futures: dict = {}
+    chains = _chains()
+    futures = {cmd: Future() for chain in chains for _, cmd, _, _ in chain}
 
     def run_chain(chain):
-        for name, thunk in chain:
+        for k, (fun, cmd, name, kwargs) in enumerate(chain):
             try:
-                futures[name].set_result(thunk())
+                futures[cmd].set_result(fun(cmd, data[name], **kwargs))
             except BaseException as e:  # noqa: BLE001 - raised where the tour needs this fit
-                futures[name].set_exception(e)
-                for later, _ in chain[chain.index((name, thunk)) + 1:]:
+                for _, later, _, _ in chain[k:]:  # this fit and the chain's later ones
                     futures[later].set_exception(e)
                 return
 
-    chains = _chains(data)
-    for chain in chains:
-        for name, _ in chain:
-            futures[name] = Future()
     return futures, [pool.submit(run_chain, chain) for chain in chains]
 
 
@@ -132,15 +128,15 @@ def _report(fits: dict, data: dict, out_dir: Path) -> list[str]:
     # ---- One-level models ------------------------------------------------------------------
     out += _section("ONE-LEVEL MODELS: Junior School Project (math5 on math3, pupils in schools)")
     out += JSP_NOTE.splitlines() + [""]
-    cmd = "xtmixed math5 math3c || school:"
+    cmd = _JSP_RI
     out += _cmd(cmd)
-    ri = fits["ri"].result()
+    ri = fits[cmd].result()
     out += [str(ri)]
 
     out += _section("Adding a random slope")
-    cmd = "xtmixed math5 math3c || school: math3c"
+    cmd = _JSP_SLOPE
     out += _cmd(cmd)
-    slope = fits["slope"].result()
+    slope = fits[cmd].result()
     out += [str(slope), ""]
     out += _cmd("lrtest (random intercept, REML) (random slope, REML)  -- same fixed effects")
     lr = lrtest(ri, slope)
@@ -162,12 +158,12 @@ def _report(fits: dict, data: dict, out_dir: Path) -> list[str]:
     out += [f"wrote {_path(p)}" for p in (p1, p2, p3)]
 
     out += _section("Covariance structures: unstructured, variances, ML")
-    cmd = "xtmixed math5 math3c || school: math3c, cov(unstructured) variance mle"
+    cmd = _JSP_US
     out += _cmd(cmd)
-    us = fits["us"].result()
+    us = fits[cmd].result()
     out += [str(us), ""]
     out += _section("ML or REML? lrtest on ML fits")
-    ri_ml, slope_ml = fits["ri_ml"].result(), fits["slope_ml"].result()
+    ri_ml, slope_ml = fits[_JSP_RI_ML].result(), fits[_JSP_SLOPE_ML].result()
     for small, big, name in ((ri_ml, slope_ml, "random intercept vs independent slope"),
                              (slope_ml, us, "independent slope vs unstructured")):
         t = lrtest(small, big)
