@@ -38,6 +38,7 @@ from jaxmixed.engine.numerics import LOG_2PI, hessian, hessian_through, jacobian
 from jaxmixed.model.covariance import interior_covariance, theta_from_gamma, thetas_from_eta
 from jaxmixed.model.residuals import ResidualStructure
 from jaxmixed.runtime import programs
+from jaxmixed.runtime.devices import host_array
 
 @dataclass(frozen=True)
 class PanelStruct:
@@ -246,7 +247,7 @@ def markov_buckets(buckets) -> tuple:
         Z = np.transpose(np.concatenate([np.asarray(z) for z in bk.Z], axis=-1), (2, 1, 0))
         out.append(MarkovBucket(W=W, Wp=shifted(W), Z=Z, Zp=shifted(Z), valid=np.asarray(bk.valid).T,
                                 t=np.asarray(bk.t).T, vg=np.asarray(bk.vg).T, cg=np.asarray(bk.cg).T))
-    return tuple(jax.tree_util.tree_map(jnp.asarray, out))
+    return jax.device_put(tuple(out))  # no one-operation program per array (see devices.host_array)
 
 
 def _markov_lag_corr(cpar, mb: MarkovBucket, ps: PanelStruct):
@@ -547,12 +548,14 @@ def build_panels(design: Design, data: pd.DataFrame, res: ResidualStructure):
             out = a[safe]
             return np.where(valid.reshape(valid.shape + (1,) * (out.ndim - 2)), out, fill)
 
-        buckets.append(Bucket(
-            W=jnp.asarray(take(W)), valid=jnp.asarray(valid), low=jnp.asarray(np.where(valid, low[safe], pad)),
-            t=jnp.asarray(take(t)), tl=jnp.asarray(take(tl)), vg=jnp.asarray(take(vg)), cg=jnp.asarray(take(cg)),
-            Z=tuple(jnp.asarray(take(z)) for z in term_Z),
-            codes=tuple(jnp.asarray(np.where(valid, c[safe], pad)) for c in term_codes),
-            rows=jnp.asarray(idx)))
+        # put on the device as they are (jnp.asarray would run a one-operation program per
+        # array: 5-15 ms each in a fresh process, see runtime.devices.host_array)
+        buckets.append(jax.device_put(Bucket(
+            W=take(W), valid=valid, low=np.where(valid, low[safe], pad),
+            t=take(t), tl=take(tl), vg=take(vg), cg=take(cg),
+            Z=tuple(take(z) for z in term_Z),
+            codes=tuple(np.where(valid, c[safe], pad) for c in term_codes),
+            rows=idx)))
     markov = bool(((res.kind == "ar" and res.order == 1) or res.kind == "exponential") and res.time
                   and design.terms and len(design.factors) == 1 and design.factors[0].q <= 8)
     lags = ()
@@ -709,7 +712,7 @@ class MarginalEngine:
     def solve(self, params, data, reml):
         from jaxmixed.engine.pls import Solution
 
-        beta, cov_beta, b = solve(jnp.asarray(params), data.buckets, self.ps)
+        beta, cov_beta, b = solve(host_array(params), data.buckets, self.ps)
         return Solution(beta=np.asarray(beta), sigma=self.sigma(params), cov_beta=np.asarray(cov_beta),
                         b=tuple(np.asarray(v) for v in b))
 
