@@ -590,7 +590,7 @@ class PLSEngine:
         return [sigma**2 * lam @ lam.T for lam in lams]
 
     def conditional_variances(self, params, sigma, data, design=None) -> list[np.ndarray]:
-        return [np.asarray(v) for v in conditional_variances(jnp.asarray(params), sigma, data, self.shape)]
+        return [np.asarray(v) for v in conditional_variances(host_array(params), sigma, data, self.shape)]
 
     def marginal_covariance(self, params, sigma, data, design, level: int):
         """V = Σ_k Z_k Σ_k Z_kᵀ + σ²I of the rows of one panel (the outer factor's level
@@ -630,8 +630,8 @@ class PLSEngine:
         """(Φ = (XᵀΣ⁻¹X)⁻¹, P_r = ∂(XᵀΣ⁻¹X)/∂γ_r (k × p × p), ∂²(XᵀΣ⁻¹X)/∂γ_r∂γ_s
         (k × k × p × p), IE2 (k × k)) at the REML estimate, γ the linear covariance parameters
         (:func:`kenward_roger_parts`), in the original fixed-effects columns."""
-        M, P, Q, IE2 = (np.asarray(a) for a in kenward_roger_parts(jnp.asarray(params, dtype=float),
-                                                                   jnp.asarray(sigma, dtype=float), data, self.shape))
+        M, P, Q, IE2 = (np.asarray(a) for a in kenward_roger_parts(host_array(params), host_array(sigma),
+                                                                   data, self.shape))
         R0 = np.linalg.inv(np.asarray(data.R0_inv))  # X = X̃R₀: XᵀΣ⁻¹X = R₀ᵀ M R₀
         M = R0.T @ M @ R0
         P = np.einsum("ai,abk,bj->kij", R0, P, R0)
