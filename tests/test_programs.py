@@ -4,9 +4,11 @@ stand-in (jaxmixed.distributions), lazy imports. Results must be exactly those o
 import json
 import os
 import pickle
+import platform
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -362,6 +364,33 @@ def test_executable_is_kept_loaded_and_exact(cache_dir, tmp_path):
     assert exe.with_name(exe.name + programs.NO_EXEC_SUFFIX).exists()
     assert programs._allowed("builtins", "eval") is None and programs._allowed("os", "system") is None
     assert programs._allowed("jax._src.core", "ShapedArray") is not None
+
+
+def test_loading_an_executable_returns_the_freed_memory(cache_dir, monkeypatch):
+    """After XLA rebuilds a loaded executable (on the caller's thread or a loader's), the
+    memory it freed goes back to the system (glibc's malloc_trim on Linux), once per load; a C
+    library without it is left alone."""
+    if not programs._executables_on():
+        pytest.skip("executables are kept on the CPU backend only")
+    x, y = jnp.linspace(0.0, 3.0, 21).reshape(7, 3), jnp.ones((3, 2))
+    expected = _jit(_f, x, y, 0.25, n=3)
+    programs.cached(_f, static_argnames=("n",))(x, y, 0.25, n=3)  # compiled, its executable kept
+    calls = []
+    real = programs._malloc_trim()
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert real is not None
+    monkeypatch.setattr(programs, "_malloc_trim", lambda: (lambda pad: calls.append(pad) or 1))
+    jax.tree_util.tree_map(_same, programs.cached(_f, static_argnames=("n",))(x, y, 0.25, n=3), expected)
+    assert calls == [0]
+    prefetched = programs.cached(_f, static_argnames=("n",))
+    prefetched.prefetch(jax.ShapeDtypeStruct(x.shape, x.dtype), y, 0.25, n=3)
+    jax.tree_util.tree_map(_same, prefetched(x, y, 0.25, n=3), expected)
+    deadline = time.monotonic() + 10
+    while len(calls) < 2 and time.monotonic() < deadline:  # the loader trims after handing over
+        time.sleep(0.01)
+    assert calls == [0, 0]
+    monkeypatch.setattr(programs, "_malloc_trim", lambda: None)
+    programs._release_freed_memory()  # nothing to call: no error
 
 
 def test_executable_kept_though_jax_cache_holds_the_program(cache_dir, monkeypatch):
