@@ -69,20 +69,25 @@ def jacobian(f):
 def second_order(f):
     """(f(x), ∂f (k, m), ∂²f (k, k, m)) of a vector-valued ``f(x, *args)`` (m entries), forward
     over forward, one direction pair (i ≤ j) at a time through ``lax.map``: the memory of one
-    tangent and no batched LAPACK calls (see :func:`hessian`)."""
+    tangent and no batched LAPACK calls (see :func:`hessian`). One traced body gives all three:
+    the nested jvp along (e_i, e_j) returns f, ∂_j f, ∂_i f and ∂_i∂_j f, so the program holds
+    f's operations about four times, not seven (a value, a jvp body and a jvp-of-jvp body)."""
     def parts(x, *args):
         k = x.shape[0]
 
-        def df(z, v):
-            return jax.jvp(lambda w: f(w, *args), (z,), (v,))[1]
+        def pair(uv):
+            u, v = uv
+            inner = lambda z: jax.jvp(lambda w: f(w, *args), (z,), (v,))
+            (value, dv), (du, duv) = jax.jvp(inner, (x,), (u,))
+            return value, dv, duv
 
         eye = jnp.eye(k, dtype=x.dtype)
         pairs = [(i, j) for i in range(k) for j in range(i, k)]
         U = jnp.stack([eye[i] for i, _ in pairs])
         V = jnp.stack([eye[j] for _, j in pairs])
-        value = f(x, *args)
-        J = jax.lax.map(lambda e: df(x, e), eye)
-        Hp = jax.lax.map(lambda uv: jax.jvp(lambda z: df(z, uv[1]), (x,), (uv[0],))[1], (U, V))
+        values, Dv, Hp = jax.lax.map(pair, (U, V))
+        value = values[0]
+        J = jnp.stack([Dv[pairs.index((i, i))] for i in range(k)])
         H = jnp.zeros((k, k, value.shape[0]), dtype=value.dtype)
         for n, (i, j) in enumerate(pairs):
             H = H.at[i, j].set(Hp[n]).at[j, i].set(Hp[n])

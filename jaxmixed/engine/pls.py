@@ -503,8 +503,29 @@ def gamma_of(theta, sigma, shape: ModelShape):
     return jnp.concatenate(parts + [jnp.reshape(sigma**2, (1,))])
 
 
+#: dense-layout models with at most this many random-effects columns get Kenward-Roger's parts
+#: in closed form (:func:`~jaxmixed.engine.pls_dense.kenward_roger_closed`: q × q matrices, a few
+#: O(q³) products, nothing differentiated, so cheap to compile); larger ones the autodiff program
+KR_CLOSED_FORM_MAX_Q = 300
+
+
 @programs.cached(static_argnames=("shape",))
 def kenward_roger_parts(theta, sigma, data: PLSArrays, shape: ModelShape):
+    """(M, ∂M/∂γ (p × p × k), ∂²M/∂γ∂γ (p × p × k × k), IE2 (k × k)) at γ = γ(θ, σ): in closed form
+    for small dense models (:data:`KR_CLOSED_FORM_MAX_Q`), else by autodiff
+    (:func:`_kenward_roger_autodiff`); both at the same γ and equal to rounding (tests)."""
+    if closed_form_kr(shape):
+        gamma = jax.lax.stop_gradient(gamma_of(theta, sigma, shape))
+        return pls_dense.kenward_roger_closed(gamma, data, shape)
+    return _kenward_roger_autodiff(theta, sigma, data, shape)
+
+
+def closed_form_kr(shape: ModelShape) -> bool:
+    """Whether :func:`kenward_roger_parts` uses the closed form for this shape."""
+    return shape.layout is None and sum(L * q for L, q in zip(shape.L, shape.q)) <= KR_CLOSED_FORM_MAX_Q
+
+
+def _kenward_roger_autodiff(theta, sigma, data: PLSArrays, shape: ModelShape):
     """(M, ∂M/∂γ (p × p × k), ∂²M/∂γ∂γ (p × p × k × k), IE2 (k × k)) at γ = γ(θ, σ) (:func:`gamma_of`)
     with M = XᵀΣ⁻¹X in the basis X̃ (M = R₀⁻ᵀ XᵀΣ⁻¹X R₀⁻¹) and IE2 = −∇²_γ[log|Σ| + log|XᵀΣ⁻¹X|]
     = tr(P G_r P G_s) (pbkrtest's expected-information matrix; Σ linear in γ, so its second
