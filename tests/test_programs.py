@@ -8,6 +8,7 @@ import platform
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -379,7 +380,7 @@ def test_loading_an_executable_returns_the_freed_memory(cache_dir, monkeypatch):
     real = programs._malloc_trim()
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert real is not None
-    monkeypatch.setattr(programs, "_trim_off", [])  # (a slow trim earlier in this process turns it off)
+    monkeypatch.setattr(programs, "_trim_off", threading.Event())  # (a slow trim earlier in this process turns it off)
     monkeypatch.setattr(programs, "_malloc_trim", lambda: (lambda pad: calls.append(pad) or 1))
     jax.tree_util.tree_map(_same, programs.cached(_f, static_argnames=("n",))(x, y, 0.25, n=3), expected)
     assert calls == [0]
@@ -394,12 +395,12 @@ def test_loading_an_executable_returns_the_freed_memory(cache_dir, monkeypatch):
     programs._release_freed_memory()  # nothing to call: no error
     # a trim slower than TRIM_MAX_SECONDS (a large heap) turns trimming off for the process
     slow = []
-    monkeypatch.setattr(programs, "_trim_off", [])
+    monkeypatch.setattr(programs, "_trim_off", threading.Event())
     monkeypatch.setattr(programs, "TRIM_MAX_SECONDS", 0.0)
     monkeypatch.setattr(programs, "_malloc_trim", lambda: (lambda pad: slow.append(pad) or time.sleep(0.001)))
     programs._release_freed_memory()
     programs._release_freed_memory()
-    assert slow == [0] and programs._trim_off
+    assert slow == [0] and programs._trim_off.is_set()
 
 
 def test_executable_kept_though_jax_cache_holds_the_program(cache_dir, monkeypatch):

@@ -892,26 +892,26 @@ def _save_executable(epath: str, compiled) -> None:
 
 
 def _release_freed_memory() -> None:
-    """Hand the memory freed in this thread's heap back to the system (glibc's
-    ``malloc_trim``; nothing elsewhere). XLA's rebuilding of a loaded executable (its HLO module,
-    buffer assignment and thunks from their protos) allocates and frees several times the
-    file's size; a loader thread's heap would keep it, raising the process's peak memory by
+    """Hand the memory that the process's heaps hold free back to the system (glibc's
+    ``malloc_trim``, which walks every arena; nothing elsewhere). XLA's rebuilding of a loaded
+    executable (its HLO module, buffer assignment and thunks from their protos) allocates and
+    frees several times the file's size; the allocator (a loader thread's arena) would keep it, raising the process's peak memory by
     that much (AR(1), 100,000 rows: 479 → 415 MB). Not a setting: the allocator's behaviour is
     left as it was, only free memory is returned. In a process whose heap has grown large the
     call itself gets slow (0.4 s seen in the test suite's process) while the transient matters
     little: after a call slower than :data:`TRIM_MAX_SECONDS` it is not made again."""
     trim = _malloc_trim()
-    if trim is None or _trim_off:
+    if trim is None or _trim_off.is_set():
         return
     t0 = time.perf_counter()
     trim(0)
     if time.perf_counter() - t0 > TRIM_MAX_SECONDS:
-        _trim_off.append(True)
+        _trim_off.set()
 
 
 #: a malloc_trim slower than this (seconds) turns :func:`_release_freed_memory` off for the process
 TRIM_MAX_SECONDS = 0.05
-_trim_off: list = []  # non-empty: trimming turned off (a list: set from loader threads too)
+_trim_off = threading.Event()  # set: trimming turned off (set from loader threads too)
 
 
 @functools.lru_cache(maxsize=1)
