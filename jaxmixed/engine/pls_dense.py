@@ -192,7 +192,10 @@ def kenward_roger_closed(gamma, data, shape):
     ∂_rM = −(UᵀF_rU + a_rM); ∂_r∂_sM = T_rs + T_rsᵀ with T_rs = (F_rU)ᵀ𝒵(F_sU) + a_sUᵀF_rU +
     a_rUᵀF_sU + a_ra_sM; tr(V⁻¹∂_rV V⁻¹∂_sV) = tr(Y_rY_s) + a_s tr Y_r + a_r tr Y_s + a_ra_s n with
     Y_r = F_r𝒵; and IE2 = −∂_r∂_s(log|V| + log|M|) = tr(V⁻¹∂_rV V⁻¹∂_sV) − tr(M⁻¹∂_r∂_sM) +
-    tr(M⁻¹∂_rM M⁻¹∂_sM). Exact where γ is (no interior shift is needed: V is smooth in γ)."""
+    tr(M⁻¹∂_rM M⁻¹∂_sM). Λ_f is the Cholesky factor of Σ_f/σ², so γ must lie inside the cone
+    (:func:`~jaxmixed.engine.pls.gamma_of` moves a boundary estimate 1e-9 inside, as for the
+    autodiff path); nothing is differentiated through that factor, so the parts stay exact to
+    rounding there, where the autodiff ones lose digits through the near-singular γ → θ map."""
     p = shape.p
     k = gamma.shape[0]
     s2 = gamma[-1]
