@@ -476,22 +476,24 @@ def _kr_parts_by_n_by_n(r):
     return M, P, Q, IE2
 
 
-@pytest.mark.parametrize("data, formula, boundary", [
-    ("sleepstudy", "Reaction ~ Days + (Days|Subject)", False),
+@pytest.mark.parametrize("data, formula, check_autodiff", [
+    ("sleepstudy", "Reaction ~ Days + (Days|Subject)", True),
     ("sleepstudy", "Reaction ~ Days + (1|Subject) + (0 + Days|Subject)", False),
     ("sleepstudy", "Reaction ~ Days + homdiag(1 + Days|Subject)", False),
-    ("penicillin", "diameter ~ 1 + (1|plate) + (1|sample)", False),
+    ("penicillin", "diameter ~ 1 + (1|plate) + (1|sample)", True),
     ("pig", "weight ~ week + homcs(week|id)", False),
-    ("pig", "weight ~ week + diag(week|id) + (1|week)", False),
-    ("pig", "weight ~ week + (week|week) + (1|id)", True),
+    ("pig", "weight ~ week + diag(week|id) + (1|week)", True),
+    ("pig", "weight ~ week + (week|week) + (1|id)", False),  # a boundary fit
 ])
-def test_kenward_roger_closed_form_matches_n_by_n_definitions_and_autodiff(data, formula, boundary):
+def test_kenward_roger_closed_form_matches_n_by_n_definitions_and_autodiff(data, formula, check_autodiff):
     """Small dense models get Kenward-Roger's parts in closed form (pls_dense.kenward_roger_closed).
     They must equal the n × n definitions to rounding on every covariance structure, and the
-    autodiff program (second derivatives of log|Σ| + log|XᵀΣ⁻¹X| through the factorisation) away
-    from the boundary. On a boundary (a correlation of ±1, Σ moved 1e-9 inside the cone) the
-    autodiff path's derivatives through the near-singular γ → θ map lose ~4 digits; the closed
-    form does not go through θ."""
+    autodiff program (second derivatives of log|Σ| + log|XᵀΣ⁻¹X| through the factorisation) on a
+    random slope and two crossed models (each costs an XLA compile, so not on every case). On the
+    boundary fit (a correlation of ±1, Σ moved 1e-9 inside the cone) the autodiff path's
+    derivatives through the near-singular γ → θ map lose ~4 digits (measured: 1e-4 relative in
+    ∂²M); the closed form does not go through θ."""
+    boundary = "week|week" in formula
     import jax
     from jaxmixed.engine import pls, pls_dense
 
@@ -504,14 +506,15 @@ def test_kenward_roger_closed_form_matches_n_by_n_definitions_and_autodiff(data,
     assert pls.closed_form_kr(sh)
     th, sg = np.asarray(r.params), np.asarray(r.sigma)
     closed = jax.jit(lambda t, s, a: pls_dense.kenward_roger_closed(pls.gamma_of(t, s, sh), a, sh))(th, sg, r.data)
-    auto = jax.jit(lambda t, s, a: pls._kenward_roger_autodiff(t, s, a, sh))(th, sg, r.data)
     exact = _kr_parts_by_n_by_n(r)
-    for c, a, e in zip(closed, auto, exact):
-        c, a = np.asarray(c), np.asarray(a)
-        assert c.shape == a.shape == e.shape
+    for c, e in zip(closed, exact):
+        c = np.asarray(c)
+        assert c.shape == e.shape
         np.testing.assert_allclose(c, e, rtol=0, atol=1e-10 * np.abs(e).max())
-        if not boundary:
-            np.testing.assert_allclose(a, e, rtol=0, atol=1e-9 * np.abs(e).max())
+    if check_autodiff:
+        auto = jax.jit(lambda t, s, a: pls._kenward_roger_autodiff(t, s, a, sh))(th, sg, r.data)
+        for a, e in zip(auto, exact):
+            np.testing.assert_allclose(np.asarray(a), e, rtol=0, atol=1e-9 * np.abs(e).max())
     # and the engine's call (the cached program) takes the closed form
     Phi, P, Q, IE2 = r.engine.kenward_roger_parts(r.params, r.sigma, r.data)
     np.testing.assert_allclose(IE2, exact[3], rtol=0, atol=1e-11 * np.abs(exact[3]).max())
