@@ -1,9 +1,19 @@
 """Shared fixtures: reference values, data, and fits cached per test session."""
 
 import json
+import os
 from pathlib import Path
 
-import jax
+# The tests' own jax.jit checks (autodiff against finite differences, engines against each
+# other) compile with the XLA:CPU classic loop emitters, as jaxmixed compiles its own programs
+# (runtime.programs: LARGE_OPTIONS / FAST_OPTIONS); XLA's default fusion emitters compile the
+# same checks ~30 % slower (tests/test_glmm_quadrature.py, empty cache: 132 -> 93 s). Set before
+# JAX starts its backend; a value the caller set is kept. Only the test process: the library
+# itself changes no flag.
+if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false").strip()
+
+import jax  # noqa: E402
 import numpy as np
 import pytest
 
