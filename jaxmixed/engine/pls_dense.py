@@ -154,17 +154,16 @@ def conditional_blocks(theta, data, shape, lams):
 
 
 def _factor_blocks(rows, blocks, shape):
-    """F R for F = blockdiag_f (I_{L_f} ⊗ Φ_f) (``blocks``: each factor's q_f × q_f Φ_f, or
-    None for a zero block) and R with q = L₁q₁ + m₂ rows, in the engine's column order."""
+    """F R for F = blockdiag_f (I_{L_f} ⊗ Φ_f) and R with q = L₁q₁ + m₂ rows (engine order).
+    ``blocks``: each factor's Φ_f, q_f × q_f, or a stack (k, q_f, q_f) of k such F at once
+    (then the result is (k, q, c))."""
     out, pos = [], 0
     for phi, L, q in zip(blocks, shape.L, shape.q):
-        blk = rows[pos:pos + L * q]
+        blk = rows[pos:pos + L * q].reshape(L, q, rows.shape[1])
         pos += L * q
-        if phi is None:
-            out.append(jnp.zeros_like(blk))
-        else:
-            out.append(jnp.einsum("ij,ljc->lic", phi, blk.reshape((L, q) + rows.shape[1:])).reshape(blk.shape))
-    return jnp.concatenate(out, axis=0)
+        y = jnp.einsum("...ij,ljc->...lic", phi, blk)
+        out.append(y.reshape(y.shape[:-3] + (L * q, rows.shape[1])))
+    return jnp.concatenate(out, axis=-2)
 
 
 def _dense_crossproducts(data, shape):
@@ -210,15 +209,15 @@ def kenward_roger_closed(gamma, data, shape):
         return S
 
     sig = [factor_matrix(f, gamma) for f in range(len(shape.L))]
-    lam = [jnp.linalg.cholesky(S / s2) for S in sig]  # relative factors, D = σ²ΛΛᵀ
+    lam_t = [jnp.linalg.cholesky(S / s2).T for S in sig]  # Λ_fᵀ of the relative factors, D = σ²ΛΛᵀ
     A, B, XX = _dense_crossproducts(data, shape)
     q = A.shape[0]
-    AL = _factor_blocks(A, [l.T for l in lam], shape).T  # A Λ (A symmetric: (Λᵀ A)ᵀ)
-    K = _factor_blocks(AL, [l.T for l in lam], shape) + jnp.eye(q, dtype=A.dtype)  # ΛᵀAΛ + I
+    AL = _factor_blocks(A, lam_t, shape).T  # A Λ (A symmetric: (Λᵀ A)ᵀ)
+    K = _factor_blocks(AL, lam_t, shape) + jnp.eye(q, dtype=A.dtype)  # ΛᵀAΛ + I
     C = jnp.linalg.cholesky(K)
     solve = lambda R: jax.scipy.linalg.solve_triangular(C, R, lower=True)
     H = solve(AL.T)  # C⁻¹ΛᵀA
-    h = solve(_factor_blocks(B, [l.T for l in lam], shape))  # C⁻¹ΛᵀB
+    h = solve(_factor_blocks(B, lam_t, shape))  # C⁻¹ΛᵀB
     Zs = (A - H.T @ H) / s2
     Zs = 0.5 * (Zs + Zs.T)
     U = (B - H.T @ h) / s2
@@ -226,7 +225,7 @@ def kenward_roger_closed(gamma, data, shape):
     M = 0.5 * (M + M.T)
 
     # Φ_f (k, q_f, q_f): F_r's block on factor f for every r (E_r where γ_r belongs to one of
-    # f's terms, −Σ_f/σ² for σ²), then F_r R for all r at once: one product per factor
+    # f's terms, −Σ_f/σ² for σ²), so that F_r R for all r is one product per factor
     eye_k = jnp.eye(k, dtype=gamma.dtype)
     phis = []
     for f in range(len(shape.L)):
@@ -234,17 +233,8 @@ def kenward_roger_closed(gamma, data, shape):
                 else jnp.zeros_like(sig[f]) for r in range(k - 1)]
         phis.append(jnp.stack(rows + [-sig[f] / s2]))
     a = jnp.zeros((k,), dtype=gamma.dtype).at[k - 1].set(1.0 / s2)
-
-    def apply_all(R):  # (k, q, c): F_r R
-        out, pos = [], 0
-        for phi, L, qf in zip(phis, shape.L, shape.q):
-            blk = R[pos:pos + L * qf].reshape(L, qf, R.shape[1])
-            pos += L * qf
-            out.append(jnp.einsum("kij,ljc->klic", phi, blk).reshape(k, L * qf, R.shape[1]))
-        return jnp.concatenate(out, axis=1)
-
-    FU = apply_all(U)  # (k, q, p)
-    Y = apply_all(Zs)  # (k, q, q)
+    FU = _factor_blocks(U, phis, shape)  # (k, q, p): F_r U
+    Y = _factor_blocks(Zs, phis, shape)  # (k, q, q): F_r 𝒵
     UFU = jnp.einsum("qa,kqb->kab", U, FU)
     P = -(UFU + a[:, None, None] * M)
     T = (jnp.einsum("rqa,qc,scb->rsab", FU, Zs, FU) + a[None, :, None, None] * UFU[:, None]

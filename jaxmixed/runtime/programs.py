@@ -896,10 +896,11 @@ def _release_freed_memory() -> None:
     ``malloc_trim``, which walks every arena; nothing elsewhere). XLA's rebuilding of a loaded
     executable (its HLO module, buffer assignment and thunks from their protos) allocates and
     frees several times the file's size; the allocator (a loader thread's arena) would keep it,
-    raising the process's peak memory by that much (AR(1), 100,000 rows: 479 → 415 MB). Not a setting: the allocator's behaviour is
-    left as it was, only free memory is returned. In a process whose heap has grown large the
-    call itself gets slow (0.4 s seen in the test suite's process) while the transient matters
-    little: after a call slower than :data:`TRIM_MAX_SECONDS` it is not made again."""
+    raising the process's peak memory by that much (AR(1), 100,000 rows: 479 → 415 MB). Not a
+    setting: the allocator's behaviour is left as it was, only free memory is returned. In a
+    process whose heap has grown large the call itself gets slow (0.4 s seen in the test suite's
+    process) while the transient matters little: after a call slower than
+    :data:`TRIM_MAX_SECONDS` it is not made again."""
     trim = _malloc_trim()
     if trim is None or _trim_off.is_set():
         return
